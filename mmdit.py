@@ -1,0 +1,727 @@
+"""
+The Stable Diffusion 3 / 3.5 MMDiT, written by hand, loaded from safetensors.
+
+This is the network TeEFusion distills: it predicts the flow velocity v = eps - x0 of a
+latent x_t = (1 - t) x0 + t eps, conditioned on text tokens (context) and on a pooled
+text vector (y). Three published variants share this file and are told apart by the
+tensors of a checkpoint, never by its name:
+
+    SD3-medium     depth 24, no qk norm,   pos_embed_max_size 192
+    SD3.5-medium   depth 24, qk RMSNorm,   pos_embed_max_size 384, dual attention (layers 0..12)
+    SD3.5-large    depth 38, qk RMSNorm,   pos_embed_max_size 192
+
+The conditioning vector is the paper's Eq. 6, c = G(psi(t)) + F(y), with G = t_embedder
+and F = y_embedder. TeEFusion (Eq. 7, embed.py) changes only this vector, which is why
+`MMDiT.forward` takes an optional `vec` that replaces it.
+
+Parameter names are the keys of Stability's checkpoints (without their
+`model.diffusion_model.` prefix), so a Stability file loads without renaming; diffusers
+files go through one small mapping (`DIFFUSERS_BLOCK_KEYS`) with two scale/shift swaps.
+
+    model = load_mmdit("sd3_medium.safetensors", device="cuda", dtype=torch.bfloat16)
+    v = model(x, t, context, y)              # x (B,16,H/8,W/8), t (B,) in [0,1]
+    save_mmdit(model, "student.safetensors")   # Stability layout, atomic
+
+Shape legend: B batch, L tokens, D width, nh heads, hs head size.
+"""
+
+import json
+import math
+import os
+import re
+import tempfile
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+STABILITY_PREFIX = "model.diffusion_model."
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+
+# -----------------------------------------------------------------------------
+# Configuration and the named sizes
+
+
+@dataclass
+class MMDiTConfig:
+    depth: int = 24
+    hidden_size: int = 1536  # D = 64 * depth for the published models
+    num_heads: int = 24  # head size hs = 64 for the published models
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    context_dim: int = 4096  # width of the text tokens (CLIP-L|G padded, T5)
+    pooled_dim: int = 2048  # width of the pooled text vector y (CLIP-L ++ CLIP-G)
+    frequency_dim: int = 256  # width of the sinusoid psi fed to G
+    pos_embed_max_size: int = 192  # M: the stored position table is M x M patches
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False  # per-head RMSNorm on q and k (SD3.5)
+    dual_attention_layers: tuple = ()  # layers whose x_block has attn2 (SD3.5-medium)
+
+    def __post_init__(self):
+        self.dual_attention_layers = tuple(sorted(int(i) for i in self.dual_attention_layers))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"dual_attention_layers {bad} outside 0..{self.depth - 1}")
+
+    @property
+    def head_size(self):
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self):
+        return round(self.hidden_size * self.mlp_ratio)
+
+
+CONFIGS = {
+    "sd3-medium": MMDiTConfig(depth=24, hidden_size=1536, num_heads=24, pos_embed_max_size=192),
+    "sd3.5-medium": MMDiTConfig(depth=24, hidden_size=1536, num_heads=24, pos_embed_max_size=384,
+                                qk_norm=True, dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": MMDiTConfig(depth=38, hidden_size=2432, num_heads=38, pos_embed_max_size=192, qk_norm=True),
+    # tiny sizes with the same structure, for tests and the CPU toy world
+    "tiny-sd3": MMDiTConfig(depth=2, hidden_size=64, num_heads=4, in_channels=4, out_channels=4,
+                            context_dim=32, pooled_dim=24, pos_embed_max_size=16),
+    "tiny-sd3.5-medium": MMDiTConfig(depth=3, hidden_size=64, num_heads=4, in_channels=4, out_channels=4,
+                                     context_dim=32, pooled_dim=24, pos_embed_max_size=16,
+                                     qk_norm=True, dual_attention_layers=(0, 1)),
+    "tiny-sd3.5-large": MMDiTConfig(depth=2, hidden_size=64, num_heads=4, in_channels=4, out_channels=4,
+                                    context_dim=32, pooled_dim=24, pos_embed_max_size=16, qk_norm=True),
+}
+
+
+# -----------------------------------------------------------------------------
+# The network
+
+
+def timestep_embedding(s, dim=256, max_period=10000.0):
+    """psi: the sinusoid that G (and, in TeEFusion, the guidance scale) goes through.
+
+    s is flow time in [0, 1] (or a guidance scale w); the network was trained on 1000 * s.
+    Frequencies exp(-ln(max_period) * i / half), i < half; cos first, then sin. Always
+    computed in float32: in bf16, 1000 * 5.0 would round to 4992.
+    """
+    s = torch.as_tensor(s, dtype=torch.float32).reshape(-1)  # (B,)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=s.device) / half)
+    args = 1000.0 * s[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))  # (B, dim)
+    return emb
+
+
+def modulate(h, shift, scale):
+    return h * (1 + scale) + shift
+
+
+def layer_norm(h):
+    # LayerNorm(D, eps=1e-6) without affine parameters, always in float32
+    return F.layer_norm(h.float(), h.shape[-1:], eps=1e-6)
+
+
+class RMSNorm(nn.Module):
+    """Per-head RMSNorm on q and k (SD3.5); statistics in float32."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, h):
+        hf = h.float()
+        hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (hf * self.weight.float()).to(h.dtype)
+
+
+class Embedder(nn.Module):
+    """Linear, SiLU, Linear. G = t_embedder (on psi(t)) and F = y_embedder (on y)."""
+
+    def __init__(self, in_dim, D):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, D), nn.SiLU(), nn.Linear(D, D))
+
+    def forward(self, h):
+        return self.mlp(h.to(self.mlp[0].weight.dtype))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_channels, D):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, D, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        h = self.proj(x.to(self.proj.weight.dtype))  # (B, D, H/p, W/p)
+        return h.flatten(2).transpose(1, 2)  # (B, L, D), tokens row-major
+
+
+class Mlp(nn.Module):
+    def __init__(self, D, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(D, hidden)
+        self.fc2 = nn.Linear(hidden, D)
+
+    def forward(self, h):
+        return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """qkv projection (+ optional qk RMSNorm) and output projection of one stream."""
+
+    def __init__(self, D, num_heads, qk_norm, pre_only=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(D, 3 * D)  # rows ordered [q; k; v]
+        if qk_norm:
+            self.ln_q = RMSNorm(D // num_heads)
+            self.ln_k = RMSNorm(D // num_heads)
+        if not pre_only:
+            self.proj = nn.Linear(D, D)
+
+    def heads(self, h):
+        B, L, D = h.shape
+        qkv = self.qkv(h).view(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hs)
+        if hasattr(self, "ln_q"):
+            q, k = self.ln_q(q), self.ln_k(k)
+        return q, k, v
+
+
+def attention(q, k, v):
+    o = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
+    return o.transpose(1, 2).flatten(2)  # (B, L, D)
+
+
+class StreamBlock(nn.Module):
+    """One stream (image or text) of a joint block: Stability's key layout.
+
+    adaLN chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+    (+ shift_msa2, scale_msa2, gate_msa2 with dual attention); a "pre-only" stream
+    (the text stream of the last block) has only (shift, scale), a qkv and nothing after.
+    """
+
+    def __init__(self, D, num_heads, mlp_hidden, qk_norm, pre_only=False, dual=False):
+        super().__init__()
+        self.pre_only, self.dual = pre_only, dual
+        self.attn = Attention(D, num_heads, qk_norm, pre_only)
+        if dual:
+            self.attn2 = Attention(D, num_heads, qk_norm)
+        if not pre_only:
+            self.mlp = Mlp(D, mlp_hidden)
+        self.n_mods = 2 if pre_only else (9 if dual else 6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, self.n_mods * D))
+
+    def modulation(self, c):
+        # (B, n_mods * D) -> n_mods tensors (B, 1, D), kept in float32
+        return self.adaLN_modulation(c).float().unsqueeze(1).chunk(self.n_mods, dim=-1)
+
+    def post_attention(self, x, o, mods, x_norm):
+        """Gated residual updates after the joint attention; x is the float32 residual stream."""
+        dtype = self.attn.qkv.weight.dtype
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        x = x + gate_msa * self.attn.proj(o).float()
+        if self.dual:  # SD3.5-medium: image-only self-attention on the same norm1 output
+            shift_msa2, scale_msa2, gate_msa2 = mods[6:]
+            h2 = modulate(x_norm, shift_msa2, scale_msa2).to(dtype)
+            x = x + gate_msa2 * self.attn2.proj(attention(*self.attn2.heads(h2))).float()
+        h = modulate(layer_norm(x), shift_mlp, scale_mlp).to(dtype)
+        return x + gate_mlp * self.mlp(h).float()
+
+
+class JointBlock(nn.Module):
+    def __init__(self, cfg, index):
+        super().__init__()
+        args = (cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden, cfg.qk_norm)
+        self.context_block = StreamBlock(*args, pre_only=index == cfg.depth - 1)
+        self.x_block = StreamBlock(*args, dual=index in cfg.dual_attention_layers)
+
+    def forward(self, context, x, c):
+        """context (B, Lc, D), x (B, Lx, D): float32 residual streams; c (B, D)."""
+        cb, xb = self.context_block, self.x_block
+        dtype = xb.attn.qkv.weight.dtype
+        mc, mx = cb.modulation(c), xb.modulation(c)
+        x_norm = layer_norm(x)
+        qc, kc, vc = cb.attn.heads(modulate(layer_norm(context), mc[0], mc[1]).to(dtype))
+        qx, kx, vx = xb.attn.heads(modulate(x_norm, mx[0], mx[1]).to(dtype))
+        # Joint attention: one softmax over the text and image tokens together
+        o = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))  # (B, Lc+Lx, D)
+        Lc = context.shape[1]
+        x = xb.post_attention(x, o[:, Lc:], mx, x_norm)
+        context = None if cb.pre_only else cb.post_attention(context, o[:, :Lc], mc, None)
+        return context, x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, D, patch_size, out_channels):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.linear = nn.Linear(D, patch_size * patch_size * out_channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).float().unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+        return self.linear(modulate(layer_norm(x), shift, scale).to(self.linear.weight.dtype))
+
+
+def sincos_pos_embed(D, M):
+    """2D sin-cos table (1, M*M, D), rows then columns. Only initialises NEW models:
+    a loaded checkpoint brings its own pos_embed table."""
+    half = D // 2
+    omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float64) / (half / 2.0))
+    grid = torch.arange(M, dtype=torch.float64)
+    def one_axis(pos):  # (M*M,) -> (M*M, half)
+        out = pos[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    emb = torch.cat([one_axis(cols.reshape(-1)), one_axis(rows.reshape(-1))], dim=1)  # (M*M, 2*half)
+    return F.pad(emb, (0, D - emb.shape[1])).float()[None]  # (1, M*M, D)
+
+
+class MMDiT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        cfg = self.config = config
+        D = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
+        self.t_embedder = Embedder(cfg.frequency_dim, D)  # G
+        self.y_embedder = Embedder(cfg.pooled_dim, D)  # F
+        self.context_embedder = nn.Linear(cfg.context_dim, D)
+        self.register_buffer("pos_embed", sincos_pos_embed(D, cfg.pos_embed_max_size))
+        self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's initialisation for a model trained from scratch (the toy world): xavier
+        linears, adaLN-zero (every block starts as the identity), zero output layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for emb in (self.t_embedder, self.y_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        for block in self.joint_blocks:
+            for stream in (block.context_block, block.x_block):
+                nn.init.zeros_(stream.adaLN_modulation[1].weight)
+                nn.init.zeros_(stream.adaLN_modulation[1].bias)
+        for p in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+            nn.init.zeros_(p.weight)
+            nn.init.zeros_(p.bias)
+
+    def cropped_pos_embed(self, h, w):
+        M = self.config.pos_embed_max_size
+        top, left = (M - h) // 2, (M - w) // 2
+        table = self.pos_embed.view(1, M, M, -1)  # (1, M, M, D)
+        return table[:, top:top + h, left:left + w].reshape(1, h * w, -1)  # (1, L, D)
+
+    def check_inputs(self, x, context, y, vec):
+        cfg, p = self.config, self.config.patch_size
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}")
+        if max(H, W) // p > cfg.pos_embed_max_size:
+            raise ValueError(f"latent size {H}x{W} is {H // p}x{W // p} patches, more than pos_embed_max_size "
+                             f"{cfg.pos_embed_max_size} per side: the largest latent is "
+                             f"{cfg.pos_embed_max_size * p} per side")
+        if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
+            raise ValueError(f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        if vec is None and (y.ndim != 2 or y.shape[-1] != cfg.pooled_dim):
+            raise ValueError(f"y must be (B, {cfg.pooled_dim}), got {tuple(y.shape)}")
+        if vec is not None and (vec.ndim != 2 or vec.shape[-1] != cfg.hidden_size):
+            raise ValueError(f"vec must be (B, {cfg.hidden_size}), got {tuple(vec.shape)}")
+
+    def forward(self, x, t, context, y, vec=None):
+        """x (B, C, H, W) latent; t (B,) flow time in [0, 1]; context (B, L, Dc); y (B, Dy).
+        vec (B, D), when given, replaces the conditioning vector c = G(psi(t)) + F(y).
+        Returns the velocity (B, C_out, H, W) in x's dtype."""
+        self.check_inputs(x, context, y, vec)
+        B, _, H, W = x.shape
+        p = self.config.patch_size
+        h, w = H // p, W // p
+        if vec is None:
+            t = torch.as_tensor(t, device=x.device).reshape(-1)
+            if t.numel() not in (1, B):
+                raise ValueError(f"t must be a scalar or (B,) = ({B},), got {t.numel()} values")
+            t = t.expand(B)
+            # Eq. 6: c = G(psi(t)) + F(y)
+            vec = self.t_embedder(timestep_embedding(t, self.config.frequency_dim)) + self.y_embedder(y)  # (B, D)
+        c = vec.to(self.t_embedder.mlp[0].weight.dtype)
+        # residual streams are kept in float32 whatever the weights' dtype
+        xs = self.x_embedder(x).float() + self.cropped_pos_embed(h, w).float()  # (B, h*w, D)
+        ctx = self.context_embedder(context.to(self.context_embedder.weight.dtype)).float()  # (B, L, D)
+        for block in self.joint_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                ctx, xs = checkpoint(block, ctx, xs, c, use_reentrant=False)
+            else:
+                ctx, xs = block(ctx, xs, c)
+        out = self.final_layer(xs, c)  # (B, h*w, p*p*C)
+        out = out.view(B, h, w, p, p, -1)  # (B, h, w, p, p, C)
+        out = torch.einsum("bhwpqc->bchpwq", out).reshape(B, -1, h * p, w * p)  # (B, C, H, W)
+        return out.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: reading (Stability and diffusers layouts), writing (Stability layout)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file and what is wrong."""
+
+
+# diffusers name (relative to transformer_blocks.N) for each Stability name (relative to
+# joint_blocks.N); a tuple of three is a qkv split into to_q, to_k, to_v.
+DIFFUSERS_BLOCK_KEYS = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "x_block.attn.proj": "attn.to_out.0",
+    "x_block.attn.ln_q": "attn.norm_q",
+    "x_block.attn.ln_k": "attn.norm_k",
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "x_block.attn2.proj": "attn2.to_out.0",
+    "x_block.attn2.ln_q": "attn2.norm_q",
+    "x_block.attn2.ln_k": "attn2.norm_k",
+    "x_block.adaLN_modulation.1": "norm1.linear",
+    "x_block.mlp.fc1": "ff.net.0.proj",
+    "x_block.mlp.fc2": "ff.net.2",
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block.attn.proj": "attn.to_add_out",
+    "context_block.attn.ln_q": "attn.norm_added_q",
+    "context_block.attn.ln_k": "attn.norm_added_k",
+    "context_block.adaLN_modulation.1": "norm1_context.linear",
+    "context_block.mlp.fc1": "ff_context.net.0.proj",
+    "context_block.mlp.fc2": "ff_context.net.2",
+}
+DIFFUSERS_TOP_KEYS = {
+    "pos_embed": "pos_embed.pos_embed",
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "context_embedder": "context_embedder",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+    "final_layer.linear": "proj_out",
+}
+
+
+def diffusers_source(key, depth):
+    """Stability key -> (diffusers keys to concatenate on dim 0, swap halves?).
+
+    diffusers stores (scale, shift) where Stability stores (shift, scale) in two places:
+    the final layer's adaLN and the last block's pre-only text-stream adaLN."""
+    if key == "pos_embed":
+        return ["pos_embed.pos_embed"], False
+    module, param = key.rsplit(".", 1)
+    m = re.fullmatch(r"joint_blocks\.(\d+)\.(.+)", module)
+    if m:
+        i, rel = int(m.group(1)), m.group(2)
+        names = DIFFUSERS_BLOCK_KEYS[rel]
+        names = names if isinstance(names, tuple) else (names,)
+        swap = rel == "context_block.adaLN_modulation.1" and i == depth - 1
+        return [f"transformer_blocks.{i}.{n}.{param}" for n in names], swap
+    return [f"{DIFFUSERS_TOP_KEYS[module]}.{param}"], module == "final_layer.adaLN_modulation.1"
+
+
+def swap_halves(t):
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _refuse_unsafe(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path}: refusing a pickle checkpoint (.ckpt/.pt/.pth/.bin): loading it could "
+                              "execute code. Convert it to safetensors first; only .safetensors files are read.")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(f"{path}: this is a pickle/zip (torch.save) file, not safetensors; "
+                              "only safetensors files are read, because pickles can execute code")
+
+
+def _open_safetensors(path, stack):
+    _refuse_unsafe(path)
+    try:
+        return stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated, or another format): {e}") from e
+
+
+def _resolve_files(path):
+    """A file, a diffusers transformer folder, or a pipeline folder with transformer/ ->
+    (list of safetensors files, config dict or None)."""
+    if os.path.isfile(path):
+        return [path], None
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(os.path.join(path, "transformer")) and not os.path.exists(os.path.join(path, "config.json")):
+        path = os.path.join(path, "transformer")
+    config = None
+    if os.path.exists(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    index = os.path.join(path, "diffusion_pytorch_model.safetensors.index.json")
+    single = os.path.join(path, "diffusion_pytorch_model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not there: {missing}")
+        return files, config
+    if os.path.exists(single):
+        return [single], config
+    found = sorted(os.listdir(path))
+    raise CheckpointError(f"{path}: no diffusion_pytorch_model.safetensors (or its .index.json) in this folder; "
+                          f"found {found[:10]}")
+
+
+def _listing(keys, n=20):
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def infer_config(shapes, num_heads=None):
+    """Build an MMDiTConfig from Stability-named tensor shapes alone.
+
+    The head count cannot be read off the shapes of a model without qk norm; then it is
+    `num_heads` when known (file metadata, diffusers config.json), else hidden / 64, the
+    rule of every published SD3 model."""
+    required = ["x_embedder.proj.weight", "pos_embed", "context_embedder.weight", "y_embedder.mlp.0.weight",
+                "t_embedder.mlp.0.weight", "final_layer.linear.weight",
+                "joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.0.x_block.mlp.fc1.weight"]
+    missing = [k for k in required if k not in shapes]
+    if missing:
+        raise CheckpointError(f"missing keys: {_listing(missing)}")
+    D, C, p, _ = shapes["x_embedder.proj.weight"]
+    MM = shapes["pos_embed"][1]
+    M = math.isqrt(MM)
+    if M * M != MM:
+        raise CheckpointError(f"pos_embed has {MM} positions, not a square M*M table")
+    depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("joint_blocks."))
+    qk_norm = "joint_blocks.0.x_block.attn.ln_q.weight" in shapes
+    if qk_norm:
+        num_heads = D // shapes["joint_blocks.0.x_block.attn.ln_q.weight"][0]
+    elif num_heads is None:
+        num_heads = max(1, D // 64)
+    out = shapes["final_layer.linear.weight"][0]
+    if out % (p * p):
+        raise CheckpointError(f"final_layer.linear.weight has {out} rows, not a multiple of patch {p}x{p}")
+    return MMDiTConfig(
+        depth=depth, hidden_size=D, num_heads=num_heads, patch_size=p, in_channels=C, out_channels=out // (p * p),
+        context_dim=shapes["context_embedder.weight"][1], pooled_dim=shapes["y_embedder.mlp.0.weight"][1],
+        frequency_dim=shapes["t_embedder.mlp.0.weight"][1], pos_embed_max_size=M,
+        mlp_ratio=shapes["joint_blocks.0.x_block.mlp.fc1.weight"][0] / D, qk_norm=qk_norm,
+        dual_attention_layers=tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes),
+    )
+
+
+def _read_plan(path, stack):
+    """Open the file(s) of a checkpoint and work out, without reading any tensor: the
+    inferred config, and for each Stability name the tensors to read and how."""
+    files, dconfig = _resolve_files(path)
+    handles = [_open_safetensors(f, stack) for f in files]
+    where = {k: h for h in handles for k in h.keys()}  # tensor name -> open file
+    meta = handles[0].metadata() or {}
+    num_heads = None
+    if "mmdit_config" in meta:  # written by save_mmdit
+        num_heads = json.loads(meta["mmdit_config"]).get("num_heads")
+    elif dconfig is not None:
+        num_heads = dconfig.get("num_attention_heads")
+
+    def shape(k):
+        return tuple(where[k].get_slice(k).get_shape())
+
+    if any(k.startswith(STABILITY_PREFIX) for k in where):  # Stability, prefixed: skip VAE / text encoders
+        names = {k[len(STABILITY_PREFIX):]: k for k in where if k.startswith(STABILITY_PREFIX)}
+        sources = {n: ([k], False) for n, k in names.items()}
+        shapes = {n: shape(k) for n, k in names.items()}
+    elif any(k.startswith("joint_blocks.") for k in where):  # Stability, no prefix
+        sources = {k: ([k], False) for k in where}
+        shapes = {k: shape(k) for k in where}
+    elif any(k.startswith("transformer_blocks.") for k in where):  # diffusers
+        sources, shapes = _diffusers_sources(where, shape)
+    else:
+        raise CheckpointError(f"{path}: no MMDiT tensors found (neither Stability 'joint_blocks.*' / "
+                              f"'{STABILITY_PREFIX}*' nor diffusers 'transformer_blocks.*'); "
+                              f"first keys: {_listing(where, 8)}")
+    try:
+        cfg = infer_config(shapes, num_heads)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return cfg, where, sources, shapes
+
+
+def read_config(path):
+    """The MMDiTConfig of a checkpoint, from its header alone."""
+    with ExitStack() as stack:
+        return _read_plan(path, stack)[0]
+
+
+def load_mmdit(path, device="cpu", dtype=torch.float32):
+    """Load an MMDiT from a Stability single file (with or without the
+    `model.diffusion_model.` prefix; VAE and text-encoder tensors are never read), a
+    diffusers transformer file or folder (sharded too), or a pipeline folder.
+
+    Tensors are read one at a time (safetensors safe_open), so the memory cost is the
+    MMDiT's own. Every shape is checked against the configuration inferred from the file.
+    """
+    with ExitStack() as stack:
+        cfg, where, sources, shapes = _read_plan(path, stack)
+        with torch.device("meta"):
+            model = MMDiT(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = [k for k in expected if k not in sources]
+        unexpected = [k for k in sources if k not in expected]
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: does not match the MMDiT inferred from it ({_describe(cfg)}).\n"
+                                  f"  missing keys: {_listing(missing) or 'none'}\n"
+                                  f"  unexpected keys: {_listing(unexpected) or 'none'}")
+        bad = [f"{k}: {shapes[k]} in the file, {expected[k]} expected" for k in expected if shapes[k] != expected[k]]
+        if bad:
+            raise CheckpointError(f"{path}: shapes that do not match the inferred config ({_describe(cfg)}):\n  "
+                                  + "\n  ".join(bad[:20]))
+        state = {}
+        for k in expected:
+            keys, swap = sources[k]
+            t = torch.cat([where[s].get_tensor(s) for s in keys], dim=0)
+            t = swap_halves(t) if swap else t
+            state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def _diffusers_sources(where, shape):
+    """Shapes and sources, under Stability names, of a diffusers state dict."""
+    depth = 1 + max(int(k.split(".")[1]) for k in where if k.startswith("transformer_blocks."))
+    sources, shapes, used = {}, {}, set()
+    stab_keys = [f"{k}.{p}" for k in DIFFUSERS_TOP_KEYS if k != "pos_embed" for p in ("weight", "bias")]
+    stab_keys.append("pos_embed")
+    for i in range(depth):
+        for rel in DIFFUSERS_BLOCK_KEYS:
+            for p in ("weight",) if ".ln_" in rel else ("weight", "bias"):
+                stab_keys.append(f"joint_blocks.{i}.{rel}.{p}")
+    for k in stab_keys:
+        keys, swap = diffusers_source(k, depth)
+        if all(s in where for s in keys):  # absent pieces (qk norm, attn2, ...) are left to the checks
+            sources[k] = (keys, swap)
+            first = shape(keys[0])
+            shapes[k] = (sum(shape(s)[0] for s in keys),) + first[1:]
+            used.update(keys)
+    for k in where:  # diffusers tensors with no Stability counterpart
+        if k not in used:
+            sources[f"<diffusers> {k}"] = ([k], False)
+    return sources, shapes
+
+
+def _describe(cfg):
+    return (f"depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, qk_norm {cfg.qk_norm}, "
+            f"dual attention layers {list(cfg.dual_attention_layers)}")
+
+
+def _atomic_save(tensors, path, metadata):
+    """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any
+    moment leaves either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        dfd = os.open(folder, os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _metadata(model, metadata):
+    meta = {"format": "pt", "mmdit_config": json.dumps(asdict(model.config))}
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"safetensors metadata must map str to str; got {k!r}: {type(v).__name__}")
+        meta[k] = v
+    return meta
+
+
+def save_mmdit(model, path, metadata=None):
+    """Save in Stability's layout (keys under `model.diffusion_model.`), as safetensors,
+    atomically. Any SD3 loader of Stability files reads it; so does load_mmdit."""
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: MMDiT checkpoints are written as .safetensors")
+    tensors = {STABILITY_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_save(tensors, path, _metadata(model, metadata))
+    return path
+
+
+def diffusers_config(cfg):
+    """The config.json of diffusers' SD3Transformer2DModel for this MMDiT."""
+    return {
+        "_class_name": "SD3Transformer2DModel",
+        "sample_size": 128, "patch_size": cfg.patch_size, "in_channels": cfg.in_channels,
+        "num_layers": cfg.depth, "attention_head_dim": cfg.head_size, "num_attention_heads": cfg.num_heads,
+        "joint_attention_dim": cfg.context_dim, "caption_projection_dim": cfg.hidden_size,
+        "pooled_projection_dim": cfg.pooled_dim, "out_channels": cfg.out_channels,
+        "pos_embed_max_size": cfg.pos_embed_max_size, "dual_attention_layers": list(cfg.dual_attention_layers),
+        "qk_norm": "rms_norm" if cfg.qk_norm else None,
+    }
+
+
+def diffusers_state_dict(model):
+    """The model's tensors under diffusers' names (qkv split, the two halves swapped back)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        keys, swap = diffusers_source(k, model.config.depth)
+        v = swap_halves(v) if swap else v
+        for name, piece in zip(keys, v.chunk(len(keys), dim=0)):
+            out[name] = piece.detach().cpu().contiguous()
+    return out
+
+
+def save_mmdit_diffusers(model, folder, extra_config=None):
+    """Save as a diffusers transformer folder (config.json + diffusion_pytorch_model.safetensors)."""
+    os.makedirs(folder, exist_ok=True)
+    _atomic_save(diffusers_state_dict(model), os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+                 _metadata(model, None))
+    config = {**diffusers_config(model.config), **(extra_config or {})}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(tmp, os.path.join(folder, "config.json"))
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Inspect an MMDiT checkpoint: print its inferred config.")
+    parser.add_argument("path", help="Stability .safetensors file or diffusers transformer folder")
+    args = parser.parse_args()
+    cfg = read_config(args.path)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MMDiT(cfg).parameters())
+    print(json.dumps(asdict(cfg), indent=2))
+    print(f"parameters: {n / 1e9:.3f} B")
