@@ -24,6 +24,16 @@ SCALE, SHIFT = 1.5305, 0.0609
 TINY = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, latent_channels=16, norm_num_groups=32)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy shared CPU a 2-thread OpenMP
+    region can be 100x slower than one thread; restored after this file's tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_reference(seed=0):
     """A tiny SD3-shaped diffusers AutoencoderKL: 4 levels, 16 latent channels, no quant convs.
     GroupNorm affines are randomised too, so that every parameter matters."""
