@@ -108,7 +108,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v))  # (B, 1, H*W, C)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, H*W, C)
+                   for conv in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, H*W, C), softmax(q k^T / sqrt(C)) v
         h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         return x + self.proj_out(h)
@@ -361,7 +362,8 @@ def diffusers_to_stability(key, num_levels):
         (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
         (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
         (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.block."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+         lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.upsample."),
         (r"\.conv_shortcut\.", ".nin_shortcut."),
     ]
     for pattern, replacement in rules:
@@ -369,15 +371,22 @@ def diffusers_to_stability(key, num_levels):
     return key
 
 
-def _refuse_unsafe(path):
+def _refuse_pickle_name(path):
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise ValueError(f"{path}: refusing a pickle checkpoint (.ckpt/.pt/.pth/.bin): loading it could execute "
                          "code. Convert it to safetensors; vae.py reads only .safetensors files.")
+
+
+def _unreadable(path, error):
+    """The error for a file safetensors cannot open. The content is sniffed only now: a valid
+    safetensors file may itself begin with 0x80 or "PK" (its first 8 bytes are a header length)."""
     with open(path, "rb") as f:
         head = f.read(2)
     if head == b"PK" or head[:1] == b"\x80":  # a torch.save zip or a raw pickle, whatever its name
-        raise ValueError(f"{path}: this is a pickle/zip (torch.save) file, not safetensors; "
-                         "vae.py reads only safetensors, because pickles can execute code")
+        return ValueError(f"{path}: this looks like a pickle/zip (torch.save) file, not safetensors; "
+                          "vae.py reads only safetensors, because pickles can execute code")
+    return ValueError(f"{path} is not a readable safetensors file (truncated download, or another "
+                      f"format): {error}")
 
 
 def _resolve(path):
@@ -391,9 +400,13 @@ def _resolve(path):
     if os.path.isdir(os.path.join(path, "vae")) and not os.path.exists(os.path.join(path, "config.json")):
         path = os.path.join(path, "vae")
     config_file = os.path.join(path, "config.json")
-    config = json.load(open(config_file)) if os.path.exists(config_file) else None
+    config = None
+    if os.path.exists(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
     names = sorted(os.listdir(path))
-    weights = [n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors") if n in names]
+    defaults = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+    weights = [n for n in defaults if n in names]
     weights = weights or [n for n in names if n.endswith(".safetensors")]
     if len(weights) == 0:
         pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
@@ -423,14 +436,14 @@ def _listing(keys, n=12):
 def _read_vae_tensors(path, dtype):
     """The VAE tensors of a safetensors file, under Stability names, cast to dtype. Only the
     VAE's tensors are read: a single file's MMDiT and text encoders stay on disk."""
-    _refuse_unsafe(path)
+    _refuse_pickle_name(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             keys = list(f.keys())
             prefix = _vae_prefix(keys, path)
             tensors = {k[len(prefix):]: f.get_tensor(k).to(dtype) for k in keys if k.startswith(prefix)}
     except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated download, or another format): {e}") from e
+        raise _unreadable(path, e) from e
     if any(re.match(r"(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.", k) for k in tensors):  # diffusers
         levels = {int(m[1]) for k in tensors if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
         tensors = {diffusers_to_stability(k, len(levels)): v for k, v in tensors.items()}
@@ -483,8 +496,10 @@ def load_vae(path, device="cpu", dtype=torch.float32):
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{file}: the VAE weights do not match an SD3 VAE of inferred config {config}:\n"
-                         f"  missing: {_listing(missing, 40) or 'none'}\n  unexpected: {_listing(unexpected, 40) or 'none'}")
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(s)})" for k, s in expected.items() if tensors[k].shape != s]
+                         f"  missing: {_listing(missing, 40) or 'none'}\n"
+                         f"  unexpected: {_listing(unexpected, 40) or 'none'}")
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(s)})"
+             for k, s in expected.items() if tensors[k].shape != s]
     if wrong:
         raise ValueError(f"{file}: VAE tensors with unexpected shapes: {'; '.join(wrong[:20])}")
     vae.load_state_dict(tensors, strict=True, assign=True)
@@ -513,7 +528,8 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Round-trip an image through the SD3 VAE.")
-    parser.add_argument("--vae", required=True, help="Stability single file, VAE .safetensors, or diffusers vae/ folder")
+    parser.add_argument("--vae", required=True,
+                        help="Stability single file, VAE .safetensors, or diffusers vae/ folder")
     parser.add_argument("--image", required=True, help="an image file")
     parser.add_argument("--size", type=int, default=1024, help="resize + centre crop to size x size (multiple of 8)")
     parser.add_argument("--out", default="roundtrip.png")

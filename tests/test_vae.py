@@ -204,6 +204,14 @@ def test_refuses_bad_files(reference, tmp_path):
     with pytest.raises(ValueError, match="disguised.safetensors.*pickle"):
         load_vae(disguised)
 
+    # A valid file whose first byte is 0x80 (its header length is 128 mod 256) is not a pickle.
+    x80 = tmp_path / "x80.safetensors"
+    save_file(good, str(x80), metadata={"pad": ""})
+    header_length = int.from_bytes(x80.read_bytes()[:8], "little")  # a multiple of 8
+    save_file(good, str(x80), metadata={"pad": "x" * ((128 - header_length) % 256)})
+    assert (tmp_path / "x80.safetensors").read_bytes()[:1] == b"\x80"
+    assert load_vae(tmp_path / "x80.safetensors").config.block_out_channels == [32, 32, 64, 64]
+
     (tmp_path / "garbage.safetensors").write_bytes(b"this is not a safetensors file at all" * 10)
     with pytest.raises(ValueError, match="garbage.safetensors is not a readable safetensors"):
         load_vae(tmp_path / "garbage.safetensors")
