@@ -194,7 +194,8 @@ def _check_existing_shard(path, settings, fingerprint):
     old = json.loads(meta["settings"])
     if old != settings:
         diff = {k: (old.get(k), settings.get(k)) for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
-        raise ValueError(f"{path} was written with other settings ({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in diff.items())}); "
+        changes = ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in diff.items())
+        raise ValueError(f"{path} was written with other settings ({changes}); "
                          "use a new --out folder, or delete the old shards")
     if meta["inputs_sha256"] != fingerprint:
         raise ValueError(f"{path} holds other images/captions than the current inputs assign to it (inputs changed "
@@ -365,7 +366,8 @@ class ShardDataset(Dataset):
             self.index = json.load(f)
         self.folder, self.dtype = folder, dtype
         self.files = [os.path.join(folder, s["file"]) for s in self.index["shards"]]
-        self.starts = np.cumsum([0] + [s["num_samples"] for s in self.index["shards"]]).tolist()  # first index per shard
+        counts = [s["num_samples"] for s in self.index["shards"]]
+        self.starts = np.cumsum([0] + counts).tolist()  # the first sample index of each shard, then the total
         self.has_text = bool(self.index["settings"]["text"])
         self._open = {}  # shard number -> (safe_open handle, tensor names, captions)
 
@@ -459,7 +461,8 @@ if __name__ == "__main__":
                                          "(or the root of the relative paths in --captions)")
     parser.add_argument("--captions", help=".jsonl or .csv with path + caption per row")
     parser.add_argument("--out", required=True, help="output folder for the shards and index.json")
-    parser.add_argument("--vae", required=True, help="Stability single file, VAE .safetensors, or diffusers vae/ folder")
+    parser.add_argument("--vae", required=True,
+                        help="Stability single file, VAE .safetensors, or diffusers vae/ folder")
     parser.add_argument("--text-encoders", help="folder for embed.TextEncoders.from_pretrained; "
                                                 "without it the shards hold latents and captions only")
     parser.add_argument("--no-t5", action="store_true", help="encode without T5 (passed to TextEncoders)")
@@ -467,7 +470,8 @@ if __name__ == "__main__":
     parser.add_argument("--shard-size", type=int, default=256, help="samples per shard file")
     parser.add_argument("--batch-size", type=int, default=8, help="images per VAE / text encoder call")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the stored tensors")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"],
+                        help="compute dtype of the VAE and text encoders (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--posterior", choices=["sample", "mean"], default="sample",
                         help="store a VAE posterior sample (seeded per shard) or its mean")
     parser.add_argument("--seed", type=int, default=0)

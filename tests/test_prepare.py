@@ -60,7 +60,10 @@ def make_images(folder):
     rng = np.random.default_rng(0)
     for k, (name, (size, mode)) in enumerate(GOOD.items()):
         pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
-        image = Image.fromarray(pixels, "RGBA").convert(mode) if mode != "P" else Image.fromarray(pixels[..., :3]).quantize(16)
+        if mode == "P":
+            image = Image.fromarray(pixels[..., :3]).quantize(16)  # a palette image
+        else:
+            image = Image.fromarray(pixels, "RGBA").convert(mode)
         image.save(folder / name)
         (folder / name).with_suffix(".txt").write_text(f"caption {k}: {name} \n")
     (folder / BAD[0]).write_bytes(b"definitely not a jpeg")
@@ -188,7 +191,8 @@ def test_changed_settings_or_inputs_are_errors(images, tmp_path, vae):
     out = tmp_path / "out"
     run(images, out, vae)
     root, samples = find_samples(images=str(images))
-    with pytest.raises(ValueError, match="shard-00000.safetensors was written with other settings.*resolution: 32 then, 48 now"):
+    with pytest.raises(ValueError, match="shard-00000.safetensors was written with other settings.*"
+                                         "resolution: 32 then, 48 now"):
         prepare(samples, str(out), vae, 48, root=root, shard_size=3, workers=0, progress=False)
     samples[4] = (samples[4][0], "a different caption")
     with pytest.raises(ValueError, match="shard-00001.safetensors holds other images/captions"):
