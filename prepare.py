@@ -337,6 +337,7 @@ def write_index(out, num_shards, settings, sources):
         "skipped": skipped,
         "sources": sources,
     }
+
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(index, f, indent=1)
