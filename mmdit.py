@@ -439,24 +439,22 @@ def swap_halves(t):
     return torch.cat([b, a], dim=0)
 
 
-def _refuse_unsafe(path):
+def _open_safetensors(path, stack):
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise CheckpointError(f"{path}: refusing a pickle checkpoint (.ckpt/.pt/.pth/.bin): loading it could "
                               "execute code. Convert it to safetensors first; only .safetensors files are read.")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(f"{path}: this is a pickle/zip (torch.save) file, not safetensors; "
-                              "only safetensors files are read, because pickles can execute code")
-
-
-def _open_safetensors(path, stack):
-    _refuse_unsafe(path)
     try:
         return stack.enter_context(safe_open(path, framework="pt", device="cpu"))
     except SafetensorError as e:
+        # only now look at the bytes, to say what the file is (a valid safetensors file may
+        # itself start with 0x80: its first 8 bytes are the header length)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(f"{path}: this is a pickle/zip (torch.save) file, not safetensors; "
+                                  "only safetensors files are read, because pickles can execute code") from e
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated, or another format): {e}") from e
 
 

@@ -264,6 +264,17 @@ def test_pickle_files_are_refused(tmp_path):
         load_mmdit(str(disguised))
 
 
+def test_a_valid_file_starting_with_0x80_loads(tmp_path):
+    """A safetensors file starts with its header length: 0x80 there is not a pickle."""
+    model = MMDiT(CONFIGS["tiny-sd3"])
+    for n in range(300):
+        path = save_mmdit(model, str(tmp_path / "m.safetensors"), metadata={"pad": "x" * n})
+        if open(path, "rb").read(1) == b"\x80":
+            break
+    assert open(path, "rb").read(1) == b"\x80"
+    load_mmdit(path)
+
+
 def test_truncated_and_foreign_files_are_refused(tmp_path):
     path = save_mmdit(MMDiT(CONFIGS["tiny-sd3"]), str(tmp_path / "m.safetensors"))
     data = open(path, "rb").read()
