@@ -1,0 +1,307 @@
+"""
+The method: how the guidance scale w enters the network (TeEFusion, paper Eq. 6 and 7),
+the ablations of the paper's Table 3, the DICE baseline, and SD3 prompt encoding.
+
+An SD3 MMDiT is conditioned on a vector c made from the flow time t and the pooled text
+vector y by two of its own modules, G = model.t_embedder and F = model.y_embedder:
+
+    Eq. 6   c = G(psi(t)) + F(y)
+    Eq. 7   z = G(psi(t)) + F(y) + G(psi(w)) * F(y - y_null) / 256      (TeEFusion, as released)
+
+The student is the same network called with `vec=z`: one forward pass per sampling step
+instead of two (CFG) or six (Z-Sampling / W2SD with CFG), and no new parameters.
+
+    import embed, mmdit
+    z = embed.teefusion_conditioning(model, t, y, y_null, w=5.0)   # (B, D)
+    v = model(x, t, context, y, vec=z)                             # the student's velocity
+
+`FUSIONS` names every way distill.py can build the student's inputs: "teefusion",
+"gonly" and "distillcfg" (Table 3), and "dice" (the DICE baseline). `TextEncoders` turns
+prompts into (context, y) as SD3 does (CLIP-L, CLIP-G, T5 through transformers).
+
+Shape legend: B batch, L tokens, D model width, Dc context width, Dy pooled width.
+"""
+
+import math
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_  # F is the paper's pooled-text embedder
+
+from mmdit import Embedder, timestep_embedding  # psi lives with the network that consumes it
+
+__all__ = ["timestep_embedding", "guidance_tensor", "sd3_conditioning", "teefusion_conditioning",
+           "gonly_conditioning", "FUSIONS", "make_fusion", "TextEncoders"]
+
+
+def guidance_tensor(w, batch, device):
+    """w as a float32 (B,) tensor; w is a float or a (B,) tensor in the paper's
+    convention (CFG = (1 + w) v_c - w v_null). Negative or non-finite w is an error."""
+    w = torch.as_tensor(w, dtype=torch.float32, device=device).reshape(-1)
+    if w.numel() == 1:
+        w = w.expand(batch)
+    if w.numel() != batch:
+        raise ValueError(f"guidance scale w must be a float or a ({batch},) tensor, got {w.numel()} values")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"guidance scale w must be finite, got {w.tolist()}")
+    if (w < 0).any():
+        raise ValueError(f"guidance scale w must be >= 0 (paper convention, w = diffusers' guidance_scale - 1), "
+                         f"got {w.tolist()}")
+    return w
+
+
+def sd3_conditioning(model, t, y):
+    """Eq. 6: c = G(psi(t)) + F(y), with the model's own G = t_embedder, F = y_embedder."""
+    G, F = model.t_embedder, model.y_embedder
+    t = torch.as_tensor(t, dtype=torch.float32, device=y.device).reshape(-1).expand(y.shape[0])
+    # Eq. 6
+    return G(timestep_embedding(t, model.config.frequency_dim)) + F(y)  # (B, D)
+
+
+def teefusion_conditioning(model, t, y, y_null, w):
+    """Eq. 7 as the authors released it: z = G(psi(t)) + F(y) + G(psi(w)) * F(y - y_null) / 256.
+
+    y (B, Dy) is the pooled conditional text, y_null (B or 1, Dy) the pooled null (empty
+    string, or a negative prompt); w a float or (B,) tensor, psi applied to 1000 * w in
+    float32 (bf16 would round 5000 to 4992). "*" is elementwise over the D channels; G and
+    F are the pretrained modules, so TeEFusion adds no parameters.
+
+    Two differences from the paper's text, both taken from the released model and kept so
+    that released student weights give the right images:
+      1. the fused term is divided by 256 (the paper has no such factor);
+      2. the difference is taken on the pooled vectors BEFORE F, F(y - y_null), not
+         F(y) - F(y_null) (F is an MLP with a bias, so the two are not the same).
+    """
+    G, F = model.t_embedder, model.y_embedder
+    w = guidance_tensor(w, y.shape[0], y.device)
+    psi_w = timestep_embedding(w, model.config.frequency_dim)  # (B, 256), float32
+    # Eq. 7
+    return sd3_conditioning(model, t, y) + G(psi_w) * F(y - y_null) / 256  # (B, D)
+
+
+def gonly_conditioning(model, t, y, w):
+    """Table 3 ablation "G only": z = G(psi(t)) + F(y) + G(psi(w)), no text factor."""
+    w = guidance_tensor(w, y.shape[0], y.device)
+    return sd3_conditioning(model, t, y) + model.t_embedder(timestep_embedding(w, model.config.frequency_dim))
+
+
+# -----------------------------------------------------------------------------
+# The student's inputs, one class per method, so distill.py can train each by name.
+# Each returns (context, y, vec) for `model(x, t, context, y, vec=vec)`.
+
+
+class Fusion(nn.Module):
+    trains_model = True  # False: the diffusion model stays frozen, only this module learns
+
+    def forward(self, model, t, context, y, context_null, y_null, w):
+        raise NotImplementedError
+
+
+class TeEFusion(Fusion):
+    """Eq. 7. The student sees the conditional tokens only; the null prompt enters through
+    its pooled vector. No parameters."""
+
+    def forward(self, model, t, context, y, context_null, y_null, w):
+        return context, y, teefusion_conditioning(model, t, y, y_null, w)
+
+
+class GOnly(Fusion):
+    def forward(self, model, t, context, y, context_null, y_null, w):
+        return context, y, gonly_conditioning(model, t, y, w)
+
+
+class DistillCFG(Fusion):
+    """Table 3 ablation DistillCFG: a NEW guidance embedder on psi(w) added to c, as
+    FLUX.1-dev's guidance_in (Linear, SiLU, Linear). Its last layer starts at zero, so the
+    untrained student equals the teacher's conditional branch."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.guidance_in = Embedder(config.frequency_dim, config.hidden_size)
+        nn.init.zeros_(self.guidance_in.mlp[2].weight)
+        nn.init.zeros_(self.guidance_in.mlp[2].bias)
+
+    def forward(self, model, t, context, y, context_null, y_null, w):
+        w = guidance_tensor(w, y.shape[0], y.device)
+        psi_w = timestep_embedding(w, self.guidance_in.mlp[0].in_features)
+        return context, y, sd3_conditioning(model, t, y) + self.guidance_in(psi_w).to(y.dtype)
+
+
+class Sharpener(nn.Module):
+    """DICE's enhancer for one kind of embedding: a shared Linear (width -> 512) and ReLU on
+    both inputs, one cross-attention layer (queries from the conditional tokens, keys and
+    values from the null tokens, 8 heads, no qkv bias), ReLU, Linear (512 -> width)."""
+
+    def __init__(self, width, inner=512, heads=8):
+        super().__init__()
+        self.heads = heads
+        self.fc1 = nn.Linear(width, inner)
+        self.to_q = nn.Linear(inner, inner, bias=False)
+        self.to_k = nn.Linear(inner, inner, bias=False)
+        self.to_v = nn.Linear(inner, inner, bias=False)
+        self.to_out = nn.Linear(inner, inner)
+        self.fc2 = nn.Linear(inner, width)
+        nn.init.zeros_(self.fc2.weight)  # starts as the identity map c' = c
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, c, null):
+        """c (B, L, W), null (B or 1, L', W) -> (B, L, W)"""
+        dtype = self.fc1.weight.dtype
+        hc, hn = F_.relu(self.fc1(c.to(dtype))), F_.relu(self.fc1(null.to(dtype)))  # (B, L, 512)
+        hn = hn.expand(hc.shape[0], -1, -1)
+        B, L, inner = hc.shape
+        q = self.to_q(hc).view(B, L, self.heads, -1).transpose(1, 2)  # (B, nh, L, hs)
+        k = self.to_k(hn).view(B, hn.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, L', hs)
+        v = self.to_v(hn).view(B, hn.shape[1], self.heads, -1).transpose(1, 2)
+        o = F_.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, inner)  # (B, L, 512)
+        return self.fc2(F_.relu(self.to_out(o)))
+
+
+class DICE(Fusion):
+    """The DICE baseline: refine the text embeddings, keep the diffusion model FROZEN.
+
+    c' = c + alpha * enhancer(c, null). On SD3 there are two text embeddings, so two
+    enhancers: one over the context tokens (B, L, Dc), attending to the null prompt's
+    tokens, and one over the pooled vector y (B, Dy), treated as a one-token sequence that
+    attends to y_null. The refined y' feeds F in Eq. 6, so both streams of the MMDiT see
+    the sharpened text. The guidance scale is the one DICE was trained for (w is ignored).
+    """
+
+    trains_model = False
+
+    def __init__(self, config, alpha=1.0, inner=512, heads=8):
+        super().__init__()
+        self.alpha = alpha
+        self.tokens = Sharpener(config.context_dim, inner, heads)
+        self.pooled = Sharpener(config.pooled_dim, inner, heads)
+
+    def forward(self, model, t, context, y, context_null, y_null, w):
+        context = context + self.alpha * self.tokens(context, context_null).to(context.dtype)
+        y = y + self.alpha * self.pooled(y[:, None], y_null[:, None])[:, 0].to(y.dtype)
+        return context, y, sd3_conditioning(model, t, y)
+
+
+FUSIONS = {"teefusion": TeEFusion, "gonly": GOnly, "distillcfg": DistillCFG, "dice": DICE}
+
+
+def make_fusion(name, config):
+    """The student-input module for a method name (see FUSIONS); config is an MMDiTConfig."""
+    if name not in FUSIONS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(FUSIONS)}")
+    cls = FUSIONS[name]
+    return cls(config) if cls in (DistillCFG, DICE) else cls()
+
+
+# -----------------------------------------------------------------------------
+# SD3 prompt encoding: prompts -> (context, y)
+
+
+class TextEncoders:
+    """SD3's three text encoders (transformers models), as one callable.
+
+    Per token: CLIP-L and CLIP-G penultimate hidden states (hidden_states[-2], no final
+    LayerNorm), concatenated on features (768 + 1280 = 2048), zero-padded to the T5 width
+    (4096), then T5-XXL's last hidden state appended on the sequence axis: 77 + 256 tokens.
+    Pooled: CLIP-L's and CLIP-G's projected pooled outputs, concatenated (2048). SD3's
+    CLIP-L ships an identity text_projection, so "projected" and "not projected" agree.
+    Without T5 its part of the context is zeros (as diffusers does). No attention masks.
+    The null prompt is the encoded EMPTY STRING, through all three encoders.
+    """
+
+    def __init__(self, clip_l, tokenizer_l, clip_g, tokenizer_g, t5=None, tokenizer_t5=None,
+                 max_t5_tokens=256, context_dim=4096, device="cpu", dtype=torch.float32):
+        if (t5 is None) != (tokenizer_t5 is None):
+            raise ValueError("T5 needs both its model and its tokenizer (or neither)")
+        self.clips = [(clip_l.to(device, dtype).eval(), tokenizer_l), (clip_g.to(device, dtype).eval(), tokenizer_g)]
+        # T5 overflows in fp16 (NaN): it runs in bf16 when fp16 is asked for
+        self.t5_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+        self.t5 = (t5.to(device, self.t5_dtype).eval(), tokenizer_t5) if t5 is not None else None
+        self.max_t5_tokens, self.device, self.dtype = max_t5_tokens, torch.device(device), dtype
+        self.context_dim = t5.config.d_model if t5 is not None else context_dim
+        for m in [clip_l, clip_g] + ([t5] if t5 is not None else []):
+            m.requires_grad_(False)
+        self._null = None
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu", dtype=torch.float32, use_t5=True, max_t5_tokens=256,
+                        context_dim=4096):
+        """From a folder in the diffusers layout: text_encoder (CLIP-L), text_encoder_2
+        (CLIP-G), text_encoder_3 (T5), tokenizer, tokenizer_2, tokenizer_3. context_dim is
+        the MMDiT's context width, used only without T5 (with T5 it is T5's width)."""
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        parts = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+        parts += ["text_encoder_3", "tokenizer_3"] if use_t5 else []
+        missing = [p for p in parts if not os.path.isdir(os.path.join(folder, p))]
+        if missing:
+            raise FileNotFoundError(f"{folder}: missing text-encoder folders {missing} (expected the diffusers "
+                                    f"layout: {', '.join(parts)}); pass use_t5=False to run without T5")
+        sub = lambda p: os.path.join(folder, p)  # noqa: E731
+        kw = {"use_safetensors": True}  # weights must be safetensors: pickles can execute code
+        clip_l = CLIPTextModelWithProjection.from_pretrained(sub("text_encoder"), **kw)
+        clip_g = CLIPTextModelWithProjection.from_pretrained(sub("text_encoder_2"), **kw)
+        t5 = tok3 = None
+        if use_t5:
+            t5 = T5EncoderModel.from_pretrained(sub("text_encoder_3"), **kw)
+            tok3 = AutoTokenizer.from_pretrained(sub("tokenizer_3"))
+        return cls(clip_l, AutoTokenizer.from_pretrained(sub("tokenizer")), clip_g,
+                   AutoTokenizer.from_pretrained(sub("tokenizer_2")), t5, tok3, max_t5_tokens, context_dim,
+                   device=device, dtype=dtype)
+
+    def _tokenize(self, tokenizer, prompts, max_length, name):
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids  # (B, max_length)
+        full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[1] > max_length:
+            cut = [p for p, n in zip(prompts, (full != tokenizer.pad_token_id).sum(1).tolist()) if n > max_length]
+            warnings.warn(f"{name}: {len(cut)} prompt(s) longer than {max_length} tokens were truncated, "
+                          f"e.g. {cut[0][:80]!r}", stacklevel=3)
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """prompts (list of B str) -> context (B, 77 + max_t5_tokens, Dc), y (B, Dy)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise ValueError("encode() needs at least one prompt, got an empty list")
+        tokens, pooled = [], []
+        for (model, tokenizer), name in zip(self.clips, ("CLIP-L", "CLIP-G")):
+            ids = self._tokenize(tokenizer, prompts, tokenizer.model_max_length, name)
+            out = model(ids, output_hidden_states=True)
+            tokens.append(out.hidden_states[-2])  # (B, 77, 768 | 1280): penultimate layer
+            pooled.append(out.text_embeds)  # (B, 768 | 1280)
+        clip_tokens = torch.cat(tokens, dim=-1)  # (B, 77, 2048)
+        if clip_tokens.shape[-1] > self.context_dim:
+            raise ValueError(f"CLIP token width {clip_tokens.shape[-1]} exceeds the context width {self.context_dim}")
+        clip_tokens = F_.pad(clip_tokens, (0, self.context_dim - clip_tokens.shape[-1]))  # (B, 77, Dc)
+        if self.t5 is not None:
+            model, tokenizer = self.t5
+            ids = self._tokenize(tokenizer, prompts, self.max_t5_tokens, "T5")
+            t5_tokens = model(ids).last_hidden_state  # (B, max_t5_tokens, Dc)
+        else:
+            t5_tokens = torch.zeros(len(prompts), self.max_t5_tokens, self.context_dim, device=self.device)
+        context = torch.cat([clip_tokens.to(self.dtype), t5_tokens.to(self.dtype)], dim=1)  # (B, L, Dc)
+        return context, torch.cat(pooled, dim=-1).to(self.dtype)  # (B, Dy)
+
+    def encode_null(self):
+        """The null prompt (the paper's empty-set symbol): the encoded empty string,
+        (1, L, Dc) and (1, Dy). Cached."""
+        if self._null is None:
+            self._null = self.encode([""])
+        return self._null
+
+    def encode_with_negative(self, prompts, negative_prompts=None):
+        """(context, y, context_null, y_null); the null side is the empty string, or the
+        negative prompts (one per prompt) when given."""
+        context, y = self.encode(prompts)
+        if negative_prompts is None:
+            context_null, y_null = self.encode_null()
+            return context, y, context_null.expand_as(context), y_null.expand_as(y)
+        if isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * len(context)
+        if len(negative_prompts) != len(context):
+            raise ValueError(f"{len(negative_prompts)} negative prompts for {len(context)} prompts")
+        return (context, y) + self.encode(negative_prompts)
