@@ -274,11 +274,14 @@ def test_student_is_one_forward_per_step():
     noise, context, y, _, y_null = mmdit_inputs(B=2)
     t = torch.tensor([0.8, 0.4])
     w = torch.tensor([3.0, 9.0])
-    net = Recorder(model)
+    counter = NFECounter()
     with torch.no_grad():
-        out = samplers.student(net, context, y, y_null, w)(noise, t)
+        out = samplers.student(model, context, y, y_null, w, counter)(noise, t)
         ref = model(noise, t, context, y, vec=embed.teefusion_conditioning(model, t, y, y_null.expand_as(y), w))
-    assert net.batches == [2] and torch.equal(out, ref)
+    assert counter.calls == 1 and counter.per_sample(2) == 1  # one forward, conditional tokens only
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="w must be >= 0"):
+        samplers.student(model, context, y, y_null, -1.0)
     _, nfe = sample("student", model, noise, context, y, y_null=y_null, w=5.0, steps=5)
     assert nfe == 5
 

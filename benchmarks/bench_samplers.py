@@ -1,0 +1,125 @@
+"""
+Cost of the paper's five samplers on the SAME MMDiT, noise and prompt, side by side in one run:
+network evaluations (NFE, counted) and wall time per image, each as a ratio to the student
+(the paper's Table 4 "6x": W2SD + CFG costs 6(N-1) + 2 = 296 NFE at 50 steps, the student 50).
+
+    python benchmarks/bench_samplers.py                              # tiny-sd3, 32x32 latent, CPU, 1 thread
+    python benchmarks/bench_samplers.py --hidden 256 --depth 4       # a wider net: closer to compute-bound
+    python benchmarks/bench_samplers.py --config sd3-medium --res 1024 --dtype bf16   # on a GPU
+
+Weights are random (the cost of a forward does not depend on them). W2SD gets three
+different models of the same size (main, strong, weak). The methods are timed in turns,
+--repeats times, and the fastest run is reported (load on a shared machine only adds time);
+on a CPU the process's CPU time is reported too, which other processes do not inflate.
+The wall ratio stays under the NFE ratio where a batch of 2 (CFG) costs less than two
+batches of 1, i.e. where the network is too small to be compute-bound.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
+import mmdit  # noqa: E402
+import samplers  # noqa: E402
+
+
+def random_mmdit(cfg, seed, device, dtype):
+    torch.manual_seed(seed)
+    model = mmdit.MMDiT(cfg)
+    with torch.no_grad():  # random, non-zero weights (adaLN-zero init would make a trivial model)
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def timed(fn, device):
+    """Returns fn(), its wall time and the CPU time of this process (both in seconds)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    base = mmdit.CONFIGS[args.config]
+    cfg = dataclasses.replace(
+        base, depth=args.depth or base.depth, hidden_size=args.hidden or base.hidden_size,
+        num_heads=(args.hidden or base.hidden_size) // base.head_size if args.hidden else base.num_heads,
+        pos_embed_max_size=max(base.pos_embed_max_size, args.res // 8 // base.patch_size),
+        dual_attention_layers=tuple(i for i in base.dual_attention_layers if i < (args.depth or base.depth)))
+    model, strong, weak = (random_mmdit(cfg, seed, device, dtype) for seed in (0, 1, 2))
+
+    g = torch.Generator().manual_seed(args.seed)
+    side = args.res // 8  # latent side: the VAE divides by 8
+    noise = torch.randn(1, cfg.in_channels, side, side, generator=g).to(device)  # (1, C, H, W), float32
+    context = torch.randn(1, args.tokens, cfg.context_dim, generator=g).to(device, dtype)  # (1, L, Dc)
+    y = torch.randn(1, cfg.pooled_dim, generator=g).to(device, dtype)  # (1, Dy)
+    context_null = torch.randn(1, args.tokens, cfg.context_dim, generator=g).to(device, dtype)
+    y_null = torch.randn(1, cfg.pooled_dim, generator=g).to(device, dtype)
+
+    def run(method, steps):
+        w = None if method == "euler" else args.w
+        return samplers.sample(method, model, noise, context, y, context_null, y_null, w=w, steps=steps,
+                               strong=strong, weak=weak)
+
+    threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+    print(f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}{threads}), "
+          f"torch {torch.__version__}, {args.dtype}; MMDiT depth {cfg.depth} width {cfg.hidden_size}; latent "
+          f"{cfg.in_channels}x{side}x{side} ({(side // cfg.patch_size) ** 2} image + {args.tokens} text tokens); "
+          f"{args.steps} steps, w = {args.w}, {args.repeats} repeats")
+    for method in samplers.METHODS:  # warm-up
+        run(method, 2)
+    walls, cpus = {m: [] for m in samplers.METHODS}, {m: [] for m in samplers.METHODS}
+    nfe = {}
+    for _ in range(args.repeats):
+        for method in samplers.METHODS:  # in turns, so that a busy moment hits every method alike
+            (x0, nfe[method]), wall_s, cpu_s = timed(lambda: run(method, args.steps), device)
+            if not torch.isfinite(x0).all():
+                raise RuntimeError(f"{method} produced non-finite latents")
+            walls[method].append(wall_s)
+            cpus[method].append(cpu_s)
+    # the fastest run: load on a shared machine only adds time
+    wall = {m: min(s) for m, s in walls.items()}
+    cpu = {m: min(s) for m, s in cpus.items()}
+
+    s = "student"
+    head = "| method    | NFE | NFE / student | wall s | wall / student | wall ms / NFE |"
+    rule = "|-----------|-----|---------------|--------|----------------|---------------|"
+    if device.type == "cpu":  # CPU time does not count the time other processes hold the core
+        head, rule = head + "  CPU s | CPU / student |", rule + "--------|---------------|"
+    print("\n" + head + "\n" + rule)
+    for m in samplers.METHODS:
+        row = (f"| {m:<9} | {nfe[m]:>3} | {nfe[m] / nfe[s]:>13.2f} | {wall[m]:>6.3f} | {wall[m] / wall[s]:>14.2f} | "
+               f"{1000 * wall[m] / nfe[m]:>13.2f} |")
+        if device.type == "cpu":
+            row += f" {cpu[m]:>6.3f} | {cpu[m] / cpu[s]:>13.2f} |"
+        print(row)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny-sd3", choices=sorted(mmdit.CONFIGS))
+    parser.add_argument("--depth", type=int, default=None, help="override the config's depth")
+    parser.add_argument("--hidden", type=int, default=None, help="override the config's width (same head size)")
+    parser.add_argument("--res", type=int, default=256, help="image side in pixels; the latent is res / 8")
+    parser.add_argument("--tokens", type=int, default=16, help="text tokens (SD3: 333)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--w", type=float, default=5.0, help="the paper's guidance w (released student: 5)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives the steadiest timings)")
+    main(parser.parse_args())
