@@ -14,7 +14,13 @@ each step costs, and that cost is what TeEFusion distills away:
     student     Euler on one pass with z from Eq. 7 (embed.py)          N
 
 with h = t_next - t < 0. For N = 50 that is 296 for the reflection teachers against 50 for
-the student: the paper's "6x". The reflection samplers skip the last step by default.
+the student: the paper's "6x". The reflection samplers reflect on every step but the last
+(a plain Euler + CFG step), as both authors' releases do.
+
+Reflection defaults follow the Z-Sampling authors' first release: the inversion uses
+w_inv = -1 (their gamma_2 = 0, the null branch alone) at the time label tau = t_i; their
+SD3.5 code uses w_inv = -0.5 and tau = t_i - 1/N (see `inversion_time`). W2SD's follow its
+release: the strong model denoises at w, the weak one inverts at w_weak = 0.
 
 Everything is written over a velocity function v(x, t) -> (B, ...), x (B, ...), t (B,), so
 the samplers do not know about networks: `conditional`, `guided` and `student` build those
@@ -40,6 +46,8 @@ import math
 
 import torch
 from tqdm import tqdm
+
+import embed
 
 METHODS = ("euler", "cfg", "zsampling", "w2sd", "student")
 TEACHERS = ("cfg", "zsampling", "w2sd")
@@ -193,19 +201,24 @@ def guided(net, cond, null, w, counter=None, min_w=0.0, name="w"):
     return v
 
 
-def student(model, context, y, y_null, w, counter=None):
+def student(model, context, y, y_null, w, counter=None, fusion=None, context_null=None):
     """The TeEFusion student: ONE forward per call on the conditional tokens, with the guidance
     w fused into the conditioning vector z (Eq. 7, embed.teefusion_conditioning); the null
-    prompt enters only through its pooled vector y_null. 1 NFE per call."""
-    import embed  # here, not at the top: the model-agnostic core above needs no network code
+    prompt enters only through its pooled vector y_null. 1 NFE per call.
 
+    fusion: another student input from embed.FUSIONS (the Table 3 ablations "gonly" and
+    "distillcfg", or the DICE baseline, which also reads context_null); still one forward.
+    """
     check_w(w)
     forward = _counted(model, counter)
     y_null = y_null.expand_as(y)  # (B, Dy)
 
     def v(x, t):
-        z = embed.teefusion_conditioning(model, t, y, y_null, w)  # Eq. 7, (B, D)
-        return forward(x, t, context, y, vec=z)
+        if fusion is None:
+            z = embed.teefusion_conditioning(model, t, y, y_null, w)  # Eq. 7, (B, D)
+            return forward(x, t, context, y, vec=z)
+        context_s, y_s, vec = fusion(model, t, context, y, context_null, y_null, w)
+        return forward(x, t, context_s, y_s, vec=vec)
 
     return v
 
@@ -393,12 +406,14 @@ def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, w_inv=-1.0, tau=
 @torch.no_grad()
 def sample(method, model, noise, context, y, context_null=None, y_null=None, *, w=None, steps=50, shift=3.0,
            reflect_steps=None, tau="t", w_inv=-1.0, strong=None, weak=None, w_strong=None, w_weak=0.0,
-           progress=False):
+           fusion=None, progress=False):
     """Generate latents with one of METHODS on an MMDiT (model(x, t, context, y, vec=None)).
 
     noise (B, C, H, W) at t = 1; context (B, L, Dc), y (B, Dy); the null prompt's context_null
     (1 or B, L, Dc) and y_null (1 or B, Dy). w: the paper's guidance (None for "euler", the
-    unguided teacher). Returns (x0 (B, C, H, W), NFE per sample, counted).
+    unguided teacher). zsampling: w_inv, tau, reflect_steps. w2sd: strong, weak, w_strong,
+    w_weak, tau, reflect_steps. student: fusion (see `student`).
+    Returns (x0 (B, C, H, W), NFE per sample, counted).
     """
     method = canonical(method, METHODS)
     if (method == "euler") != (w is None):
@@ -406,8 +421,9 @@ def sample(method, model, noise, context, y, context_null=None, y_null=None, *, 
                          else f"{method} needs the guidance w (the paper's w, Eq. 2)")
     if method in ("cfg", "zsampling", "w2sd") and (context_null is None or y_null is None):
         raise ValueError(f"{method} needs the null prompt's context_null and y_null")
-    if method == "student" and y_null is None:
-        raise ValueError("student needs the null prompt's pooled vector y_null (Eq. 7)")
+    if method == "student" and (y_null is None or (fusion is not None and context_null is None)):
+        raise ValueError("student needs the null prompt's pooled vector y_null (Eq. 7), "
+                         "and its context_null too with a fusion module")
     if method == "w2sd" and (strong is None or weak is None):
         raise ValueError("w2sd needs both a strong and a weak model (any two checkpoints)")
     sigmas = flow_sigmas(steps, shift)
@@ -418,7 +434,7 @@ def sample(method, model, noise, context, y, context_null=None, y_null=None, *, 
     elif method == "cfg":
         x = euler(guided(model, cond, null, w, counter), noise, sigmas, progress)
     elif method == "student":
-        x = euler(student(model, context, y, y_null, w, counter), noise, sigmas, progress)
+        x = euler(student(model, context, y, y_null, w, counter, fusion, context_null), noise, sigmas, progress)
     elif method == "zsampling":
         v_inverse = guided(model, cond, null, w_inv, counter, min_w=-1.0, name="w_inv")
         x = zsampling(guided(model, cond, null, w, counter), v_inverse, noise, sigmas, reflect_steps, tau, progress)

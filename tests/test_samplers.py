@@ -6,19 +6,16 @@ against its definition, the NFE counts, and the teacher-target identity of Algor
     python -m pytest -q tests/test_samplers.py
 """
 
-import importlib.util
-
 import pytest
 import torch
 
+import embed
 import samplers
 from mmdit import CONFIGS, MMDiT
 from samplers import (
     NFECounter, check_w, conditional, euler, flow_sigmas, guidance_scale_to_w, guided, reflection_step,
     sample, teacher_target, w2sd, w_to_guidance_scale, zsampling,
 )
-
-HAVE_EMBED = importlib.util.find_spec("embed") is not None
 
 
 # -----------------------------------------------------------------------------
@@ -266,10 +263,7 @@ def test_nfe_counts_of_the_five_samplers():
         assert sample("zsampling", *args, w=4.0, steps=N, reflect_steps=k)[1] == 2 * N + 4 * k
 
 
-@pytest.mark.skipif(not HAVE_EMBED, reason="embed.py not written yet")
 def test_student_is_one_forward_per_step():
-    import embed
-
     model = tiny_mmdit(0)
     noise, context, y, _, y_null = mmdit_inputs(B=2)
     t = torch.tensor([0.8, 0.4])
@@ -284,6 +278,22 @@ def test_student_is_one_forward_per_step():
         samplers.student(model, context, y, y_null, -1.0)
     _, nfe = sample("student", model, noise, context, y, y_null=y_null, w=5.0, steps=5)
     assert nfe == 5
+
+
+def test_ablation_students_through_a_fusion_module():
+    model = tiny_mmdit(0)
+    noise, context, y, context_null, y_null = mmdit_inputs(B=2)
+    t, w = torch.tensor([0.8, 0.4]), 3.0
+    for name in ("teefusion", "gonly", "distillcfg", "dice"):
+        fusion = embed.make_fusion(name, model.config)
+        counter = NFECounter()
+        with torch.no_grad():
+            out = samplers.student(model, context, y, y_null, w, counter, fusion, context_null)(noise, t)
+            c_s, y_s, vec = fusion(model, t, context, y, context_null, y_null.expand_as(y), w)
+            assert torch.equal(out, model(noise, t, c_s, y_s, vec=vec)), name
+        assert counter.per_sample(2) == 1, name
+        _, nfe = sample("student", model, noise, context, y, context_null, y_null, w=w, steps=3, fusion=fusion)
+        assert nfe == 3, name
 
 
 # -----------------------------------------------------------------------------
