@@ -341,6 +341,18 @@ def test_one_student_step_on_the_target_is_one_teacher_step(kind):
         assert torch.allclose(x_student[one], x_teacher, rtol=0, atol=1e-12), (kind, b)
 
 
+def test_teacher_target_on_mmdit_costs_one_teacher_step():
+    model, strong, weak = tiny_mmdit(0), tiny_mmdit(1), tiny_mmdit(2)
+    x_t, context, y, context_null, y_null = mmdit_inputs(B=2)
+    t, t_next, w = torch.tensor([0.7, 0.3]), torch.tensor([0.68, 0.28]), torch.tensor([2.0, 14.0])
+    for kind, nfe in (("cfg", 2), ("zsampling", 6), ("w2sd", 6)):
+        counter = NFECounter()
+        u = teacher_target(kind, model, x_t, t, t_next, (context, y), (context_null, y_null), w,
+                           strong=strong, weak=weak, counter=counter)
+        assert u.shape == x_t.shape and torch.isfinite(u).all() and not u.requires_grad
+        assert counter.per_sample(2) == nfe and counter.calls == nfe // 2, kind  # every call batched
+
+
 def test_reflection_targets_differ_from_cfg():
     x_t, cond, null, t, t_next, w, nets = _teacher_setup()
     kw = dict(strong=nets["strong"], weak=nets["weak"])
