@@ -20,7 +20,10 @@ transformers 4 and 5. Images are (B, 3, H, W) tensors in [-1, 1] (VAE.decode's o
 images; the wrapper resizes them on the float tensor.
 
 FID: `frechet_distance` in float64 (the matrix square root by eigendecomposition, no scipy),
-statistics from (N, 2048) features, reference statistics in .npz files (mu, sigma).
+statistics from (N, 2048) features, reference statistics in .npz files (mu, sigma); features
+from `InceptionPool3` (the TF 2015-12-05 graph in pytorch-fid's layout and names, loaded from a
+.safetensors conversion of pytorch-fid's weights; TensorFlow's legacy bilinear resize to 299,
+then [-1, 1] as pytorch-fid scales it) or from any callable you pass to `fid`.
 DPG-Bench: `dpg_bench` scores images with any `vqa(image, question) -> str` (the CSV of
 questions with dependencies, the 2 x 2 tile split, dependency zeroing, category means, x 100).
 Speed: `speed_table` runs every sampler of samplers.py on the same model, noise and prompt and
@@ -31,8 +34,6 @@ Outputs: `write_table` (Markdown + JSON, rows = methods, columns = metrics, as T
 The toy world reports its own adherence and agreement scores in toy.py.
 
 ABSENT (not built; nothing here pretends to compute them):
-  - the Inception network for FID: `fid` takes any feature extractor `features(images) -> (N, 2048)`;
-    plug a pool3 Inception in to get FID comparable to published numbers;
   - ImageReward (BLIP + MLP head);
   - the converter from HPS's open_clip checkpoint to a transformers folder (HPS and clip-dice
     need a converted transformers CLIPModel folder);
@@ -42,6 +43,7 @@ ABSENT (not built; nothing here pretends to compute them):
     python evaluate.py score --metric aesthetic --clip /weights/clip-vit-large-patch14 \
         --aesthetic /weights/sac+logos+ava1-l14-linearMSE.safetensors --images out/
     python evaluate.py fid ours.npz coco_ref.npz
+    python evaluate.py fid-stats --inception pt_inception.safetensors --images out/ --out ours.npz
     python evaluate.py speed --mmdit /weights/sd3_medium.safetensors --res 1024 --steps 50 --w 5
     python evaluate.py speed                       # a tiny random MMDiT on the CPU
     python evaluate.py plot-loss runs/log.jsonl --out loss.png
@@ -317,10 +319,185 @@ def save_statistics(path, mu, sigma):
     os.replace(tmp, path)
 
 
+# The FID Inception network: pool3 (2048-d) of TensorFlow's 2015-12-05 Inception v3 graph, in the
+# layout of pytorch-fid's FIDInceptionV3 (torchvision-style names: Conv2d_1a_3x3.conv.weight,
+# Mixed_5b.branch1x1.bn.running_mean, ...). Differences from torchvision's inception_v3 that the
+# TF graph has: the average pools of the A, C and first E blocks do not count the padding, and the
+# last E block pools with a max pool. The classifier (fc.*) is not needed and is ignored.
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg3(x):
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = BasicConv2d(c_in, 48, 1), BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg3(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for i in range(1, 6):
+            d = getattr(self, f"branch7x7dbl_{i}")(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = BasicConv2d(c_in, 192, 1), BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, c_in, max_pool):
+        super().__init__()
+        self.max_pool = max_pool  # the TF graph's last block pools with a max pool
+        self.branch1x1 = BasicConv2d(c_in, 320, 1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg3(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pool)], 1)
+
+
+def tf_resize_bilinear(x, size):
+    """TensorFlow's legacy ResizeBilinear (align_corners=False, no half-pixel centres), as in the
+    FID graph: output pixel i samples input coordinate i * in / out, clamped at the last pixel."""
+    def axis(n_in, n_out):
+        src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).float().to(x.device)
+
+    y0, y1, fy = axis(x.shape[-2], size)
+    x0, x1, fx = axis(x.shape[-1], size)
+    rows = x[..., y0, :] * (1 - fy[:, None]) + x[..., y1, :] * fy[:, None]  # (B, C, size, W)
+    return rows[..., x0] * (1 - fx) + rows[..., x1] * fx  # (B, C, size, size)
+
+
+class InceptionPool3(nn.Module):
+    """images -> (B, 2048) pool3 features. Input: (B, 3, H, W) in [-1, 1] (or PIL); resized to
+    299 x 299 with TF's legacy bilinear resize, then scaled to [-1, 1] (2 x - 1, as pytorch-fid;
+    the TF graph itself computes (x - 128) / 128 on [0, 255] values, within 1/128 of this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = to_unit(images).to(self.Conv2d_1a_3x3.conv.weight.device)  # (B, 3, H, W) in [0, 1]
+        x = tf_resize_bilinear(x, 299) * 2 - 1  # (B, 3, 299, 299) in [-1, 1]
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))
+        x = F.max_pool2d(x, 3, 2)  # (B, 192, 35, 35)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        return x.mean((2, 3))  # (B, 2048)
+
+
+def load_inception(path, device="cpu"):
+    """The FID Inception from a .safetensors state dict in pytorch-fid's names (convert
+    pt_inception-2015-12-05-6726825d.pth once with safetensors.torch.save_file)."""
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FID Inception: no file {path!r} (expected a .safetensors state dict of "
+                                f"pytorch-fid's FIDInceptionV3: Conv2d_1a_3x3.conv.weight, ..., Mixed_7c.*)")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"FID Inception: {path!r} is not .safetensors; convert the .pth with "
+                         f"safetensors.torch.save_file(torch.load(pth, weights_only=True), 'out.safetensors')")
+    state = {k: v for k, v in load_file(path).items() if not k.startswith(("fc.", "AuxLogits."))}
+    net = InceptionPool3()
+    expected = net.state_dict()
+    missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in expected)
+    if missing or unexpected:
+        raise KeyError(f"FID Inception: {path!r} does not match (missing {missing[:5]} of {len(missing)}, "
+                       f"unexpected {unexpected[:5]} of {len(unexpected)})")
+    net.load_state_dict(state, strict=False)
+    return net.to(device).eval().requires_grad_(False)
+
+
 def fid(features, batches, reference):
     """FID of images against reference statistics.
 
-    features: a callable images -> (B, D) (the Inception pool3 network is not part of this file);
+    features: a callable images -> (B, D), e.g. load_inception(path) (pool3, 2048-d);
     batches: an iterable of image batches; reference: (mu, sigma) or an .npz path.
     """
     mu_r, sigma_r = load_statistics(reference) if isinstance(reference, (str, os.PathLike)) else reference
@@ -732,6 +909,13 @@ def main(args):
         cmd_score(args)
     elif args.command == "fid":
         print(json.dumps({"fid": frechet_distance(*load_statistics(args.stats[0]), *load_statistics(args.stats[1]))}))
+    elif args.command == "fid-stats":
+        net = load_inception(args.inception, args.device)
+        _, images = load_image_folder(args.images)
+        feats = torch.cat([net(images[i:i + args.batch]).double().cpu()
+                           for i in tqdm(range(0, len(images), args.batch), "Inception")])
+        save_statistics(args.out, *feature_statistics(feats.numpy()))
+        print(json.dumps({"images": len(images), "out": args.out}))
     elif args.command == "speed":
         cmd_speed(args)
     elif args.command == "plot-loss":
@@ -756,6 +940,12 @@ if __name__ == "__main__":
     p.add_argument("--out", help="JSON file for the per-image scores")
     p = sub.add_parser("fid", help="Frechet distance between two .npz statistics files (mu, sigma)")
     p.add_argument("stats", nargs=2)
+    p = sub.add_parser("fid-stats", help="Inception pool3 statistics (mu, sigma) of a folder of images, as .npz")
+    p.add_argument("--inception", required=True, help="FID Inception weights (.safetensors, pytorch-fid names)")
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p = sub.add_parser("speed", help="NFE and wall time per image of every sampler, ratios to the student")
     p.add_argument("--mmdit", help="MMDiT checkpoint (default: a tiny random MMDiT)")
     p.add_argument("--strong", help="strong model for W2SD")

@@ -346,3 +346,48 @@ def test_cli_score_and_fid(clip_parts, tmp_path, capsys):
     evaluate.save_statistics(str(tmp_path / "b.npz"), np.ones(3), 4 * np.eye(3))
     evaluate.main(argparse.Namespace(command="fid", stats=[str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]))
     assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(3 + 3 * (2 - 1) ** 2)
+
+
+def test_tf_resize_bilinear_closed_form():
+    # TF legacy resize: output i samples input i * in / out (no half-pixel shift), clamped at the edge
+    x = torch.tensor([0.0, 10.0, 20.0]).view(1, 1, 1, 3).expand(1, 1, 3, 3)
+    got = evaluate.tf_resize_bilinear(x, 6)  # src = 0, .5, 1, 1.5, 2, 2.5
+    torch.testing.assert_close(got[0, 0, 0], torch.tensor([0.0, 5.0, 10.0, 15.0, 20.0, 20.0]))
+    torch.testing.assert_close(got[0, 0, :, 0], torch.zeros(6))
+    y = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(evaluate.tf_resize_bilinear(y, 4), y[..., ::2, ::2])  # src = 0, 2, 4, 6
+    torch.testing.assert_close(evaluate.tf_resize_bilinear(y, 8), y)
+
+
+def test_inception_pool3_loads_and_gives_2048_features(tmp_path):
+    torch.manual_seed(0)
+    net = evaluate.InceptionPool3().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)  # ignored
+    path = str(tmp_path / "inception.safetensors")
+    save_file(state, path)
+    loaded = evaluate.load_inception(path)
+    x = images(2, 64, 48)
+    f = loaded(x)
+    assert f.shape == (2, 2048) and torch.isfinite(f).all() and (f >= 0).all()  # after ReLU + mean
+    torch.testing.assert_close(f, net(x))
+    # the pool3 features are the mean over the 8 x 8 map of Mixed_7c's output
+    with torch.no_grad():
+        h = evaluate.tf_resize_bilinear((x + 1) / 2, 299) * 2 - 1
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "pool", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                     "pool", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                     "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+            h = torch.nn.functional.max_pool2d(h, 3, 2) if name == "pool" else getattr(net, name)(h)
+    assert h.shape[1:] == (2048, 8, 8)
+    torch.testing.assert_close(f, h.mean((2, 3)))
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(KeyError, match="Mixed_7c.branch_pool.conv.weight"):
+        evaluate.load_inception(str(tmp_path / "bad.safetensors"))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        evaluate.load_inception(str(tmp_path / "nope.safetensors"))
