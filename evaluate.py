@@ -14,6 +14,7 @@ The formulas and preprocessing follow SPEC.md section 8:
                                                             preprocessing (longest side to 224, pad)
     aesthetic  CLIP ViT-L/14 + the LAION MLP (.safetensors) MLP(image embedding / ||.||)
 
+`convert_openclip` turns HPS's (and ViT-g-14's) open_clip checkpoint into a transformers folder.
 One `CLIP` wrapper serves all of them. It calls CLIPModel's submodules directly
 (vision_model + visual_projection, text_model + text_projection), so it behaves the same on
 transformers 4 and 5. Images are (B, 3, H, W) tensors in [-1, 1] (VAE.decode's output) or PIL
@@ -35,10 +36,10 @@ The toy world reports its own adherence and agreement scores in toy.py.
 
 ABSENT (not built; nothing here pretends to compute them):
   - ImageReward (BLIP + MLP head);
-  - the converter from HPS's open_clip checkpoint to a transformers folder (HPS and clip-dice
-    need a converted transformers CLIPModel folder);
   - a VQA model for DPG-Bench (mPLUG); `dpg_bench` takes yours.
 
+    python evaluate.py convert-hps /weights/HPS_v2.1_compressed.pt --tokenizer /weights/clip-vit-large-patch14 \
+        --out /weights/hps-v2.1
     python evaluate.py score --metric hps --clip /weights/hps-v2.1 --images out/ --prompts prompts.txt
     python evaluate.py score --metric aesthetic --clip /weights/clip-vit-large-patch14 \
         --aesthetic /weights/sac+logos+ava1-l14-linearMSE.safetensors --images out/
@@ -187,6 +188,107 @@ def load_clip(path, preprocess="clip", device="cpu", dtype=torch.float32):
         raise FileNotFoundError(f"CLIP weights: no tokenizer in {path!r} (expected tokenizer.json or "
                                 f"vocab.json + merges.txt next to config.json): {e}") from e
     return CLIP(model, tokenizer, preprocess)
+
+
+# open_clip -> transformers: HPS v2 / v2.1 (ViT-H-14) and DICE's ViT-g-14 are open_clip models.
+# Same computation, different names: in_proj (q; k; v stacked) splits into q/k/v_proj, the (D, P)
+# projections transpose into Linear weights, ln_pre/ln_post/ln_final rename.
+
+VISION_HEADS = {768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}  # width -> heads (ViT-B/L/H/g/bigG)
+
+
+def _block_keys(src, dst):
+    return [(f"{src}.ln_1.", f"{dst}.layer_norm1."), (f"{src}.ln_2.", f"{dst}.layer_norm2."),
+            (f"{src}.attn.out_proj.", f"{dst}.self_attn.out_proj."), (f"{src}.mlp.c_fc.", f"{dst}.mlp.fc1."),
+            (f"{src}.mlp.c_proj.", f"{dst}.mlp.fc2.")]
+
+
+def openclip_to_transformers(state, vision_heads=None, text_heads=None, hidden_act="gelu", eos_token_id=49407):
+    """An open_clip CLIP state dict -> (transformers CLIPConfig, CLIPModel state dict).
+
+    Sizes come from the shapes; head counts cannot, so they default to VISION_HEADS[width] and
+    text width / 64 (right for ViT-L-14, ViT-H-14, ViT-g-14). hidden_act: "gelu" for open_clip's
+    LAION models (HPS, ViT-g-14), "quick_gelu" for OpenAI's. eos_token_id: the text is pooled at
+    its first end-of-text token (open_clip pools at the largest token id, which is that one).
+    """
+    from transformers import CLIPConfig
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    need = ["visual.conv1.weight", "visual.proj", "text_projection", "token_embedding.weight", "logit_scale"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise KeyError(f"not an open_clip CLIP state dict: missing {missing} (has {sorted(state)[:6]} ...)")
+    vis_layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
+    txt_layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+    Dv, _, patch, _ = state["visual.conv1.weight"].shape
+    Dt = state["token_embedding.weight"].shape[1]
+    n_pos = state["visual.positional_embedding"].shape[0]
+    grid = math.isqrt(n_pos - 1)
+    text = dict(vocab_size=state["token_embedding.weight"].shape[0], hidden_size=Dt,
+                intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                num_hidden_layers=txt_layers, num_attention_heads=text_heads or Dt // 64,
+                max_position_embeddings=state["positional_embedding"].shape[0], hidden_act=hidden_act,
+                bos_token_id=eos_token_id - 1, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    vision = dict(hidden_size=Dv, intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                  num_hidden_layers=vis_layers, num_attention_heads=vision_heads or VISION_HEADS.get(Dv, Dv // 64),
+                  image_size=grid * patch, patch_size=patch, hidden_act=hidden_act)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=state["visual.proj"].shape[1])
+    renames = [("visual.conv1.", "vision_model.embeddings.patch_embedding."),
+               ("visual.ln_pre.", "vision_model.pre_layrnorm."), ("visual.ln_post.", "vision_model.post_layernorm."),
+               ("token_embedding.", "text_model.embeddings.token_embedding."),
+               ("ln_final.", "text_model.final_layer_norm.")]
+    for i in range(vis_layers):
+        renames += _block_keys(f"visual.transformer.resblocks.{i}", f"vision_model.encoder.layers.{i}")
+    for i in range(txt_layers):
+        renames += _block_keys(f"transformer.resblocks.{i}", f"text_model.encoder.layers.{i}")
+    out = {"vision_model.embeddings.class_embedding": state["visual.class_embedding"],
+           "vision_model.embeddings.position_embedding.weight": state["visual.positional_embedding"],
+           "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+           "visual_projection.weight": state["visual.proj"].T.contiguous(),  # (P, Dv)
+           "text_projection.weight": state["text_projection"].T.contiguous(),  # (P, Dt)
+           "logit_scale": state["logit_scale"].reshape(())}
+    for k, v in state.items():
+        if ".attn.in_proj_" in k:  # rows [q; k; v]
+            prefix = k.split(".attn.")[0]
+            dst = ("vision_model.encoder.layers." if k.startswith("visual.") else "text_model.encoder.layers.") + \
+                prefix.split(".")[-1]
+            kind = k.rsplit("_", 1)[1]  # weight or bias
+            for name, part in zip("qkv", v.chunk(3)):
+                out[f"{dst}.self_attn.{name}_proj.{kind}"] = part.contiguous()
+            continue
+        for src, dst in renames:
+            if k.startswith(src):
+                out[dst + k[len(src):]] = v
+                break
+    return config, out
+
+
+def convert_openclip(checkpoint, tokenizer_dir, out_dir, **kwargs):
+    """An open_clip checkpoint (HPS_v2.1_compressed.pt, open_clip_pytorch_model.bin or .safetensors)
+    + an OpenAI CLIP tokenizer folder (open_clip's tokenizer is OpenAI's BPE) -> a transformers
+    CLIPModel folder that `load_clip(out_dir, "hps")` reads. Pickles load with weights_only=True."""
+    from transformers import AutoTokenizer, CLIPModel
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"open_clip checkpoint: no file {checkpoint!r} (expected e.g. HPS_v2.1_compressed.pt)")
+    if checkpoint.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(checkpoint)
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    config, tensors = openclip_to_transformers(state, **kwargs)
+    model = CLIPModel(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing or unexpected:
+        raise KeyError(f"open_clip conversion of {checkpoint!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True) if os.path.isdir(tokenizer_dir) \
+        else None
+    if tokenizer is None:
+        raise FileNotFoundError(f"tokenizer: {tokenizer_dir!r} is not a folder (expected an OpenAI CLIP tokenizer "
+                                f"folder, e.g. a local copy of openai/clip-vit-large-patch14)")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -909,6 +1011,8 @@ def main(args):
         cmd_score(args)
     elif args.command == "fid":
         print(json.dumps({"fid": frechet_distance(*load_statistics(args.stats[0]), *load_statistics(args.stats[1]))}))
+    elif args.command == "convert-hps":
+        print(convert_openclip(args.checkpoint, args.tokenizer, args.out))
     elif args.command == "fid-stats":
         net = load_inception(args.inception, args.device)
         _, images = load_image_folder(args.images)
@@ -940,6 +1044,10 @@ if __name__ == "__main__":
     p.add_argument("--out", help="JSON file for the per-image scores")
     p = sub.add_parser("fid", help="Frechet distance between two .npz statistics files (mu, sigma)")
     p.add_argument("stats", nargs=2)
+    p = sub.add_parser("convert-hps", help="open_clip checkpoint (HPS v2/v2.1, ViT-g-14) -> transformers folder")
+    p.add_argument("checkpoint")
+    p.add_argument("--tokenizer", required=True, help="an OpenAI CLIP tokenizer folder (openai/clip-vit-*)")
+    p.add_argument("--out", required=True)
     p = sub.add_parser("fid-stats", help="Inception pool3 statistics (mu, sigma) of a folder of images, as .npz")
     p.add_argument("--inception", required=True, help="FID Inception weights (.safetensors, pytorch-fid names)")
     p.add_argument("--images", required=True)

@@ -391,3 +391,58 @@ def test_inception_pool3_loads_and_gives_2048_features(tmp_path):
         evaluate.load_inception(str(tmp_path / "bad.safetensors"))
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         evaluate.load_inception(str(tmp_path / "nope.safetensors"))
+
+
+def openclip_layout(model):
+    """A transformers CLIPModel's weights written in open_clip's names and layouts (by hand, per key)."""
+    sd, out = model.state_dict(), {}
+    for tower, src, dst in (("v", "vision_model.encoder.layers", "visual.transformer.resblocks"),
+                            ("t", "text_model.encoder.layers", "transformer.resblocks")):
+        n = getattr(model.config, "vision_config" if tower == "v" else "text_config").num_hidden_layers
+        for i in range(n):
+            a, b = f"{src}.{i}", f"{dst}.{i}"
+            for kind in ("weight", "bias"):
+                out[f"{b}.attn.in_proj_{kind}"] = torch.cat([sd[f"{a}.self_attn.{q}_proj.{kind}"] for q in "qkv"])
+                out[f"{b}.attn.out_proj.{kind}"] = sd[f"{a}.self_attn.out_proj.{kind}"]
+                out[f"{b}.ln_1.{kind}"], out[f"{b}.ln_2.{kind}"] = sd[f"{a}.layer_norm1.{kind}"], sd[f"{a}.layer_norm2.{kind}"]
+                out[f"{b}.mlp.c_fc.{kind}"], out[f"{b}.mlp.c_proj.{kind}"] = sd[f"{a}.mlp.fc1.{kind}"], sd[f"{a}.mlp.fc2.{kind}"]
+    out["visual.class_embedding"] = sd["vision_model.embeddings.class_embedding"]
+    out["visual.positional_embedding"] = sd["vision_model.embeddings.position_embedding.weight"]
+    out["visual.conv1.weight"] = sd["vision_model.embeddings.patch_embedding.weight"]
+    for kind in ("weight", "bias"):
+        out[f"visual.ln_pre.{kind}"] = sd[f"vision_model.pre_layrnorm.{kind}"]
+        out[f"visual.ln_post.{kind}"] = sd[f"vision_model.post_layernorm.{kind}"]
+        out[f"ln_final.{kind}"] = sd[f"text_model.final_layer_norm.{kind}"]
+    out["visual.proj"] = sd["visual_projection.weight"].T  # (Dv, P)
+    out["token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
+    out["positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+    out["text_projection"] = sd["text_projection.weight"].T  # (Dt, P)
+    out["logit_scale"] = sd["logit_scale"]
+    out["attn_mask"] = torch.zeros(16, 16)  # open_clip's causal-mask buffer: not a weight
+    return {"module." + k: v.contiguous().clone() for k, v in out.items()}
+
+
+def test_openclip_converter_round_trip(clip_parts, tmp_path):
+    model, tok = clip_parts
+    state = openclip_layout(model)
+    config, tensors = evaluate.openclip_to_transformers(state, vision_heads=2, text_heads=2, hidden_act="quick_gelu",
+                                                       eos_token_id=4)
+    assert config.vision_config.image_size == 32 and config.vision_config.patch_size == 8
+    assert config.vision_config.num_hidden_layers == 1 and config.projection_dim == 8
+    ref = {k: v for k, v in model.state_dict().items() if "position_ids" not in k}
+    assert sorted(tensors) == sorted(ref)
+    for k in ref:
+        torch.testing.assert_close(tensors[k], ref[k], atol=0, rtol=0, msg=k)
+    # through a file and a folder: same features as the original model
+    (tmp_path / "tok").mkdir()
+    tok.save_pretrained(str(tmp_path / "tok"))
+    save_file(state, str(tmp_path / "hps.safetensors"))
+    out = evaluate.convert_openclip(str(tmp_path / "hps.safetensors"), str(tmp_path / "tok"), str(tmp_path / "hf"),
+                                    vision_heads=2, text_heads=2, hidden_act="quick_gelu", eos_token_id=4)
+    x = images(2, 40, 24)
+    a = evaluate.load_clip(out, "hps").cosine(x, PROMPTS[:2])
+    torch.testing.assert_close(a, evaluate.CLIP(model, tok, "hps").cosine(x, PROMPTS[:2]), atol=1e-6, rtol=1e-5)
+    with pytest.raises(KeyError, match="visual.proj"):
+        evaluate.openclip_to_transformers({"visual.conv1.weight": torch.zeros(1)})
+    with pytest.raises(FileNotFoundError, match="HPS_v2.1_compressed.pt"):
+        evaluate.convert_openclip(str(tmp_path / "HPS_v2.1_compressed.pt"), str(tmp_path / "tok"), str(tmp_path / "o"))
