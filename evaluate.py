@@ -13,6 +13,8 @@ The formulas and preprocessing follow SPEC.md section 8:
     hps        HPS v2 / v2.1 (ViT-H-14, converted)         100 cos(image, text), no logit scale; HPS
                                                             preprocessing (longest side to 224, pad)
     aesthetic  CLIP ViT-L/14 + the LAION MLP (.safetensors) MLP(image embedding / ||.||)
+    imagereward  ImageReward.pt (BLIP ViT-L + BERT)        (MLP(BERT [CLS] cross-attending to the
+                                                            image) - 0.16717) / 1.03334
 
 `convert_openclip` turns HPS's (and ViT-g-14's) open_clip checkpoint into a transformers folder.
 One `CLIP` wrapper serves all of them. It calls CLIPModel's submodules directly
@@ -35,7 +37,6 @@ Outputs: `write_table` (Markdown + JSON, rows = methods, columns = metrics, as T
 The toy world reports its own adherence and agreement scores in toy.py.
 
 ABSENT (not built; nothing here pretends to compute them):
-  - ImageReward (BLIP + MLP head);
   - a VQA model for DPG-Bench (mPLUG); `dpg_bench` takes yours.
 
     python evaluate.py convert-hps /weights/HPS_v2.1_compressed.pt --tokenizer /weights/clip-vit-large-patch14 \
@@ -43,6 +44,8 @@ ABSENT (not built; nothing here pretends to compute them):
     python evaluate.py score --metric hps --clip /weights/hps-v2.1 --images out/ --prompts prompts.txt
     python evaluate.py score --metric aesthetic --clip /weights/clip-vit-large-patch14 \
         --aesthetic /weights/sac+logos+ava1-l14-linearMSE.safetensors --images out/
+    python evaluate.py score --metric imagereward --imagereward /weights/ImageReward.pt \
+        --clip /weights/bert-base-uncased --images out/ --prompts prompts.txt
     python evaluate.py fid ours.npz coco_ref.npz
     python evaluate.py fid-stats --inception pt_inception.safetensors --images out/ --out ours.npz
     python evaluate.py speed --mmdit /weights/sd3_medium.safetensors --res 1024 --steps 50 --w 5
@@ -369,6 +372,124 @@ def aesthetic_score(clip, mlp, images):
     """(B,) LAION aesthetic scores: the MLP on the L2-normalised CLIP ViT-L/14 image embedding."""
     e = clip.image_features(images)  # (B, 768), unit norm
     return mlp(e.to(next(mlp.parameters()).dtype)).float()
+
+
+# -----------------------------------------------------------------------------
+# ImageReward: BLIP ViT-L image tokens -> BERT with cross-attention -> [CLS] -> MLP head
+
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
+
+
+class ImageReward(nn.Module):
+    """ImageReward on transformers' BlipVisionModel and BlipTextModel (cross-attention, no pooler).
+
+    reward = (MLP(text_encoder(prompt, cross-attending to the image tokens)[:, 0]) - mean) / std;
+    the prompt is tokenized to 35 tokens (BERT, padded to max_length); the image preprocessing is
+    CLIP's (shortest side 224 bicubic, centre crop, OpenAI mean/std). The MLP is the aesthetic
+    head's shape (768 -> ... -> 1).
+    """
+
+    def __init__(self, vision, text, mlp, tokenizer, max_length=35):
+        super().__init__()
+        self.vision, self.text, self.mlp = vision.eval(), text.eval(), mlp.eval()
+        self.requires_grad_(False)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.image_size = vision.config.image_size
+
+    @torch.no_grad()
+    def forward(self, images, prompts):
+        """(B,) rewards for B images and B prompts."""
+        device = self.vision.post_layernorm.weight.device
+        pixels = preprocess_clip(to_unit(images).to(device), self.image_size)  # (B, 3, S, S)
+        image_tokens = self.vision(pixel_values=pixels).last_hidden_state  # (B, 1 + N, Dv), after the final LN
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(device)
+        ones = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=device)  # (B, 1 + N)
+        h = self.text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                      encoder_hidden_states=image_tokens, encoder_attention_mask=ones,
+                      is_decoder=False).last_hidden_state  # (B, L, Dt), bidirectional self-attention
+        r = self.mlp(h[:, 0].float())  # (B,)
+        return (r - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+
+def imagereward_to_transformers(state):
+    """ImageReward.pt's state dict -> (vision config, vision state, text config, text state, mlp state).
+
+    Only blip.visual_encoder.*, blip.text_encoder.* and mlp.* are used. The text encoder's names
+    are already transformers' BERT names; the ViT's are timm's (blocks.N.attn.qkv -> encoder.layers.N
+    .self_attn.qkv, attn.proj -> self_attn.projection, norm1/2 -> layer_norm1/2, norm -> post_layernorm).
+    """
+    from transformers import BlipTextConfig, BlipVisionConfig
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    need = ["blip.visual_encoder.patch_embed.proj.weight", "blip.text_encoder.embeddings.word_embeddings.weight",
+            "mlp.layers.0.weight"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise KeyError(f"not an ImageReward state dict: missing {missing} (has {sorted(state)[:6]} ...)")
+    v_in = {k[len("blip.visual_encoder."):]: t for k, t in state.items() if k.startswith("blip.visual_encoder.")}
+    t_in = {k[len("blip.text_encoder."):]: t for k, t in state.items() if k.startswith("blip.text_encoder.")}
+    mlp = {k[len("mlp."):]: t for k, t in state.items() if k.startswith("mlp.")}
+    Dv, _, patch, _ = v_in["patch_embed.proj.weight"].shape
+    n_vis = len({k.split(".")[1] for k in v_in if k.startswith("blocks.")})
+    vcfg = BlipVisionConfig(hidden_size=Dv, intermediate_size=v_in["blocks.0.mlp.fc1.weight"].shape[0],
+                            num_hidden_layers=n_vis, num_attention_heads=Dv // 64, patch_size=patch,
+                            image_size=patch * math.isqrt(v_in["pos_embed"].shape[1] - 1),
+                            layer_norm_eps=1e-6)  # BLIP's ViT: LayerNorm eps 1e-6
+    vis = {"embeddings.class_embedding": v_in["cls_token"], "embeddings.position_embedding": v_in["pos_embed"],
+           "embeddings.patch_embedding.weight": v_in["patch_embed.proj.weight"],
+           "embeddings.patch_embedding.bias": v_in["patch_embed.proj.bias"],
+           "post_layernorm.weight": v_in["norm.weight"], "post_layernorm.bias": v_in["norm.bias"]}
+    for k, t in v_in.items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            for a, b in (("norm1.", "layer_norm1."), ("norm2.", "layer_norm2."), ("attn.qkv.", "self_attn.qkv."),
+                         ("attn.proj.", "self_attn.projection."), ("mlp.", "mlp.")):
+                if rest.startswith(a):
+                    vis[f"encoder.layers.{i}.{b}{rest[len(a):]}"] = t
+    Dt = t_in["embeddings.word_embeddings.weight"].shape[1]
+    tcfg = BlipTextConfig(vocab_size=t_in["embeddings.word_embeddings.weight"].shape[0], hidden_size=Dt,
+                          intermediate_size=t_in["encoder.layer.0.intermediate.dense.weight"].shape[0],
+                          num_hidden_layers=len({k.split(".")[2] for k in t_in if k.startswith("encoder.layer.")}),
+                          num_attention_heads=Dt // 64,
+                          max_position_embeddings=t_in["embeddings.position_embeddings.weight"].shape[0],
+                          encoder_hidden_size=t_in["encoder.layer.0.crossattention.self.key.weight"].shape[1],
+                          is_decoder=True)  # is_decoder builds the cross-attention; forward runs bidirectional
+    text = {k: t for k, t in t_in.items() if "position_ids" not in k}
+    return vcfg, vis, tcfg, text, mlp
+
+
+def load_image_reward(path, tokenizer_dir, device="cpu", vision_heads=None, text_heads=None):
+    """ImageReward from ImageReward.pt (or a .safetensors of the same state dict) and a BERT tokenizer
+    folder (bert-base-uncased; BLIP adds [DEC] and [ENC], which prompts never contain).
+    Pickles load with weights_only=True."""
+    from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ImageReward: no file {path!r} (expected ImageReward.pt or a .safetensors "
+                                f"with blip.visual_encoder.*, blip.text_encoder.*, mlp.*)")
+    if not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"ImageReward: tokenizer {tokenizer_dir!r} is not a folder (expected a BERT "
+                                f"tokenizer, e.g. a local copy of bert-base-uncased)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    vcfg, vis, tcfg, text, mlp_state = imagereward_to_transformers(state)
+    if vision_heads:
+        vcfg.num_attention_heads = vision_heads
+    if text_heads:
+        tcfg.num_attention_heads = text_heads
+    vision, text_model = BlipVisionModel(vcfg), BlipTextModel(tcfg, add_pooling_layer=False)
+    for name, module, tensors in (("vision", vision, vis), ("text", text_model, text)):
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+        missing = [k for k in missing if "position_ids" not in k]
+        if missing or unexpected:
+            raise KeyError(f"ImageReward {name} weights in {path!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    mlp = AestheticMLP(mlp_state["layers.0.weight"].shape[1])
+    mlp.load_state_dict(mlp_state)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    return ImageReward(vision, text_model, mlp, tokenizer).to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -956,7 +1077,18 @@ def sweep_plot(results, metric, path):
 
 def cmd_score(args):
     names, images = load_image_folder(args.images)
-    if args.metric == "aesthetic":
+    if args.metric == "imagereward":
+        if not (args.imagereward and args.prompts):
+            raise ValueError("--metric imagereward needs --imagereward ImageReward.pt, --clip a BERT tokenizer "
+                             "folder, and --prompts")
+        prompts = load_prompts(args.prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images in {args.images!r} but {len(prompts)} prompts in {args.prompts!r}")
+        ir = load_image_reward(args.imagereward, args.clip, args.device)
+        scores = torch.cat([ir(images[i:i + args.batch], prompts[i:i + args.batch])
+                            for i in tqdm(range(0, len(images), args.batch), "imagereward")])
+        result = scores.double().mean().item()
+    elif args.metric == "aesthetic":
         if not args.aesthetic:
             raise ValueError("--metric aesthetic needs --aesthetic PATH.safetensors (the LAION MLP)")
         clip, mlp = load_clip(args.clip, "clip", args.device), load_aesthetic(args.aesthetic, args.device)
@@ -1034,8 +1166,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="a CLIP-type metric or the aesthetic score of a folder of images")
-    p.add_argument("--metric", required=True, choices=sorted(PRESETS) + ["aesthetic"])
-    p.add_argument("--clip", required=True, help="transformers CLIPModel folder (with tokenizer files)")
+    p.add_argument("--metric", required=True, choices=sorted(PRESETS) + ["aesthetic", "imagereward"])
+    p.add_argument("--clip", required=True, help="transformers CLIPModel folder (with tokenizer files); "
+                   "for imagereward: the BERT tokenizer folder")
+    p.add_argument("--imagereward", help="ImageReward.pt (for --metric imagereward)")
     p.add_argument("--aesthetic", help="LAION aesthetic MLP .safetensors (for --metric aesthetic)")
     p.add_argument("--images", required=True, help="folder of images, scored in sorted file-name order")
     p.add_argument("--prompts", help=".txt/.json/.jsonl prompts, one per image in sorted file-name order")

@@ -404,8 +404,10 @@ def openclip_layout(model):
             for kind in ("weight", "bias"):
                 out[f"{b}.attn.in_proj_{kind}"] = torch.cat([sd[f"{a}.self_attn.{q}_proj.{kind}"] for q in "qkv"])
                 out[f"{b}.attn.out_proj.{kind}"] = sd[f"{a}.self_attn.out_proj.{kind}"]
-                out[f"{b}.ln_1.{kind}"], out[f"{b}.ln_2.{kind}"] = sd[f"{a}.layer_norm1.{kind}"], sd[f"{a}.layer_norm2.{kind}"]
-                out[f"{b}.mlp.c_fc.{kind}"], out[f"{b}.mlp.c_proj.{kind}"] = sd[f"{a}.mlp.fc1.{kind}"], sd[f"{a}.mlp.fc2.{kind}"]
+                out[f"{b}.ln_1.{kind}"] = sd[f"{a}.layer_norm1.{kind}"]
+                out[f"{b}.ln_2.{kind}"] = sd[f"{a}.layer_norm2.{kind}"]
+                out[f"{b}.mlp.c_fc.{kind}"] = sd[f"{a}.mlp.fc1.{kind}"]
+                out[f"{b}.mlp.c_proj.{kind}"] = sd[f"{a}.mlp.fc2.{kind}"]
     out["visual.class_embedding"] = sd["vision_model.embeddings.class_embedding"]
     out["visual.positional_embedding"] = sd["vision_model.embeddings.position_embedding.weight"]
     out["visual.conv1.weight"] = sd["vision_model.embeddings.patch_embedding.weight"]
@@ -446,3 +448,68 @@ def test_openclip_converter_round_trip(clip_parts, tmp_path):
         evaluate.openclip_to_transformers({"visual.conv1.weight": torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match="HPS_v2.1_compressed.pt"):
         evaluate.convert_openclip(str(tmp_path / "HPS_v2.1_compressed.pt"), str(tmp_path / "tok"), str(tmp_path / "o"))
+
+
+def bert_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[DEC]", "[ENC]"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]",
+                                                pad_token="[PAD]", unk_token="[UNK]", model_max_length=35)
+
+
+def test_image_reward_matches_its_formula(tmp_path):
+    torch.manual_seed(0)
+    vcfg = transformers.BlipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    tcfg = transformers.BlipTextConfig(vocab_size=6 + len(WORDS), hidden_size=24, intermediate_size=48,
+                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=40,
+                                       encoder_hidden_size=16, is_decoder=True, pad_token_id=0)
+    vision = transformers.BlipVisionModel(vcfg).eval()
+    text = transformers.BlipTextModel(tcfg, add_pooling_layer=False).eval()
+    mlp = {}
+    for i, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((24, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        mlp[f"layers.{i}.weight"] = torch.randn(n_out, n_in) / math.sqrt(n_in)
+        mlp[f"layers.{i}.bias"] = torch.randn(n_out) * 0.1
+    # ImageReward.pt's layout, written by hand: timm ViT names, BERT names, mlp.layers
+    state = {f"mlp.{k}": v for k, v in mlp.items()}
+    v = vision.state_dict()
+    state.update({"blip.visual_encoder.cls_token": v["embeddings.class_embedding"],
+                  "blip.visual_encoder.pos_embed": v["embeddings.position_embedding"],
+                  "blip.visual_encoder.patch_embed.proj.weight": v["embeddings.patch_embedding.weight"],
+                  "blip.visual_encoder.patch_embed.proj.bias": v["embeddings.patch_embedding.bias"],
+                  "blip.visual_encoder.norm.weight": v["post_layernorm.weight"],
+                  "blip.visual_encoder.norm.bias": v["post_layernorm.bias"]})
+    for i in range(2):
+        for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.qkv", "self_attn.qkv"),
+                     ("attn.proj", "self_attn.projection"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            for kind in ("weight", "bias"):
+                state[f"blip.visual_encoder.blocks.{i}.{a}.{kind}"] = v[f"encoder.layers.{i}.{b}.{kind}"]
+    state.update({f"blip.text_encoder.{k}": t for k, t in text.state_dict().items()})
+    path = str(tmp_path / "ImageReward.safetensors")
+    save_file({k: t.contiguous() for k, t in state.items()}, path)
+    (tmp_path / "bert").mkdir()
+    tok = bert_tokenizer()
+    tok.save_pretrained(str(tmp_path / "bert"))
+    ir = evaluate.load_image_reward(path, str(tmp_path / "bert"), vision_heads=2, text_heads=2)
+    x = images(3, 40, 32)  # tall: shortest side 32 -> 32 x 40, centre crop rows 4..36
+    got = ir(x, PROMPTS[:3])
+    # the formula, computed directly on the original modules
+    pixels = normalized(torch.nn.functional.interpolate((x + 1) / 2, size=(40, 32), mode="bicubic",
+                                                        antialias=True)[:, :, 4:36])
+    tokens = tok(PROMPTS[:3], padding="max_length", max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        img = vision(pixel_values=pixels).last_hidden_state  # (B, 17, 16)
+        h = text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], encoder_hidden_states=img,
+                 encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]
+        for i in (0, 2, 4, 6, 7):
+            h = h @ mlp[f"layers.{i}.weight"].T + mlp[f"layers.{i}.bias"]
+    ref = (h.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="ImageReward.pt"):
+        evaluate.load_image_reward(str(tmp_path / "ImageReward.pt"), str(tmp_path / "bert"))
+    with pytest.raises(KeyError, match="mlp.layers.0.weight"):
+        evaluate.imagereward_to_transformers({k: t for k, t in state.items() if not k.startswith("mlp.")})
