@@ -4,7 +4,7 @@ The paper's metrics offline, the speed table, and the figures (TeEFusion Tables 
 Everything reads weights and prompt files from local paths given by the user; nothing downloads.
 The formulas and preprocessing follow SPEC.md section 8:
 
-    metric     network (a transformers CLIPModel folder)   score per image
+    metric     network (local weights)                     score per image
     clip       CLIP ViT-L/14                               100 cos(image, text); the MEAN is clamped
                                                             at 0 (torchmetrics CLIPScore)
     clip-dice  open_clip ViT-g-14 (converted)              cos(image, text), plain mean (DICE's
@@ -36,8 +36,15 @@ Outputs: `write_table` (Markdown + JSON, rows = methods, columns = metrics, as T
 `image_grid` (methods x w, Fig. 4) as PNG files drawn with pillow (matplotlib is not a dependency).
 The toy world reports its own adherence and agreement scores in toy.py.
 
+`w_sweep` runs any generate(method, w, prompts) over methods x w and scores the images.
+
 ABSENT (not built; nothing here pretends to compute them):
-  - a VQA model for DPG-Bench (mPLUG); `dpg_bench` takes yours.
+  - a VQA model for DPG-Bench (mPLUG); `dpg_bench` takes yours, and the CLI has no dpg command;
+  - a command that loads SD3 (text encoders, MMDiT, VAE) and generates the sweep's images: `w_sweep`
+    takes your generate function; the CLI plots a sweep from its results JSON (plot-sweep);
+  - numeric parity with the released checkpoints (CLIP-L, PickScore, HPS, ImageReward, the aesthetic
+    MLP, the FID Inception): the tests check each formula, preprocessing and key mapping on tiny
+    random models, not against the real weights or the reference packages.
 
     python evaluate.py convert-hps /weights/HPS_v2.1_compressed.pt --tokenizer /weights/clip-vit-large-patch14 \
         --out /weights/hps-v2.1
@@ -485,7 +492,8 @@ def load_image_reward(path, tokenizer_dir, device="cpu", vision_heads=None, text
         missing, unexpected = module.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if "position_ids" not in k]
         if missing or unexpected:
-            raise KeyError(f"ImageReward {name} weights in {path!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise KeyError(f"ImageReward {name} weights in {path!r}: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
     mlp = AestheticMLP(mlp_state["layers.0.weight"].shape[1])
     mlp.load_state_dict(mlp_state)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
@@ -930,6 +938,27 @@ def speed_table(model, noise, context, y, context_null, y_null, *, w, steps, met
                 raise RuntimeError(f"speed_table: {m} produced non-finite latents")
     return [dict(method=m, nfe=nfe[m], wall_s=wall[m], nfe_ratio=nfe[m] / nfe["student"],
                  wall_ratio=wall[m] / wall["student"]) for m in methods]
+
+
+# -----------------------------------------------------------------------------
+# The w-sweep (Fig. 4 and 5a): every method at every w, scored by every metric
+
+
+def w_sweep(generate, metrics, prompts, methods, ws):
+    """results {method: {w: {metric: mean score}}} and images {method: {w: images}}.
+
+    generate(method, w, prompts) -> images for those prompts (same seeds for every method and w,
+    e.g. a closure over samplers.sample, vae.decode and fixed noise); metrics: {name: fn(images,
+    prompts) -> (B,) per-image scores}. The first image of each (method, w) feeds `image_grid`.
+    """
+    results, images = {}, {}
+    for method in methods:
+        for w in tqdm(ws, f"w-sweep {method}"):
+            x = generate(method, w, prompts)
+            images.setdefault(method, {})[w] = x
+            results.setdefault(method, {})[w] = {
+                name: aggregate(torch.as_tensor(fn(x, prompts)), name) for name, fn in metrics.items()}
+    return results, images
 
 
 # -----------------------------------------------------------------------------

@@ -513,3 +513,17 @@ def test_image_reward_matches_its_formula(tmp_path):
         evaluate.load_image_reward(str(tmp_path / "ImageReward.pt"), str(tmp_path / "bert"))
     with pytest.raises(KeyError, match="mlp.layers.0.weight"):
         evaluate.imagereward_to_transformers({k: t for k, t in state.items() if not k.startswith("mlp.")})
+
+
+def test_w_sweep_and_grid(tmp_path):
+    def generate(method, w, prompts):  # a stub: brightness = w for the teacher, w / 2 for the student
+        level = w / 10 if method == "cfg" else w / 20
+        return torch.full((len(prompts), 3, 8, 8), 2 * level - 1)  # (B, 3, H, W) in [-1, 1]
+
+    metrics = {"clip": lambda x, p: 100 * ((x + 1) / 2).mean((1, 2, 3)) - 30}  # mean clamped at 0
+    results, imgs = evaluate.w_sweep(generate, metrics, ["a", "b"], ["cfg", "student"], [2.0, 5.0])
+    assert results["cfg"][5.0]["clip"] == pytest.approx(20.0) and results["student"][2.0]["clip"] == 0.0
+    evaluate.sweep_plot(results, "clip", str(tmp_path / "sweep.png"))
+    rows = [[evaluate.vae.to_pil(imgs[m][w][:1])[0] for w in (2.0, 5.0)] for m in ("cfg", "student")]
+    grid = evaluate.image_grid(rows, str(tmp_path / "grid.png"), ["cfg", "student"], ["w=2", "w=5"], cell=16)
+    assert grid.getpixel((110 + 16 + 8, 20 + 8)) == (128, 128, 128)  # cfg at w = 5: level 0.5
