@@ -1,0 +1,634 @@
+"""
+Algorithm 1 of TeEFusion as a training loop: distill classifier-free guidance (and the
+reflection samplers Z-Sampling / W2SD built on it) into a student that needs ONE network
+pass per sampling step. One process, or many under torchrun (DDP); CPU or CUDA.
+
+Algorithm 1 (paper; SPEC.md section 5), one iteration:
+    student initialised from the teacher
+    (x0, c) from the data;  t ~ U[0, 1];  w ~ U[w_min, w_max];  eps ~ N(0, I)
+    x_t = (1 - t) x0 + t eps
+    target = (1 + w) v_T(x_t, t, c) - w v_T(x_t, t, null)   (Eq. 2; refined by Eq. 3-4 for
+                                                            Z-Sampling and W2SD teachers)
+    z = G(psi(t)) + F(y) + G(psi(w)) * F(y - y_null) / 256  (Eq. 7, embed.py)
+    loss = || v_S(x_t, t, c, z) - target ||^2, AdamW step
+
+The same loop trains the paper's Table 3 ablations and the DICE baseline (--method):
+teefusion (Eq. 7, no new parameters), gonly (c + G(psi(w))), distillcfg (a new guidance MLP,
+trained with the model) and dice (a text-embedding enhancer; the MMDiT stays frozen).
+
+Run (no --teacher: the CPU toy world of toy.py, its teacher and its data):
+    python distill.py --steps 300 --global-batch 32 --micro-batch 32 --lr 1e-4
+    python distill.py --method gonly --out runs/gonly          # a Table 3 ablation
+    python distill.py --teacher-sampler zsampling               # a Z-Sampling + CFG teacher
+    python distill.py --teacher-sampler w2sd                    # W2SD (the toy world's weak/strong pair)
+
+Real scale (SD3-medium, shards from prepare.py, 8 GPUs per node, the paper's settings):
+    torchrun --nproc_per_node=8 distill.py --teacher sd3_medium.safetensors --data shards/ \\
+        --out runs/teefusion --bf16 --grad-checkpointing --global-batch 128 --micro-batch 1 \\
+        --lr 5e-6 --steps 10000 --ckpt-every 500 --resume --export-diffusers
+    (add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT for several nodes; --resume also
+    works after a change of the number of GPUs: see "Data and randomness" below.)
+
+Choices Algorithm 1 leaves open, and what this file does:
+  * t_next. The teacher target is the velocity of ONE teacher step from t to t_next
+    (samplers.teacher_target): t_next = max(t - 1/N, 0) with N = --teacher-steps (default
+    50, the released student's step count). For --teacher-sampler cfg, t_next does not matter
+    (the target is the Eq. 2 velocity at t); for zsampling / w2sd it sets the reflection's step.
+  * t sampling: uniform on (0, 1] as in Algorithm 1, or SD3's logit-normal (sigmoid of N(0,1)).
+  * the 1/256 of Eq. 7 as released (embed.teefusion_conditioning).
+
+Data and randomness. The global batch of optimizer step s is the stream positions
+p = s * B_global + j, j < B_global; position p is sample perm_e[p mod N] of the dataset, where
+perm_e is a permutation seeded by (seed, epoch e = p // N), and its t, w and eps come from a
+generator seeded by (seed, p). Rank r, accumulation round a, takes the micro-batch
+j = a * (world * B_micro) + r * B_micro + [0, B_micro). So the samples and the noise of a step
+do not depend on how the global batch is split: one process and N processes compute the same
+step, and a resume (also on another number of GPUs) continues the exact same stream. The step
+number is the whole random state. (DistributedSampler pads each epoch to a multiple of the
+world size, which would break this, so a small sampler below does its job.)
+
+Checkpoints (--out DIR; safetensors and JSON only, never pickle; every file written to a
+temporary name and renamed; the pointer DIR/checkpoints/latest is written LAST, so a kill -9
+at any moment leaves the previous checkpoint loadable):
+    DIR/checkpoints/step-0000500/student.safetensors   the MMDiT, Stability layout (save_mmdit)
+                                 fusion.safetensors    distillcfg / dice modules (if any)
+                                 ema-*.safetensors     with --ema
+                                 optimizer.safetensors AdamW moments, by parameter name
+                                 state.json            step, vars(args), optimizer settings
+    DIR/student.safetensors (+ fusion.safetensors, student-ema.safetensors) at the end;
+    DIR/diffusers/transformer with --export-diffusers (config has txt_align_guidance: true,
+    the flag the authors' released pipeline reads).
+    DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s.
+
+Memory, SD3-medium (2.03 B MMDiT parameters) at 1024x1024 (4096 image + 333 text tokens),
+batch 1 per GPU, --bf16 --grad-checkpointing: AN ESTIMATE, not a measurement (no GPU was
+available when this was written):
+    student fp32 master weights 8.1 GB + fp32 gradients 8.1 GB + AdamW moments 16.2 GB
+    + bf16 teacher 4.1 GB + autocast's bf16 weight copies 4.1 GB + activations with
+    checkpointing (block inputs 24 x 27 MB, one block recomputed) ~2 GB + CUDA context ~1 GB
+    = about 44 GB; --ema adds 8.1 GB; a W2SD teacher adds 2 x 4.1 GB. DDP uses
+    gradient_as_bucket_view, so its buckets add nothing. It fits one 80 GB GPU.
+
+Shape legend: B batch, C latent channels, H W latent size, L tokens, Dc context width,
+Dy pooled width, D model width.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F_  # F is the paper's pooled-text embedder
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+import embed
+import samplers
+from mmdit import STABILITY_PREFIX, _atomic_save, load_mmdit, save_mmdit, save_mmdit_diffusers
+
+METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
+LATEST = "latest"
+
+
+# -----------------------------------------------------------------------------
+# Arguments and the guards that refuse what cannot work
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="TeEFusion distillation (Algorithm 1), one process or torchrun.")
+    p.add_argument("--method", default="teefusion", choices=METHODS)
+    p.add_argument("--teacher-sampler", default="cfg", choices=samplers.TEACHERS)
+    p.add_argument("--teacher", default=None, help="teacher MMDiT (.safetensors or diffusers folder); "
+                                                   "none: the toy world (toy.py)")
+    p.add_argument("--weak", default=None, help="W2SD's weak model (inverts)")
+    p.add_argument("--strong", default=None, help="W2SD's strong model (denoises)")
+    p.add_argument("--data", default=None, help="a folder written by prepare.py (with text embeddings)")
+    p.add_argument("--out", default="runs/distill")
+    p.add_argument("--steps", type=int, default=10000, help="optimizer steps in all")
+    p.add_argument("--global-batch", type=int, default=128, help="samples per optimizer step, all ranks")
+    p.add_argument("--micro-batch", type=int, default=None, help="samples per forward per rank "
+                                                                  "(default: the global batch / world size)")
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm; 0: off")
+    p.add_argument("--w-min", type=float, default=2.0)
+    p.add_argument("--w-max", type=float, default=14.0)
+    p.add_argument("--t-sampling", default="uniform", choices=("uniform", "logit-normal"))
+    p.add_argument("--teacher-steps", type=int, default=50, help="N: the teacher step is t -> max(t - 1/N, 0)")
+    p.add_argument("--w-inv", type=float, default=-1.0, help="zsampling: the inversion's guidance")
+    p.add_argument("--w-weak", type=float, default=0.0, help="w2sd: the weak model's guidance")
+    p.add_argument("--tau", default="t", help='reflection inversion label: "t", "t_next" or an offset')
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk (the newest)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest if there is one")
+    p.add_argument("--export-diffusers", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4 on CUDA, 0 on CPU)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def check_args(args, world_size=1):
+    """Refuse, before any work, the arguments that cannot work. Returns the micro-batch."""
+    if args.w_min < 0 or args.w_max < 0:
+        raise ValueError(f"--w-min {args.w_min:g} / --w-max {args.w_max:g}: the guidance w must be >= 0 (paper "
+                         "convention, CFG = (1 + w) v_c - w v_null; diffusers' guidance_scale is 1 + w)")
+    if args.w_min > args.w_max:
+        raise ValueError(f"--w-min {args.w_min:g} is larger than --w-max {args.w_max:g}")
+    micro = args.micro_batch or args.global_batch // world_size
+    if args.global_batch < 1 or micro < 1 or args.global_batch % (world_size * micro):
+        raise ValueError(f"--global-batch {args.global_batch} is not divisible by world size {world_size} x "
+                         f"--micro-batch {micro} = {world_size * micro}: the accumulation rounds would not be whole")
+    if args.teacher is not None and not os.path.exists(args.teacher):
+        raise FileNotFoundError(f"--teacher {args.teacher}: no such file or folder")
+    if args.teacher_sampler == "w2sd":
+        if args.teacher is not None and (args.weak is None or args.strong is None):
+            raise ValueError("--teacher-sampler w2sd needs --weak PATH and --strong PATH (any two checkpoints: the "
+                             "strong one denoises, the weak one inverts)")
+        for name in ("weak", "strong"):
+            path = getattr(args, name)
+            if path is not None and not os.path.exists(path):
+                raise FileNotFoundError(f"--{name} {path}: no such file or folder")
+    if args.teacher is not None and args.data is None:
+        raise ValueError("--teacher needs --data DIR (a folder written by prepare.py with text embeddings)")
+    if args.export_diffusers and args.method != "teefusion":
+        raise ValueError(f"--export-diffusers writes the authors' txt_align_guidance pipeline format, which only "
+                         f"fits --method teefusion (got {args.method}); use the safetensors files in --out")
+    if args.ema is not None and not 0 < args.ema < 1:
+        raise ValueError(f"--ema {args.ema}: the decay must be in (0, 1), e.g. 0.9999")
+    if args.steps < 0 or args.ckpt_every < 1 or args.teacher_steps < 1 or args.keep < 1:
+        raise ValueError("--steps must be >= 0, --ckpt-every, --teacher-steps and --keep >= 1")
+    try:
+        args.tau = float(args.tau)
+    except ValueError:
+        pass
+    samplers.check_tau(args.tau)
+    return micro
+
+
+# -----------------------------------------------------------------------------
+# Data: the stream of global sample positions, and the noise of each position
+
+
+def draw(seed, p, shape, t_sampling, w_min, w_max):
+    """Algorithm 1's random draws for stream position p: t, w (scalars) and eps (shape)."""
+    g = torch.Generator().manual_seed(seed * 2**32 + p)
+    if t_sampling == "uniform":
+        t = 1 - torch.rand((), generator=g)  # t ~ U(0, 1]: t = 0 has no step to take
+    else:
+        t = torch.sigmoid(torch.randn((), generator=g)).clamp(1e-5, 1.0)  # SD3's logit-normal(0, 1)
+    w = w_min + (w_max - w_min) * torch.rand((), generator=g)  # w ~ U[w_min, w_max]
+    eps = torch.randn(shape, generator=g)  # (C, H, W)
+    return t, w, eps
+
+
+class StepSampler(Sampler):
+    """Yields (dataset index, stream position p) for this rank, from step `start` to `steps`:
+    each step, accum rounds of B_micro positions (see "Data and randomness" above)."""
+
+    def __init__(self, n, seed, start, steps, global_batch, micro, rank, world_size):
+        self.n, self.seed, self.start, self.steps = n, seed, start, steps
+        self.G, self.micro, self.rank, self.world = global_batch, micro, rank, world_size
+        self._perm = (None, None)
+
+    def index(self, p):
+        e = p // self.n  # the epoch
+        if self._perm[0] != e:
+            self._perm = (e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 2**20 + e)))
+        return int(self._perm[1][p % self.n])
+
+    def __iter__(self):
+        for s in range(self.start, self.steps):
+            for a in range(self.G // (self.world * self.micro)):
+                first = s * self.G + a * self.world * self.micro + self.rank * self.micro
+                for p in range(first, first + self.micro):
+                    yield self.index(p), p
+
+    def __len__(self):
+        return (self.steps - self.start) * self.G // self.world
+
+
+class WithNoise(Dataset):
+    """dataset[i] plus stream position p and its draws t, w, eps."""
+
+    def __init__(self, dataset, seed, t_sampling, w_min, w_max):
+        self.dataset, self.seed, self.t_sampling, self.w_min, self.w_max = dataset, seed, t_sampling, w_min, w_max
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, ip):
+        i, p = ip
+        item = dict(self.dataset[i])
+        t, w, eps = draw(self.seed, p, item["latents"].shape, self.t_sampling, self.w_min, self.w_max)
+        return {**item, "p": p, "t": t, "w": w, "eps": eps}
+
+
+# -----------------------------------------------------------------------------
+# The student: an MMDiT and the module that builds its inputs (embed.FUSIONS)
+
+
+class Student(nn.Module):
+    """v_S(x_t, t, c, w): the fusion builds (context, y, z), the MMDiT runs once with vec=z.
+    One module, so that DDP sees every trainable parameter inside one forward."""
+
+    def __init__(self, model, fusion):
+        super().__init__()
+        self.model, self.fusion = model, fusion
+
+    def forward(self, x_t, t, context, y, context_null, y_null, w):
+        # Eq. 7 (teefusion), or the Table 3 ablation / DICE input
+        context_s, y_s, z = self.fusion(self.model, t, context, y, context_null, y_null, w)  # z (B, D)
+        return self.model(x_t, t, context_s, y_s, vec=z)  # (B, C, H, W)
+
+
+def frozen(model):
+    """A network that is only evaluated: no gradients, eval mode (the MMDiT has no dropout or
+    batch norm, so eval() changes nothing today; it documents intent and guards the future)."""
+    return model.requires_grad_(False).eval()
+
+
+def distill_loss(student, teacher, batch, null, args, strong=None, weak=None, timing=None):
+    """One micro-batch of Algorithm 1. batch: tensors on the device; null: (context_null, y_null).
+    Returns the MSE loss (fp32 scalar). timing: a dict to which teacher/student seconds are added."""
+    x0, context, y = batch["latents"], batch["context"], batch["y"]  # (B, C, H, W), (B, L, Dc), (B, Dy)
+    t, w, eps = batch["t"], batch["w"], batch["eps"]  # (B,), (B,), (B, C, H, W)
+    context_null, y_null = null  # (1, L, Dc), (1, Dy)
+    device = x0.device
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    tick = _clock(device)
+    # Algorithm 1: x_t = (1 - t) x0 + t eps
+    t_ = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    x_t = (1 - t_) * x0 + t_ * eps  # (B, C, H, W)
+    # the teacher step t -> t_next whose velocity is the target (see the file docstring)
+    t_next = (t - 1.0 / args.teacher_steps).clamp(min=0)  # (B,)
+    # Algorithm 1: target = (1 + w) v_T(x_t, t, c) - w v_T(x_t, t, null) (Eq. 2), refined by Eq. 3-4
+    with torch.no_grad(), amp:
+        target = samplers.teacher_target(args.teacher_sampler, teacher, x_t, t, t_next, (context, y), null, w,
+                                         w_inv=args.w_inv, tau=args.tau, strong=strong, weak=weak,
+                                         w_weak=args.w_weak).float()  # (B, C, H, W)
+    tock = _clock(device)
+    # Algorithm 1: z from Eq. 7, one student forward
+    with amp:
+        v_S = student(x_t, t, context, y, context_null, y_null, w)  # (B, C, H, W)
+    # Algorithm 1: loss = || v_S(x_t, z) - target ||^2 (mean over all elements)
+    loss = F_.mse_loss(v_S.float(), target)
+    if timing is not None:
+        timing["teacher_s"] += tock - tick
+        timing["_student_start"] = tock
+    return loss
+
+
+def _clock(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON, atomic, "latest" written last
+
+
+def _atomic_json(obj, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _tensors(module):
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def optimizer_tensors(optimizer, names):
+    """AdamW's state as flat tensors keyed by parameter name, and its settings as JSON."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for i, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"{names[i]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return tensors, {"names": names, "param_groups": groups}
+
+
+def load_optimizer_tensors(optimizer, names, tensors, meta):
+    if meta["names"] != names:
+        raise ValueError("the checkpoint's optimizer holds other parameters than this run trains "
+                         f"({len(meta['names'])} vs {len(names)}): was --method changed?")
+    state = {}
+    for i, name in enumerate(names):
+        keys = [k for k in tensors if k.startswith(name + ".") and "." not in k[len(name) + 1:]]
+        if keys:
+            state[i] = {k[len(name) + 1:]: tensors[k] for k in keys}
+    groups = [{**g, "params": list(range(len(names)))} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def replica_checksums(params, distributed, world_size):
+    """Per rank, (sum w, sum w^2) over the trained weights in float64; DDP keeps the replicas
+    bitwise equal, and a checkpoint refuses to be written when they are not."""
+    mine = torch.stack([sum(p.detach().double().sum() for p in params),
+                        sum(p.detach().double().square().sum() for p in params)])  # (2,)
+    if not distributed:
+        return [mine.tolist()]
+    every = [torch.zeros_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    if not all(torch.equal(every[0], e) for e in every):
+        raise RuntimeError(f"the DDP replicas disagree (checksums {[e.tolist() for e in every]})")
+    return [e.tolist() for e in every]
+
+
+def save_checkpoint(out, step, student, ema, optimizer, names, args, keep, replicas=None):
+    """Write DIR/checkpoints/step-N/ file by file (each atomic), then point `latest` at it."""
+    root = os.path.join(out, "checkpoints")
+    name = f"step-{step:07d}"
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    meta = {"teefusion_method": args.method, "step": str(step)}
+    save_mmdit(student.model, os.path.join(folder, "student.safetensors"), metadata=meta)
+    if len(student.fusion.state_dict()):
+        _atomic_save(_tensors(student.fusion), os.path.join(folder, "fusion.safetensors"), meta)
+    if ema is not None:
+        save_mmdit(ema.model, os.path.join(folder, "ema-student.safetensors"), metadata=meta)
+        if len(ema.fusion.state_dict()):
+            _atomic_save(_tensors(ema.fusion), os.path.join(folder, "ema-fusion.safetensors"), meta)
+    tensors, opt_meta = optimizer_tensors(optimizer, names)
+    _atomic_save(tensors, os.path.join(folder, "optimizer.safetensors"), {"format": "pt"})
+    _atomic_json({"step": step, "args": vars(args), "optimizer": opt_meta, "replica_checksums": replicas,
+                  "random_state": "counter-based: the noise of stream position p comes from a generator seeded "
+                                  "by (seed, p); the step number is the whole random state"},
+                 os.path.join(folder, "state.json"))
+    _atomic_json({"checkpoint": name, "step": step}, os.path.join(root, LATEST))  # LAST: the commit point
+    old = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
+    for d in old[:max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(out):
+    """The folder `latest` points to, or None."""
+    pointer = os.path.join(out, "checkpoints", LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(out, "checkpoints", json.load(f)["checkpoint"])
+
+
+def _load_mmdit_tensors(model, path):
+    sd = {k[len(STABILITY_PREFIX):]: v for k, v in load_file(path).items()}
+    model.load_state_dict(sd, strict=True)
+
+
+def load_checkpoint(folder, student, ema, optimizer, names, args):
+    """Restore weights, EMA and optimizer state from a checkpoint folder; returns the step."""
+    with open(os.path.join(folder, "state.json")) as f:
+        state = json.load(f)
+    if state["args"]["method"] != args.method:
+        raise ValueError(f"{folder} was trained with --method {state['args']['method']}, not {args.method}")
+    _load_mmdit_tensors(student.model, os.path.join(folder, "student.safetensors"))
+    if len(student.fusion.state_dict()):
+        student.fusion.load_state_dict(load_file(os.path.join(folder, "fusion.safetensors")))
+    if ema is not None:
+        if not os.path.exists(os.path.join(folder, "ema-student.safetensors")):
+            raise ValueError(f"{folder} has no EMA weights: it was trained without --ema")
+        _load_mmdit_tensors(ema.model, os.path.join(folder, "ema-student.safetensors"))
+        if len(ema.fusion.state_dict()):
+            ema.fusion.load_state_dict(load_file(os.path.join(folder, "ema-fusion.safetensors")))
+    with safe_open(os.path.join(folder, "optimizer.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    load_optimizer_tensors(optimizer, names, tensors, state["optimizer"])
+    return state["step"]
+
+
+def _trim_log(path, step):
+    """After a resume from `step`, drop log lines of steps that will be trained again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def _setup_distributed(args):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device is not None:
+        device = torch.device(args.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return distributed, rank, world_size, device
+
+
+def _resolve_world(args, dataset):
+    """Paths and data: the user's (SD3 world) or the toy world's when there is no --teacher."""
+    strong = weak = None
+    if args.teacher is None:
+        import toy  # the CPU toy world; imported only when used
+
+        world = toy.build_world(progress=False)
+        teacher_path = world.teacher_path
+        dataset = dataset if dataset is not None else world.dataset(split="train")
+        if args.teacher_sampler == "w2sd":
+            strong, weak = args.strong or world.strong_path, args.weak or world.weak_path
+    else:
+        teacher_path = args.teacher
+        if dataset is None:
+            from prepare import ShardDataset
+
+            dataset = ShardDataset(args.data)
+        strong, weak = args.strong, args.weak
+    return teacher_path, strong, weak, dataset
+
+
+def main(args, dataset=None):
+    """Train; returns the path of the final student checkpoint (the EMA weights with --ema).
+    dataset: optional, a Dataset of {"latents", "context", "y", ...} items with .null() that
+    replaces --data / the toy world's data (tests, notebooks)."""
+    distributed, rank, world_size, device = _setup_distributed(args)
+    try:
+        return _main(args, dataset, distributed, rank, world_size, device)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _main(args, dataset, distributed, rank, world_size, device):
+    micro = check_args(args, world_size)
+    accum = args.global_batch // (world_size * micro)
+    torch.manual_seed(args.seed * world_size + rank)  # per-rank seed (the draws themselves are counter-based)
+    teacher_path, strong_path, weak_path, dataset = _resolve_world(args, dataset)
+    if len(dataset) == 0:
+        raise ValueError("the training data is empty")
+    net_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen nets: bf16 on CUDA
+
+    # Algorithm 1: student initialised from the teacher (fp32 master weights)
+    teacher = frozen(load_mmdit(teacher_path, device, net_dtype))
+    model = load_mmdit(teacher_path, device, torch.float32)
+    model.gradient_checkpointing = args.grad_checkpointing
+    fusion = embed.make_fusion(args.method, model.config).to(device)
+    if not fusion.trains_model:  # DICE: the diffusion model stays frozen, only the enhancer learns
+        frozen(model)
+    student = Student(model, fusion).train()
+    strong = frozen(load_mmdit(strong_path, device, net_dtype)) if strong_path else None
+    weak = frozen(load_mmdit(weak_path, device, net_dtype)) if weak_path else None
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    ema = frozen(copy.deepcopy(student)) if args.ema is not None else None
+    ema_params = [dict(ema.named_parameters())[n] for n in names] if ema is not None else []
+
+    start = 0
+    ckpt = latest_checkpoint(args.out)
+    if ckpt is not None and not args.resume:
+        raise ValueError(f"{args.out} already holds checkpoints ({ckpt}): pass --resume to continue that run, "
+                         "or choose another --out")
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, student, ema, optimizer, names, args)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is not None:
+            _trim_log(log_path, start)
+        elif os.path.exists(log_path):
+            os.remove(log_path)
+        print(f"distill: {args.method}, teacher {args.teacher_sampler} ({teacher_path}), {world_size} process(es) "
+              f"on {device}, global batch {args.global_batch} = {world_size} x {micro} x {accum} rounds, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters, "
+              + (f"resuming at step {start} from {ckpt}" if ckpt else "from the teacher"))
+
+    ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
+              gradient_as_bucket_view=True) if distributed else student
+    context_null, y_null = dataset.null()
+    null = (context_null.to(device, torch.float32), y_null.to(device, torch.float32))  # (1, L, Dc), (1, Dy)
+    sampler = StepSampler(len(dataset), args.seed, start, args.steps, args.global_batch, micro, rank, world_size)
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    loader = DataLoader(WithNoise(dataset, args.seed, args.t_sampling, args.w_min, args.w_max), batch_size=micro,
+                        sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    batches = iter(loader)
+
+    log = open(log_path, "a") if rank == 0 else None
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"distill {args.method}",
+               disable=rank != 0 or args.no_progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        timing = {"teacher_s": 0.0, "student_s": 0.0}
+        loss_sum = torch.zeros((), device=device)
+        for a in range(accum):
+            batch = next(batches)
+            batch = {k: v.to(device, torch.float32, non_blocking=True) if torch.is_tensor(v) and v.is_floating_point()
+                     else v for k, v in batch.items()}
+            # DDP: all-reduce the gradients only on the last accumulation round
+            sync = ddp.no_sync() if distributed and a < accum - 1 else nullcontext()
+            with sync:
+                loss = distill_loss(ddp, teacher, batch, null, args, strong, weak, timing)
+                (loss / accum).backward()
+            timing["student_s"] += _clock(device) - timing.pop("_student_start")
+            loss_sum += loss.detach()
+        loss_mean = loss_sum / accum
+        if distributed:
+            dist.all_reduce(loss_mean)  # the loss of the whole global batch, on every rank
+            loss_mean /= world_size
+        loss_value = loss_mean.item()
+        if not math.isfinite(loss_value):  # every rank sees the same all-reduced value and stops
+            good = latest_checkpoint(args.out)
+            raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {step + 1}: training stopped before the "
+                                f"optimizer step; the last good checkpoint is {good or 'none (none was written yet)'}"
+                                "; lower --lr, or check the data and the teacher")
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        # Algorithm 1: AdamW step
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:  # ema <- decay * ema + (1 - decay) * weights
+            with torch.no_grad():
+                for p_ema, p in zip(ema_params, params):
+                    p_ema.lerp_(p, 1 - args.ema)
+        done = step + 1
+        dt = time.perf_counter() - t0
+        if rank == 0:
+            record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                      "samples_per_s": args.global_batch / dt, "teacher_s": timing["teacher_s"],
+                      "student_s": timing["student_s"], "step_s": dt}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{args.global_batch / dt:.1f}")
+        if done % args.ckpt_every == 0 or done == args.steps:
+            replicas = replica_checksums(params, distributed, world_size)
+            if rank == 0:
+                save_checkpoint(args.out, done, student, ema, optimizer, names, args, args.keep, replicas)
+            if distributed:
+                dist.barrier()  # rank 0 saves, then everybody goes on
+    bar.close()
+    if log is not None:
+        log.close()
+    del batches
+
+    # the final student, beside the checkpoints
+    final = os.path.join(args.out, "student.safetensors")
+    if rank == 0:
+        meta = {"teefusion_method": args.method, "step": str(args.steps)}
+        save_mmdit(student.model, final, metadata=meta)
+        if len(student.fusion.state_dict()):
+            _atomic_save(_tensors(student.fusion), os.path.join(args.out, "fusion.safetensors"), meta)
+        if ema is not None:
+            final = save_mmdit(ema.model, os.path.join(args.out, "student-ema.safetensors"), metadata=meta)
+            if len(ema.fusion.state_dict()):
+                _atomic_save(_tensors(ema.fusion), os.path.join(args.out, "fusion-ema.safetensors"), meta)
+        if args.export_diffusers:
+            folder = os.path.join(args.out, "diffusers", "transformer")
+            save_mmdit_diffusers(ema.model if ema is not None else student.model, folder,
+                                 extra_config={"txt_align_guidance": True})
+            print(f"diffusers export: {folder}")
+        print(f"student: {final}")
+    elif ema is not None:
+        final = os.path.join(args.out, "student-ema.safetensors")
+    if distributed:
+        dist.barrier()
+    return final
+
+
+if __name__ == "__main__":
+    main(parse_args())

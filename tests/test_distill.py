@@ -1,0 +1,259 @@
+"""
+Tests for distill.py (Algorithm 1 as a DDP loop), on a tiny MMDiT and a small synthetic
+dataset written in prepare.py's shard format, on CPU:
+  - one optimizer step equals the MSE against the Eq. 2 target and torch's AdamW, by hand;
+  - torchrun with 2 gloo processes: identical replicas, equal to one process with the same
+    global batch;
+  - stop at K and resume to 2K equals 2K in one go (losses and weights, bitwise); a half-written
+    checkpoint (kill -9) is ignored;
+  - the loss falls on a small problem; each refused argument, with its message.
+
+    python -m pytest -q tests/test_distill.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import distill
+import embed
+from mmdit import CONFIGS, MMDiT, load_mmdit, save_mmdit
+from prepare import ShardDataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = CONFIGS["tiny-sd3"]  # 4 latent channels, context 32, pooled 24
+N, L, HW = 16, 6, 8  # samples, text tokens, latent size
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_teacher(path, seed=0):
+    """A tiny MMDiT with every weight perturbed (a fresh one outputs zeros: adaLN-zero)."""
+    torch.manual_seed(seed)
+    model = MMDiT(CFG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return save_mmdit(model, str(path))
+
+
+def make_shards(folder, seed=0, poison=False):
+    """N samples in prepare.py's layout: one shard, index.json, null.safetensors. The latents
+    depend on the text, so guidance has something to amplify."""
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    y = torch.randn(N, CFG.pooled_dim, generator=g)  # (N, Dy)
+    context = torch.randn(N, L, CFG.context_dim, generator=g)  # (N, L, Dc)
+    latents = 0.5 * torch.randn(N, CFG.in_channels, HW, HW, generator=g) + y[:, :CFG.in_channels, None, None]
+    if poison:
+        latents[:] = float("nan")
+    meta = {"num_samples": str(N), "captions": json.dumps([f"prompt {i}" for i in range(N)])}
+    save_file({"latents": latents, "context": context, "y": y}, os.path.join(folder, "shard-00000.safetensors"), meta)
+    save_file({"context": torch.zeros(1, L, CFG.context_dim), "y": torch.zeros(1, CFG.pooled_dim)},
+              os.path.join(folder, "null.safetensors"))
+    with open(os.path.join(folder, "index.json"), "w") as f:
+        json.dump({"settings": {"text": True}, "shards": [{"file": "shard-00000.safetensors", "num_samples": N}]}, f)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    return {"teacher": make_teacher(root / "teacher.safetensors"), "data": make_shards(root / "data"),
+            "poison": make_shards(root / "poison", poison=True)}
+
+
+def args_for(world, out, *extra):
+    return distill.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(out),
+                               "--no-progress", "--device", "cpu", *extra])
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(path):
+    return load_file(path)
+
+
+def assert_adam_close(a, b, lr, steps):
+    """Weights after `steps` AdamW steps computed with the same math in another summation order.
+    Adam divides by sqrt(v) + 1e-8: an entry whose gradient cancels to ~1e-8 moves by up to lr
+    either way, decided by rounding. So: nearly every entry equal to 1e-6, every entry within
+    the largest possible Adam move."""
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    print(f"weights: {diff.numel()} entries, max |diff| {diff.max():.2e}, "
+          f"{(diff > 1e-6).float().mean():.2e} of them above 1e-6")
+    assert (diff > 1e-6).float().mean() < 2e-3
+    assert diff.max() <= 2 * lr * steps
+
+
+# -----------------------------------------------------------------------------
+# One step by hand
+
+
+def test_one_step_equals_mse_against_the_cfg_target_and_adamw(world, tmp_path):
+    args = args_for(world, tmp_path, "--steps", "1", "--global-batch", "4", "--micro-batch", "2", "--lr", "1e-3",
+                    "--w-min", "2", "--w-max", "6")
+    final = distill.main(args)
+
+    # by hand, with no code from distill.py but its documented stream and draws
+    data = ShardDataset(world["data"])
+    context_null, y_null = data.null()
+    sampler = distill.StepSampler(N, 0, 0, 1, 4, 4, 0, 1)
+    x_t, ts, ws, cs, ys, items = [], [], [], [], [], []
+    for p in range(4):
+        item = data[sampler.index(p)]
+        t, w, eps = distill.draw(0, p, item["latents"].shape, "uniform", 2.0, 6.0)
+        x_t.append((1 - t) * item["latents"] + t * eps)  # Algorithm 1
+        ts.append(t), ws.append(w), cs.append(item["context"]), ys.append(item["y"])
+    x_t, t, w = torch.stack(x_t), torch.stack(ts), torch.stack(ws)  # (4, C, H, W), (4,), (4,)
+    context, y = torch.stack(cs), torch.stack(ys)
+    teacher = load_mmdit(world["teacher"])
+    with torch.no_grad():  # Eq. 2, two separate forwards
+        v_c = teacher(x_t, t, context, y)
+        v_null = teacher(x_t, t, context_null.expand_as(context), y_null.expand_as(y))
+        target = (1 + w.view(-1, 1, 1, 1)) * v_c - w.view(-1, 1, 1, 1) * v_null
+    student = load_mmdit(world["teacher"])
+    z = embed.teefusion_conditioning(student, t, y, y_null.expand_as(y), w)  # Eq. 7
+    loss = ((student(x_t, t, context, y, vec=z) - target) ** 2).mean()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in student.named_parameters()}
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
+    opt.step()
+
+    logged = read_log(tmp_path)
+    assert len(logged) == 1 and logged[0]["step"] == 1
+    assert abs(logged[0]["loss"] - loss.item()) <= 1e-5 * loss.item()
+    trained = load_mmdit(final).state_dict()
+    checked = 0
+    for k, v in student.state_dict().items():
+        # Adam's first step is lr * g / (|g| + 1e-8): where |g| is near 1e-8 (a handful of entries that cancel),
+        # summation order decides it, so those entries are only bounded by lr
+        sure = grads[k].abs() > 1e-6 if k in grads else torch.ones_like(v, dtype=torch.bool)
+        torch.testing.assert_close(trained[k][sure], v[sure], rtol=1e-5, atol=1e-6)
+        assert (trained[k] - v).abs().max() <= 2e-3 + 1e-6
+        checked += sure.sum().item()
+    assert checked > 0.9 * sum(v.numel() for v in trained.values())
+    assert not torch.equal(trained["final_layer.linear.weight"], teacher.state_dict()["final_layer.linear.weight"])
+
+
+# -----------------------------------------------------------------------------
+# torchrun: two gloo processes equal one process
+
+
+def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
+    common = ["--teacher", world["teacher"], "--data", world["data"], "--steps", "3", "--global-batch", "4",
+              "--lr", "1e-3", "--no-progress", "--device", "cpu", "--ckpt-every", "1", "--keep", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    two = tmp_path / "two"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "distill.py", *common, "--micro-batch", "1", "--out", str(two)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    one = tmp_path / "one"
+    distill.main(distill.parse_args([*common, "--micro-batch", "4", "--out", str(one)]))
+
+    for step in (1, 2, 3):  # the two ranks agree bitwise at every checkpoint
+        with open(two / "checkpoints" / f"step-{step:07d}" / "state.json") as f:
+            replicas = json.load(f)["replica_checksums"]
+        assert len(replicas) == 2 and replicas[0] == replicas[1]
+    a, b = weights(two / "student.safetensors"), weights(one / "student.safetensors")
+    assert_adam_close(a, b, lr=1e-3, steps=3)
+    la, lb = [r["loss"] for r in read_log(two)], [r["loss"] for r in read_log(one)]
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=0)
+
+
+# -----------------------------------------------------------------------------
+# Stop and resume
+
+
+def test_resume_equals_one_go_and_survives_a_half_written_checkpoint(world, tmp_path):
+    common = ["--global-batch", "4", "--micro-batch", "2", "--lr", "1e-3", "--ckpt-every", "2", "--ema", "0.9",
+              "--method", "distillcfg"]  # distillcfg: model + its own module, with EMA: every kind of state
+    distill.main(args_for(world, tmp_path / "whole", *common, "--steps", "4"))
+    part = tmp_path / "part"
+    distill.main(args_for(world, part, *common, "--steps", "2"))
+    # a kill -9 in the middle of writing the next checkpoint: a folder, a truncated file, no pointer
+    broken = part / "checkpoints" / "step-0000003"
+    broken.mkdir()
+    (broken / "student.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="pass --resume"):
+        distill.main(args_for(world, part, *common, "--steps", "4"))
+    distill.main(args_for(world, part, *common, "--steps", "4", "--resume"))
+
+    assert [r["step"] for r in read_log(part)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in read_log(part)] == [r["loss"] for r in read_log(tmp_path / "whole")]
+    for name in ("student.safetensors", "fusion.safetensors", "student-ema.safetensors", "fusion-ema.safetensors"):
+        a, b = weights(part / name), weights(tmp_path / "whole" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+
+
+# -----------------------------------------------------------------------------
+# Learning
+
+
+def test_loss_falls_within_a_few_hundred_steps(world, tmp_path):
+    # the student starts as the teacher's conditional branch: its first losses are w^2 |v_c - v_null|^2
+    args = args_for(world, tmp_path, "--steps", "300", "--global-batch", "16", "--lr", "1e-3", "--w-min", "1",
+                    "--w-max", "4", "--ckpt-every", "1000")
+    distill.main(args)
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    first, last = sum(losses[:10]) / 10, sum(losses[-50:]) / 50
+    print(f"loss: first 10 steps {first:.4f}, last 50 steps {last:.4f}")
+    assert last < 0.65 * first
+
+
+# -----------------------------------------------------------------------------
+# Guards
+
+
+@pytest.mark.parametrize("extra, world_size, message", [
+    (["--w-min", "8", "--w-max", "4"], 1, "--w-min 8 is larger than --w-max 4"),
+    (["--w-min", "-1"], 1, "must be >= 0"),
+    (["--global-batch", "6", "--micro-batch", "4"], 1, "not divisible by world size 1 x --micro-batch 4"),
+    (["--global-batch", "8", "--micro-batch", "3"], 2, "not divisible by world size 2 x --micro-batch 3"),
+    (["--teacher-sampler", "w2sd"], 1, "w2sd needs --weak PATH and --strong PATH"),
+    (["--teacher-sampler", "w2sd", "--weak", "W"], 1, "w2sd needs --weak PATH and --strong PATH"),
+    (["--method", "dice", "--export-diffusers"], 1, "only fits --method teefusion"),
+    (["--ema", "1.5"], 1, "decay must be in"),
+])
+def test_refused_arguments(world, tmp_path, extra, world_size, message):
+    with pytest.raises(ValueError, match=message.replace("-", r"\-").replace("+", r"\+")):
+        distill.check_args(args_for(world, tmp_path, *extra), world_size)
+
+
+def test_missing_teacher_is_refused(world, tmp_path):
+    args = distill.parse_args(["--teacher", str(tmp_path / "nope.safetensors"), "--data", world["data"]])
+    with pytest.raises(FileNotFoundError, match="--teacher .*nope.safetensors: no such file"):
+        distill.check_args(args)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
+    common = ["--global-batch", "4", "--lr", "1e-3", "--ckpt-every", "2"]
+    distill.main(args_for(world, tmp_path, *common, "--steps", "2"))
+    good = load_file(tmp_path / "checkpoints" / "step-0000002" / "student.safetensors")
+    args = args_for(world, tmp_path, *common, "--steps", "4", "--resume")
+    args.data = world["poison"]
+    with pytest.raises(distill.NonFiniteLoss, match="non-finite loss .* at step 3.*step-0000002"):
+        distill.main(args)
+    assert distill.latest_checkpoint(str(tmp_path)).endswith("step-0000002")
+    kept = load_file(tmp_path / "checkpoints" / "step-0000002" / "student.safetensors")
+    assert all(torch.equal(kept[k], good[k]) for k in good)
+    assert all(torch.isfinite(v).all() for v in load_mmdit(str(tmp_path / "checkpoints" / "step-0000002" /
+                                                               "student.safetensors")).state_dict().values())
