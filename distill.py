@@ -98,6 +98,8 @@ import samplers
 from mmdit import STABILITY_PREFIX, _atomic_save, load_mmdit, save_mmdit, save_mmdit_diffusers
 
 METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
+SD3_DEFAULTS = dict(steps=10000, global_batch=128, lr=5e-6, out="runs/distill")  # the paper's settings
+TOY_DEFAULTS = dict(steps=1000, global_batch=32, lr=3e-4, out="runs/toy")
 LATEST = "latest"
 
 
@@ -114,12 +116,14 @@ def parse_args(argv=None):
     p.add_argument("--weak", default=None, help="W2SD's weak model (inverts)")
     p.add_argument("--strong", default=None, help="W2SD's strong model (denoises)")
     p.add_argument("--data", default=None, help="a folder written by prepare.py (with text embeddings)")
-    p.add_argument("--out", default="runs/distill")
-    p.add_argument("--steps", type=int, default=10000, help="optimizer steps in all")
-    p.add_argument("--global-batch", type=int, default=128, help="samples per optimizer step, all ranks")
+    p.add_argument("--out", default=None, help="default: runs/distill (SD3), runs/toy (toy world)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps in all (default: 10000 SD3, "
+                                                           f"{TOY_DEFAULTS['steps']} toy)")
+    p.add_argument("--global-batch", type=int, default=None, help="samples per optimizer step, all ranks "
+                                                                  f"(default: 128 SD3, {TOY_DEFAULTS['global_batch']} toy)")
     p.add_argument("--micro-batch", type=int, default=None, help="samples per forward per rank "
                                                                   "(default: the global batch / world size)")
-    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW (default: 5e-6 SD3, {TOY_DEFAULTS['lr']:g} toy)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm; 0: off")
     p.add_argument("--w-min", type=float, default=2.0)
@@ -140,11 +144,22 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4 on CUDA, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-report", action="store_true", help="toy world: skip the Table 4 report at the end")
     return p.parse_args(argv)
+
+
+def fill_defaults(args):
+    """The paper's settings for a real teacher; small ones that finish in minutes on a CPU for the toy world."""
+    defaults = SD3_DEFAULTS if args.teacher is not None else TOY_DEFAULTS
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 def check_args(args, world_size=1):
     """Refuse, before any work, the arguments that cannot work. Returns the micro-batch."""
+    fill_defaults(args)
     if args.w_min < 0 or args.w_max < 0:
         raise ValueError(f"--w-min {args.w_min:g} / --w-max {args.w_max:g}: the guidance w must be >= 0 (paper "
                          "convention, CFG = (1 + w) v_c - w v_null; diffusers' guidance_scale is 1 + w)")
@@ -461,13 +476,17 @@ def _setup_distributed(args):
     return distributed, rank, world_size, device
 
 
-def _resolve_world(args, dataset):
+def _resolve_world(args, dataset, rank, distributed):
     """Paths and data: the user's (SD3 world) or the toy world's when there is no --teacher."""
-    strong = weak = None
+    strong = weak = world = None
     if args.teacher is None:
         import toy  # the CPU toy world; imported only when used
 
-        world = toy.build_world(progress=False)
+        if distributed and rank != 0:
+            dist.barrier()  # rank 0 builds (or trains) the toy world first; the others then read its cache
+        world = toy.build_world(progress=rank == 0 and not args.no_progress)
+        if distributed and rank == 0:
+            dist.barrier()
         teacher_path = world.teacher_path
         dataset = dataset if dataset is not None else world.dataset(split="train")
         if args.teacher_sampler == "w2sd":
@@ -479,17 +498,23 @@ def _resolve_world(args, dataset):
 
             dataset = ShardDataset(args.data)
         strong, weak = args.strong, args.weak
-    return teacher_path, strong, weak, dataset
+    return teacher_path, strong, weak, dataset, world
 
 
 def main(args, dataset=None):
     """Train; returns the path of the final student checkpoint (the EMA weights with --ema).
     dataset: optional, a Dataset of {"latents", "context", "y", ...} items with .null() that
     replaces --data / the toy world's data (tests, notebooks)."""
+    fill_defaults(args)
     distributed, rank, world_size, device = _setup_distributed(args)
+    threads = torch.get_num_threads()
     try:
+        # the toy world's tensors are tiny: one CPU thread per process is faster than several
+        if args.teacher is None and device.type == "cpu":
+            torch.set_num_threads(1)
         return _main(args, dataset, distributed, rank, world_size, device)
     finally:
+        torch.set_num_threads(threads)
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -498,7 +523,7 @@ def _main(args, dataset, distributed, rank, world_size, device):
     micro = check_args(args, world_size)
     accum = args.global_batch // (world_size * micro)
     torch.manual_seed(args.seed * world_size + rank)  # per-rank seed (the draws themselves are counter-based)
-    teacher_path, strong_path, weak_path, dataset = _resolve_world(args, dataset)
+    teacher_path, strong_path, weak_path, dataset, toy_world = _resolve_world(args, dataset, rank, distributed)
     if len(dataset) == 0:
         raise ValueError("the training data is empty")
     net_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen nets: bf16 on CUDA
@@ -623,6 +648,12 @@ def _main(args, dataset, distributed, rank, world_size, device):
                                  extra_config={"txt_align_guidance": True})
             print(f"diffusers export: {folder}")
         print(f"student: {final}")
+        if toy_world is not None and not args.no_report:  # the toy world's Table 4 and Fig. 4 grid
+            import toy
+
+            toy.report(toy_world, final, method=args.method, out_dir=args.out, teacher=args.teacher_sampler,
+                       fusion=(ema if ema is not None else student).fusion.eval() if args.method != "teefusion" else None,
+                       progress=not args.no_progress)
     elif ema is not None:
         final = os.path.join(args.out, "student-ema.safetensors")
     if distributed:
