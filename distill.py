@@ -133,7 +133,9 @@ def parse_args(argv=None):
     p.add_argument("--w-inv", type=float, default=-1.0, help="zsampling: the inversion's guidance")
     p.add_argument("--w-weak", type=float, default=0.0, help="w2sd: the weak model's guidance")
     p.add_argument("--tau", default="t", help='reflection inversion label: "t", "t_next" or an offset')
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the student (fp32 master weights)")
+    p.add_argument("--teacher-dtype", default=None, choices=("bf16", "fp32"),
+                   help="weights of the frozen teacher (and W2SD pair); default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
     p.add_argument("--ckpt-every", type=int, default=500)
@@ -286,6 +288,9 @@ def distill_loss(student, teacher, batch, null, args, strong=None, weak=None, ti
     context_null, y_null = null  # (1, L, Dc), (1, Dy)
     device = x0.device
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    # a bf16 teacher always runs under autocast (its inputs stay fp32, its matmuls run in bf16)
+    teacher_amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 or args.teacher_dtype == "bf16" \
+        else nullcontext()
     tick = _clock(device)
     # Algorithm 1: x_t = (1 - t) x0 + t eps
     t_ = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
@@ -293,7 +298,7 @@ def distill_loss(student, teacher, batch, null, args, strong=None, weak=None, ti
     # the teacher step t -> t_next whose velocity is the target (see the file docstring)
     t_next = (t - 1.0 / args.teacher_steps).clamp(min=0)  # (B,)
     # Algorithm 1: target = (1 + w) v_T(x_t, t, c) - w v_T(x_t, t, null) (Eq. 2), refined by Eq. 3-4
-    with torch.no_grad(), amp:
+    with torch.no_grad(), teacher_amp:
         target = samplers.teacher_target(args.teacher_sampler, teacher, x_t, t, t_next, (context, y), null, w,
                                          w_inv=args.w_inv, tau=args.tau, strong=strong, weak=weak,
                                          w_weak=args.w_weak).float()  # (B, C, H, W)
@@ -526,7 +531,9 @@ def _main(args, dataset, distributed, rank, world_size, device):
     teacher_path, strong_path, weak_path, dataset, toy_world = _resolve_world(args, dataset, rank, distributed)
     if len(dataset) == 0:
         raise ValueError("the training data is empty")
-    net_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # frozen nets: bf16 on CUDA
+    if args.teacher_dtype is None:
+        args.teacher_dtype = "bf16" if device.type == "cuda" else "fp32"
+    net_dtype = torch.bfloat16 if args.teacher_dtype == "bf16" else torch.float32  # the frozen networks
 
     # Algorithm 1: student initialised from the teacher (fp32 master weights)
     teacher = frozen(load_mmdit(teacher_path, device, net_dtype))

@@ -202,6 +202,20 @@ def test_first_loss_of_every_method_and_teacher(world, tmp_path, method, sampler
         assert fusion[last].abs().max() > 0  # moved from its zero start
 
 
+def test_checkpointing_is_exact_and_bf16_is_close(world, tmp_path):
+    """--grad-checkpointing recomputes the same numbers; --bf16 autocast with a bf16 teacher (the
+    CUDA setting, here on CPU) trains the same first step within bf16 rounding."""
+    common = ["--steps", "1", "--global-batch", "4", "--lr", "1e-3"]
+    ref = distill.main(args_for(world, tmp_path / "ref", *common))
+    ckpt = distill.main(args_for(world, tmp_path / "ckpt", *common, "--grad-checkpointing"))
+    bf16 = distill.main(args_for(world, tmp_path / "bf16", *common, "--bf16", "--teacher-dtype", "bf16"))
+    loss = read_log(tmp_path / "ref")[0]["loss"]
+    assert read_log(tmp_path / "ckpt")[0]["loss"] == loss
+    assert_adam_close(weights(ckpt), weights(ref), lr=1e-3, steps=1)
+    assert abs(read_log(tmp_path / "bf16")[0]["loss"] - loss) < 0.03 * loss
+    assert all(v.dtype == torch.float32 for v in weights(bf16).values())  # fp32 master weights
+
+
 # -----------------------------------------------------------------------------
 # torchrun: two gloo processes equal one process
 
