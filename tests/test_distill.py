@@ -276,6 +276,36 @@ def test_resume_equals_one_go_and_survives_a_half_written_checkpoint(world, tmp_
             assert torch.equal(a[k], b[k]), (name, k)
 
 
+def test_kill_9_leaves_a_loadable_checkpoint(world, tmp_path):
+    """SIGKILL a run that checkpoints every step, at some moment after its first checkpoint: what
+    `latest` points to loads (student, optimizer, state), and --resume carries on from it."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "distill.py", "--teacher", world["teacher"], "--data", world["data"], "--out", str(out),
+           "--steps", "100000", "--global-batch", "2", "--ckpt-every", "1", "--no-progress", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while distill.latest_checkpoint(str(out)) is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.37)  # somewhere in the middle of later steps and checkpoint writes
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    folder = distill.latest_checkpoint(str(out))
+    assert folder is not None
+    with open(os.path.join(folder, "state.json")) as f:
+        step = json.load(f)["step"]
+    load_mmdit(os.path.join(folder, "student.safetensors"))
+    load_file(os.path.join(folder, "optimizer.safetensors"))
+    args = args_for(world, out, "--global-batch", "2", "--ckpt-every", "1", "--steps", str(step + 2), "--resume")
+    distill.main(args)
+    assert [r["step"] for r in read_log(out)] == list(range(1, step + 3))
+
+
 # -----------------------------------------------------------------------------
 # Learning
 
