@@ -16,18 +16,23 @@ The same loop trains the paper's Table 3 ablations and the DICE baseline (--meth
 teefusion (Eq. 7, no new parameters), gonly (c + G(psi(w))), distillcfg (a new guidance MLP,
 trained with the model) and dice (a text-embedding enhancer; the MMDiT stays frozen).
 
-Run (no --teacher: the CPU toy world of toy.py, its teacher and its data):
-    python distill.py --steps 300 --global-batch 32 --micro-batch 32 --lr 1e-4
-    python distill.py --method gonly --out runs/gonly          # a Table 3 ablation
-    python distill.py --teacher-sampler zsampling               # a Z-Sampling + CFG teacher
-    python distill.py --teacher-sampler w2sd                    # W2SD (the toy world's weak/strong pair)
+Run (no --teacher: the CPU toy world of toy.py, its cached teacher and its data; then toy.report
+prints the toy Table 4 and writes the sample grid into --out):
+    python distill.py                                   # 1000 steps, batch 32, lr 3e-4 -> runs/toy
+    python distill.py --method gonly --out runs/gonly   # a Table 3 ablation (also distillcfg, dice)
+    python distill.py --teacher-sampler zsampling --out runs/toy-z   # a Z-Sampling + CFG teacher
+    python distill.py --teacher-sampler w2sd --out runs/toy-w2sd     # W2SD (the toy's weak/strong pair)
+  Measured (toy, CFG teacher, one process on a shared 2-core CPU): 0.11 s per step (teacher
+  0.044 s, student forward + backward 0.055 s), about 2 minutes for 1000 steps; the loss
+  (mean per 100 steps) goes 1.69, 1.26, 1.11, ..., 1.02.
 
 Real scale (SD3-medium, shards from prepare.py, 8 GPUs per node, the paper's settings):
     torchrun --nproc_per_node=8 distill.py --teacher sd3_medium.safetensors --data shards/ \\
         --out runs/teefusion --bf16 --grad-checkpointing --global-batch 128 --micro-batch 1 \\
         --lr 5e-6 --steps 10000 --ckpt-every 500 --resume --export-diffusers
-    (add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT for several nodes; --resume also
-    works after a change of the number of GPUs: see "Data and randomness" below.)
+    (add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT for several nodes. --resume starts
+    from the teacher when --out has no checkpoint yet, so the same line launches and relaunches;
+    it also works after a change of the number of GPUs: see "Data and randomness" below.)
 
 Choices Algorithm 1 leaves open, and what this file does:
   * t_next. The teacher target is the velocity of ONE teacher step from t to t_next
@@ -119,8 +124,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="default: runs/distill (SD3), runs/toy (toy world)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps in all (default: 10000 SD3, "
                                                            f"{TOY_DEFAULTS['steps']} toy)")
-    p.add_argument("--global-batch", type=int, default=None, help="samples per optimizer step, all ranks "
-                                                                  f"(default: 128 SD3, {TOY_DEFAULTS['global_batch']} toy)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help=f"samples per optimizer step, all ranks (default: 128 SD3, {TOY_DEFAULTS['global_batch']} toy)")
     p.add_argument("--micro-batch", type=int, default=None, help="samples per forward per rank "
                                                                   "(default: the global batch / world size)")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW (default: 5e-6 SD3, {TOY_DEFAULTS['lr']:g} toy)")
@@ -658,9 +663,9 @@ def _main(args, dataset, distributed, rank, world_size, device):
         if toy_world is not None and not args.no_report:  # the toy world's Table 4 and Fig. 4 grid
             import toy
 
+            fusion = (ema if ema is not None else student).fusion.eval() if args.method != "teefusion" else None
             toy.report(toy_world, final, method=args.method, out_dir=args.out, teacher=args.teacher_sampler,
-                       fusion=(ema if ema is not None else student).fusion.eval() if args.method != "teefusion" else None,
-                       progress=not args.no_progress)
+                       fusion=fusion, progress=not args.no_progress)
     elif ema is not None:
         final = os.path.join(args.out, "student-ema.safetensors")
     if distributed:
