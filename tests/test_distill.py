@@ -321,6 +321,27 @@ def test_loss_falls_within_a_few_hundred_steps(world, tmp_path):
     assert last < 0.65 * first
 
 
+def test_export_diffusers_and_draws(world, tmp_path):
+    """--export-diffusers: a diffusers transformer folder with the released pipeline's flag, holding
+    exactly the student's weights. The draws: t in (0, 1] (uniform, or SD3's logit-normal), w in
+    [w_min, w_max], and the same for the same (seed, position)."""
+    final = distill.main(args_for(world, tmp_path, "--steps", "1", "--global-batch", "2", "--export-diffusers"))
+    folder = tmp_path / "diffusers" / "transformer"
+    with open(folder / "config.json") as f:
+        assert json.load(f)["txt_align_guidance"] is True
+    exported, student = load_mmdit(str(folder)).state_dict(), load_mmdit(final).state_dict()
+    assert all(torch.equal(exported[k], student[k]) for k in student)
+
+    # P(0.25 < t < 0.75): 0.5 for uniform, P(|N(0, 1)| < ln 3) = 0.728 for logit-normal
+    for sampling, middle in (("uniform", 0.5), ("logit-normal", 0.728)):
+        t, w = (torch.stack(v) for v in zip(*[distill.draw(3, p, (1,), sampling, 2.0, 14.0)[:2] for p in range(2000)]))
+        assert (t > 0).all() and (t <= 1).all() and (w >= 2).all() and (w <= 14).all()
+        assert abs(t.mean() - 0.5) < 0.03 and abs(w.mean() - 8) < 0.3
+        assert abs(((t > 0.25) & (t < 0.75)).float().mean() - middle) < 0.04
+    a, b = distill.draw(5, 17, (2, 3), "uniform", 0.0, 1.0), distill.draw(5, 17, (2, 3), "uniform", 0.0, 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 # -----------------------------------------------------------------------------
 # Guards
 
