@@ -450,11 +450,18 @@ def load_checkpoint(folder, student, ema, optimizer, names, args):
 
 
 def _trim_log(path, step):
-    """After a resume from `step`, drop log lines of steps that will be trained again."""
+    """After a resume from `step`, drop log lines of steps that will be trained again (and a last
+    line cut short by a kill)."""
     if not os.path.exists(path):
         return
+    lines = []
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    lines.append(line)
+            except (json.JSONDecodeError, KeyError):
+                pass
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
         f.writelines(lines)

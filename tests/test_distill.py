@@ -301,6 +301,8 @@ def test_kill_9_leaves_a_loadable_checkpoint(world, tmp_path):
         step = json.load(f)["step"]
     load_mmdit(os.path.join(folder, "student.safetensors"))
     load_file(os.path.join(folder, "optimizer.safetensors"))
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 99999, "lo')  # a log line cut short by the kill
     args = args_for(world, out, "--global-batch", "2", "--ckpt-every", "1", "--steps", str(step + 2), "--resume")
     distill.main(args)
     assert [r["step"] for r in read_log(out)] == list(range(1, step + 3))
