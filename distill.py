@@ -60,7 +60,8 @@ at any moment leaves the previous checkpoint loadable):
                                  ema-*.safetensors     with --ema
                                  optimizer.safetensors AdamW moments, by parameter name
                                  state.json            step, vars(args), optimizer settings
-    DIR/student.safetensors (+ fusion.safetensors, student-ema.safetensors) at the end;
+    DIR/student.safetensors (+ fusion.safetensors; with --ema student-ema.safetensors and
+    fusion-ema.safetensors) at the end; main() returns the student's path (the EMA one with --ema);
     DIR/diffusers/transformer with --export-diffusers (config has txt_align_guidance: true,
     the flag the authors' released pipeline reads).
     DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s.
@@ -71,8 +72,10 @@ available when this was written):
     student fp32 master weights 8.1 GB + fp32 gradients 8.1 GB + AdamW moments 16.2 GB
     + bf16 teacher 4.1 GB + autocast's bf16 weight copies 4.1 GB + activations with
     checkpointing (block inputs 24 x 27 MB, one block recomputed) ~2 GB + CUDA context ~1 GB
-    = about 44 GB; --ema adds 8.1 GB; a W2SD teacher adds 2 x 4.1 GB. DDP uses
-    gradient_as_bucket_view, so its buckets add nothing. It fits one 80 GB GPU.
+    = about 44 GB; --ema adds 8.1 GB; a W2SD teacher adds 2 x 4.1 GB; without
+    --grad-checkpointing add roughly 15-20 GB of saved activations (24 blocks x ~0.7 GB). DDP
+    uses gradient_as_bucket_view, so its buckets add nothing. It fits one 80 GB GPU. Writing a
+    checkpoint copies weights and moments to host memory on rank 0 (~24 GB of RAM).
 
 Shape legend: B batch, C latent channels, H W latent size, L tokens, Dc context width,
 Dy pooled width, D model width.
