@@ -213,11 +213,14 @@ def check_args(args, world_size=1):
 def draw(seed, p, shape, t_sampling, w_min, w_max):
     """Algorithm 1's random draws for stream position p: t, w (scalars) and eps (shape)."""
     g = torch.Generator().manual_seed(seed * 2**32 + p)
+    # Algorithm 1: t ~ U[0, 1] (here (0, 1]: t = 0 has no step to take), or SD3's logit-normal
     if t_sampling == "uniform":
-        t = 1 - torch.rand((), generator=g)  # t ~ U(0, 1]: t = 0 has no step to take
+        t = 1 - torch.rand((), generator=g)
     else:
-        t = torch.sigmoid(torch.randn((), generator=g)).clamp(1e-5, 1.0)  # SD3's logit-normal(0, 1)
-    w = w_min + (w_max - w_min) * torch.rand((), generator=g)  # w ~ U[w_min, w_max]
+        t = torch.sigmoid(torch.randn((), generator=g)).clamp(1e-5, 1.0)  # logit-normal(0, 1)
+    # Algorithm 1: w ~ U[w_min, w_max]
+    w = w_min + (w_max - w_min) * torch.rand((), generator=g)
+    # Algorithm 1: eps ~ N(0, I)
     eps = torch.randn(shape, generator=g)  # (C, H, W)
     return t, w, eps
 
@@ -604,6 +607,7 @@ def _main(args, dataset, distributed, rank, world_size, device):
         timing = {"teacher_s": 0.0, "student_s": 0.0}
         loss_sum = torch.zeros((), device=device)
         for a in range(accum):
+            # Algorithm 1: (x0, c) from the data, with this sample's t, w and eps
             batch = next(batches)
             batch = {k: v.to(device, torch.float32, non_blocking=True) if torch.is_tensor(v) and v.is_floating_point()
                      else v for k, v in batch.items()}
