@@ -545,7 +545,6 @@ def main(args, dataset=None):
 def _main(args, dataset, distributed, rank, world_size, device):
     micro = check_args(args, world_size)
     accum = args.global_batch // (world_size * micro)
-    torch.manual_seed(args.seed * world_size + rank)  # per-rank seed (the draws themselves are counter-based)
     teacher_path, strong_path, weak_path, dataset, toy_world = _resolve_world(args, dataset, rank, distributed)
     if len(dataset) == 0:
         raise ValueError("the training data is empty")
@@ -557,6 +556,7 @@ def _main(args, dataset, distributed, rank, world_size, device):
     teacher = frozen(load_mmdit(teacher_path, device, net_dtype))
     model = load_mmdit(teacher_path, device, torch.float32)
     model.gradient_checkpointing = args.grad_checkpointing
+    torch.manual_seed(args.seed)  # the new modules of distillcfg / dice start the same on every rank and world size
     fusion = embed.make_fusion(args.method, model.config).to(device)
     if not fusion.trains_model:  # DICE: the diffusion model stays frozen, only the enhancer learns
         frozen(model)
@@ -568,6 +568,7 @@ def _main(args, dataset, distributed, rank, world_size, device):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ema = frozen(copy.deepcopy(student)) if args.ema is not None else None
     ema_params = [dict(ema.named_parameters())[n] for n in names] if ema is not None else []
+    torch.manual_seed(args.seed * world_size + rank)  # per-rank seed (DiT); Algorithm 1's draws are counter-based
 
     start = 0
     ckpt = latest_checkpoint(args.out)

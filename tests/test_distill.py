@@ -222,9 +222,10 @@ def test_checkpointing_is_exact_and_bf16_is_close(world, tmp_path):
 
 def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
     """2 ranks x micro-batch 1 x 2 accumulation rounds for 3 steps, then a resume on ONE process
-    to step 4, against one process with micro-batch 4 for 4 steps."""
-    common = ["--teacher", world["teacher"], "--data", world["data"], "--global-batch", "4",
-              "--lr", "1e-3", "--no-progress", "--device", "cpu", "--ckpt-every", "1", "--keep", "4"]
+    to step 4, against one process with micro-batch 4 for 4 steps. distillcfg with EMA: the model,
+    its new guidance MLP (initialised alike whatever the world size) and the EMA of both."""
+    common = ["--teacher", world["teacher"], "--data", world["data"], "--global-batch", "4", "--method", "distillcfg",
+              "--ema", "0.9", "--lr", "1e-3", "--no-progress", "--device", "cpu", "--ckpt-every", "1", "--keep", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     two = tmp_path / "two"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -243,7 +244,8 @@ def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
     assert_adam_close(a, b, lr=1e-3, steps=3)
     # world size 2 -> 1: the resumed run continues the same stream
     distill.main(distill.parse_args([*common, "--steps", "4", "--micro-batch", "2", "--out", str(two), "--resume"]))
-    assert_adam_close(weights(two / "student.safetensors"), weights(one / "student.safetensors"), lr=1e-3, steps=4)
+    for name in ("student.safetensors", "fusion.safetensors", "student-ema.safetensors", "fusion-ema.safetensors"):
+        assert_adam_close(weights(two / name), weights(one / name), lr=1e-3, steps=4)
     la, lb = [r["loss"] for r in read_log(two)], [r["loss"] for r in read_log(one)]
     assert len(la) == len(lb) == 4
     torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=0)
