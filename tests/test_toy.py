@@ -60,8 +60,8 @@ def test_adherence_of_degraded_images():
     assert toy.adherence(x * 0.3 - 0.7, prompts).sum() == 0  # too faint: nothing is lit
     two = torch.maximum(x, x.roll(toy.CELL, dims=3))  # a second square one cell over: not one clean shape
     assert toy.adherence(two, prompts).sum() == 0
-    blur = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-    assert toy.adherence(blur, prompts).mean() < 0.5  # a blob is not a square
+    blob = torch.nn.functional.max_pool2d(x, 5, stride=1, padding=2)  # 7x7: a blob is not a 3x3 square
+    assert toy.adherence(blob, prompts).sum() == 0
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +133,21 @@ def test_dataset_items_and_null(world):
     assert not test_captions & {train[i]["caption"] for i in range(len(toy.TRAIN_PROMPTS))}
     with pytest.raises(ValueError, match="split"):
         world.dataset("valid")
-    x = torch.stack([train[i]["latents"] for i in range(20)])
-    prompts = torch.stack([train.prompt(i) for i in range(20)])
-    assert toy.adherence(x, prompts).mean() == 1
+    # the test split is clean; the train split has web-like caption noise (CAPTION_NOISE)
+    x = torch.stack([test[i]["latents"] for i in range(40)])
+    assert toy.adherence(x, torch.stack([test.prompt(i) for i in range(40)])).mean() == 1
+    x = torch.stack([train[i]["latents"] for i in range(400)])
+    clean = toy.adherence(x, torch.stack([train.prompt(i) for i in range(400)])).mean()
+    assert abs(clean - (1 - toy.CAPTION_NOISE)) < 0.1
+
+
+def test_caption_noise_rate():
+    g = torch.Generator().manual_seed(0)
+    pool = torch.tensor(toy.TRAIN_PROMPTS)
+    prompts = pool[torch.randint(len(pool), (20000,), generator=g)]
+    shown = toy.noisy_images(prompts, pool, g)
+    assert abs((shown != prompts).any(1).float().mean() - toy.CAPTION_NOISE * (1 - 1 / len(pool))) < 0.02
+    assert set(map(tuple, shown.tolist())) <= set(toy.TRAIN_PROMPTS)  # noise never shows a held-out prompt
 
 
 def test_report_table_and_grid(world, tmp_path, capsys):
