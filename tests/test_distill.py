@@ -13,6 +13,7 @@ dataset written in prepare.py's shard format, on CPU:
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -228,10 +229,18 @@ def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
               "--ema", "0.9", "--lr", "1e-3", "--no-progress", "--device", "cpu", "--ckpt-every", "1", "--keep", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     two = tmp_path / "two"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "distill.py", *common, "--steps", "3", "--micro-batch", "1", "--out", str(two)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # its own process group, so a timeout kills the launcher AND its workers (no orphans)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "distill.py", *common, "--steps", "3", "--micro-batch", "1", "--out", str(two)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     one = tmp_path / "one"
     distill.main(distill.parse_args([*common, "--steps", "4", "--micro-batch", "4", "--out", str(one)]))
 
@@ -281,7 +290,6 @@ def test_resume_equals_one_go_and_survives_a_half_written_checkpoint(world, tmp_
 def test_kill_9_leaves_a_loadable_checkpoint(world, tmp_path):
     """SIGKILL a run that checkpoints every step, at some moment after its first checkpoint: what
     `latest` points to loads (student, optimizer, state), and --resume carries on from it."""
-    import signal
     import time
 
     out = tmp_path / "run"
