@@ -207,7 +207,7 @@ def tiny_clip(hidden, seed):
     return CLIPTextModelWithProjection(cfg).eval()
 
 
-TOKENS = 12  # CLIP context length: "<s> a magenta triangle at the bottom right </s>" is 9
+TOKENS = 12  # CLIP context length: "<s> a magenta column in row two column one </s>" is 10
 CLIP_WIDTHS = (32, 32)  # "CLIP-L" and "CLIP-G": context width Dc = pooled width Dy = 64
 
 
