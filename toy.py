@@ -35,7 +35,6 @@ Shape legend: B batch, C channels, H W pixels, L tokens, Dc token width, Dy pool
 import argparse
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
