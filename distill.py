@@ -22,6 +22,14 @@ prints the toy Table 4 and writes the sample grid into --out):
     python distill.py --method gonly --out runs/gonly   # a Table 3 ablation (also distillcfg, dice)
     python distill.py --teacher-sampler zsampling --out runs/toy-z   # a Z-Sampling + CFG teacher
     python distill.py --teacher-sampler cfg --out runs/toy-cfg       # an Euler + CFG teacher
+    python distill.py --full --out runs/full   # every student of Tables 3 and 4 (FULL), one table
+  --full distills, one after another, a TeEFusion student from each teacher (cfg, zsampling, w2sd)
+  and, from the W2SD + CFG teacher, the ablations gonly and distillcfg and the DICE baseline, each
+  into its own --out/NAME (with the default settings above; --steps etc. apply to all), then
+  toy.report_students prints one table (the teacher rows of Table 4, then a row per student, each
+  compared with the teacher it learnt from) and writes --out/table.json and --out/samples.png.
+  With --resume, students already trained are reused. It refuses --teacher (real SD3), --method
+  and --teacher-sampler.
   Measured (toy, CFG teacher, one process on a shared 2-core CPU): 0.11-0.17 s per step
   (teacher ~40%, student forward + backward ~50%), 2-3 minutes for 1000 steps; the loss (mean
   per 100 steps) goes 1.82, 1.25, 1.12, 1.06, ..., 0.88, and the student's samples (1 NFE per
@@ -109,8 +117,14 @@ from mmdit import STABILITY_PREFIX, _atomic_save, load_mmdit, save_mmdit, save_m
 METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
 # the paper's settings; the toy world's are small enough to finish in minutes on a CPU, and the
 # toy world distills from its W2SD + CFG teacher by default (its weak/strong pair is built in)
-SD3_DEFAULTS = dict(steps=10000, global_batch=128, lr=5e-6, out="runs/distill", teacher_sampler="cfg")
-TOY_DEFAULTS = dict(steps=1000, global_batch=32, lr=3e-4, out="runs/toy", teacher_sampler="w2sd")
+SD3_DEFAULTS = dict(steps=10000, global_batch=128, lr=5e-6, out="runs/distill", teacher_sampler="cfg",
+                    method="teefusion")
+TOY_DEFAULTS = dict(steps=1000, global_batch=32, lr=3e-4, out="runs/toy", teacher_sampler="w2sd", method="teefusion")
+# --full (toy world): every student of the paper's Tables 3 and 4, as (subfolder of --out, --method,
+# --teacher-sampler); the ablations and DICE learn from the W2SD + CFG teacher, like the main student
+FULL = (("teefusion-cfg", "teefusion", "cfg"), ("teefusion-zsampling", "teefusion", "zsampling"),
+        ("teefusion-w2sd", "teefusion", "w2sd"), ("gonly-w2sd", "gonly", "w2sd"),
+        ("distillcfg-w2sd", "distillcfg", "w2sd"), ("dice-w2sd", "dice", "w2sd"))
 LATEST = "latest"
 
 
@@ -120,7 +134,7 @@ LATEST = "latest"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="TeEFusion distillation (Algorithm 1), one process or torchrun.")
-    p.add_argument("--method", default="teefusion", choices=METHODS)
+    p.add_argument("--method", default=None, choices=METHODS, help="the student's inputs (default teefusion)")
     p.add_argument("--teacher-sampler", default=None, choices=samplers.TEACHERS,
                    help="the teacher Algorithm 1 distills (default: cfg with --teacher, w2sd in the toy world)")
     p.add_argument("--teacher", default=None, help="teacher MMDiT (.safetensors or diffusers folder); "
@@ -159,6 +173,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-report", action="store_true", help="toy world: skip the Table 4 report at the end")
+    p.add_argument("--full", action="store_true", help="toy world: distill every student of FULL (a TeEFusion "
+                                                        "student per teacher, the Table 3 ablations, DICE), each "
+                                                        "into --out/NAME, then print one table of them all")
     return p.parse_args(argv)
 
 
@@ -173,6 +190,16 @@ def fill_defaults(args):
 
 def check_args(args, world_size=1):
     """Refuse, before any work, the arguments that cannot work. Returns the micro-batch."""
+    if getattr(args, "full", False):
+        if args.teacher is not None:
+            raise ValueError("--full is the toy world's every-student table; it cannot run with --teacher (real "
+                             "SD3): distill one student per run there, with --method and --teacher-sampler")
+        if args.method is not None or args.teacher_sampler is not None:
+            raise ValueError("--full trains every --method and --teacher-sampler of distill.FULL itself: leave "
+                             "--method and --teacher-sampler out")
+        if world_size > 1:
+            raise ValueError("--full runs its students one after another in one process: run it with plain "
+                             "python, not torchrun")
     fill_defaults(args)
     if args.w_min < 0 or args.w_max < 0:
         raise ValueError(f"--w-min {args.w_min:g} / --w-max {args.w_max:g}: the guidance w must be >= 0 (paper "
@@ -528,10 +555,46 @@ def _resolve_world(args, dataset, rank, distributed):
     return teacher_path, strong, weak, dataset, world
 
 
+def full_runs(args):
+    """--full: the arguments of each student run of FULL (one per subfolder of --out, no report of
+    its own). Refuses what --full cannot do (check_args)."""
+    check_args(copy.copy(args), int(os.environ.get("WORLD_SIZE", 1)))
+    out = args.out or "runs/full"
+    runs = []
+    for name, method, sampler in FULL:
+        sub = copy.copy(args)
+        sub.full, sub.no_report, sub.method, sub.teacher_sampler = False, True, method, sampler
+        sub.out = os.path.join(out, name)
+        runs.append(fill_defaults(sub))
+    return out, runs
+
+
+def main_full(args):
+    """--full: distill every student of FULL from the toy teacher, then print one table with the
+    teacher samplers and every student (toy.report_students) and write out/table.json and
+    out/samples.png. Returns {subfolder name: student path}."""
+    out, runs = full_runs(args)
+    start = time.time()
+    students = {}
+    for (name, _, _), sub in zip(FULL, runs):
+        students[name] = main(sub)
+    import toy
+
+    world = toy.build_world(progress=False)
+    toy.report_students(world, [dict(path=students[name], method=method, teacher=sampler)
+                                for name, method, sampler in FULL],
+                        out_dir=out, progress=not args.no_progress)
+    print(f"--full: {len(FULL)} students and the table in {(time.time() - start) / 60:.1f} minutes; {out}")
+    return students
+
+
 def main(args, dataset=None):
     """Train; returns the path of the final student checkpoint (the EMA weights with --ema).
     dataset: optional, a Dataset of {"latents", "context", "y", ...} items with .null() that
-    replaces --data / the toy world's data (tests, notebooks)."""
+    replaces --data / the toy world's data (tests, notebooks). With --full (toy world only):
+    main_full, every student and one table."""
+    if getattr(args, "full", False):
+        return main_full(args)
     fill_defaults(args)
     distributed, rank, world_size, device = _setup_distributed(args)
     threads = torch.get_num_threads()

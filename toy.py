@@ -28,6 +28,8 @@ methods x w grid (the paper's Fig. 4):
     python toy.py                      # the world alone: build (or reuse) the teacher, print
                                        # adherence of the teacher samplers, write a grid
     python toy.py --student runs/toy/student.safetensors   # the table for a trained student
+    python distill.py --full --out runs/full   # a student from each teacher + Table 3 + DICE:
+                                       # `report_students` prints one table with all of them
 
 Shape legend: B batch, C channels, H W pixels, L tokens, Dc token width, Dy pooled width.
 """
@@ -462,35 +464,117 @@ def report(world, student_path=None, method="teefusion", out_dir="runs/toy", ste
     if method != "teefusion" and fusion is None:
         raise ValueError(f"the {method!r} student needs its trained fusion module (fusion=...)")
     with one_thread():
-        models = {k: world.load(k) for k in ("teacher", "strong", "weak")}
+        student = None
         if student_path is not None:
-            models["student"] = load_mmdit(student_path, device=world.device).eval().requires_grad_(False)
-        prompts, context, y, noise = test_batch(world, n_prompts)
-        rows = [r for r in ROWS if r[1] != "student" or student_path is not None]
-        images, results = {}, {}
-        for _, m in rows:  # warm-up (first calls allocate and pick kernels), so timings compare like with like
-            run_sampler(m, world, models, noise[:2], context[:2], y[:2], w, 2, fusion)
-        for name, m in tqdm(rows, desc="toy report", disable=not progress):
-            x0, nfe, seconds = run_sampler(m, world, models, noise, context, y, w, steps, fusion)
-            images[m] = x0
-            results[name] = dict(method=m, nfe=float(nfe), seconds_per_image=seconds / n_prompts,
-                                 adherence=100 * adherence(x0, prompts).mean().item())
-        ref = images[samplers.canonical(teacher, samplers.TEACHERS)]
-        for name, r in results.items():
-            r["rmse_to_teacher"] = (images[r["method"]] - ref).pow(2).mean().sqrt().item()
-        # Fig. 4: a row per method, a column per w, the same 6 prompts and noises in every cell
-        k = min(6, n_prompts)
-        grid = [[run_sampler(m, world, models, noise[:k], context[:k], y[:k], gw, steps, fusion)[0]
-                 for gw in grid_w] for _, m in rows]
-        grid_path = image_grid(grid, os.path.join(out_dir, "samples.png"))
+            student = load_mmdit(student_path, device=world.device).eval().requires_grad_(False)
+        rows = [(name, m, None) for name, m in ROWS if m != "student"]
+        if student is not None:
+            rows.append(("student", "student", dict(model=student, fusion=fusion, method=method,
+                                                    teacher=samplers.canonical(teacher, samplers.TEACHERS))))
+        results, grid_path = _evaluate(world, rows, out_dir, steps, w, n_prompts, teacher, grid_w, progress)
     table = format_table(results, w, steps, n_prompts, teacher)
+    return _write_report(results, table, rows, grid_path, out_dir, w, steps, n_prompts, teacher, grid_w)
+
+
+# the students of `distill.py --full`, by their embed.FUSIONS name: how the table names them
+METHOD_NAMES = {"teefusion": "TeEFusion", "gonly": "G only", "distillcfg": "DistillCFG", "dice": "DICE"}
+TEACHER_NAMES = {m: name for name, m in ROWS if m in samplers.TEACHERS}  # "w2sd" -> "W2SD + CFG"
+
+
+def load_student(path, method="teefusion", device="cpu"):
+    """A student written by distill.py: its MMDiT (save_mmdit) and, for the methods that are not
+    plain Eq. 7, its student-input module embed.make_fusion(method, config) with the weights of
+    fusion.safetensors beside it (fusion-ema.safetensors beside student-ema.safetensors).
+    Returns (model, fusion); fusion is None for "teefusion"."""
+    model = load_mmdit(path, device=device).eval().requires_grad_(False)
+    if method == "teefusion":
+        return model, None
+    fusion = embed.make_fusion(method, model.config)
+    if len(fusion.state_dict()):  # gonly has no weights; distillcfg and dice do
+        ema = os.path.basename(path).startswith("student-ema")
+        fusion_path = os.path.join(os.path.dirname(path), "fusion-ema.safetensors" if ema else "fusion.safetensors")
+        if not os.path.isfile(fusion_path):
+            raise FileNotFoundError(f"{fusion_path}: the {method!r} student {path} needs its trained fusion module, "
+                                    "which distill.py writes beside the student")
+        fusion.load_state_dict(load_file(fusion_path))
+    return model, fusion.to(device).eval().requires_grad_(False)
+
+
+def report_students(world, students, out_dir="runs/toy-full", steps=20, w=4.0, n_prompts=96, teacher="w2sd",
+                    grid_w=(0.0, 2.0, 4.0, 8.0), progress=True):
+    """The combined table of `distill.py --full`: the Table 4 teacher rows (their agreement column
+    against `teacher`), then one row per student, each compared with the teacher IT was distilled
+    from. students: a list of dicts with "path" (a student .safetensors), "method" (an embed.FUSIONS
+    name), "teacher" (a samplers.TEACHERS name) and optionally "label" (default "DICE <- W2SD + CFG"
+    style). distillcfg / dice students are sampled with their fusion module (see `load_student`).
+    Prints the table, writes out_dir/table.json and the methods x w grid out_dir/samples.png;
+    returns {"rows": {label: {...}}, ...} like `report`."""
+    with one_thread():
+        rows = [(name, m, None) for name, m in ROWS if m != "student"]
+        for s in students:
+            t = samplers.canonical(s["teacher"], samplers.TEACHERS)
+            model, fusion = load_student(s["path"], s["method"], world.device)
+            label = s.get("label") or f"{METHOD_NAMES.get(s['method'], s['method'])} <- {TEACHER_NAMES[t]}"
+            if label in {r[0] for r in rows}:
+                raise ValueError(f"two rows named {label!r}: give the students distinct labels")
+            rows.append((label, "student", dict(model=model, fusion=fusion, teacher=t, method=s["method"],
+                                                path=s["path"])))
+        results, grid_path = _evaluate(world, rows, out_dir, steps, w, n_prompts, teacher, grid_w, progress)
+    table = format_students_table(results, w, steps, n_prompts)
+    return _write_report(results, table, rows, grid_path, out_dir, w, steps, n_prompts, teacher, grid_w)
+
+
+def _evaluate(world, rows, out_dir, steps, w, n_prompts, teacher, grid_w, progress):
+    """rows: (name, sampler, student) with student None for the teacher samplers, else a dict with
+    its model, fusion, method and the teacher it was distilled from. Returns (results, grid path)."""
+    models = {k: world.load(k) for k in ("teacher", "strong", "weak")}
+    prompts, context, y, noise = test_batch(world, n_prompts)
+
+    def run(m, s, *a):  # a student row runs samplers.sample("student", ..., fusion=its fusion)
+        return run_sampler(m, world, {**models, "student": s["model"]} if s else models, *a,
+                           fusion=s["fusion"] if s else None)
+
+    for _, m, s in rows:  # warm-up (first calls allocate and pick kernels), so timings compare like with like
+        run(m, s, noise[:2], context[:2], y[:2], w, 2)
+    images, results = {}, {}
+    for name, m, s in tqdm(rows, desc="toy report", disable=not progress):
+        x0, nfe, seconds = run(m, s, noise, context, y, w, steps)
+        images[name] = x0
+        results[name] = dict(method=m, nfe=float(nfe), seconds_per_image=seconds / n_prompts,
+                             adherence=100 * adherence(x0, prompts).mean().item(),
+                             teacher=s["teacher"] if s else samplers.canonical(teacher, samplers.TEACHERS))
+        if s:
+            results[name].update(student_method=s["method"], **({"path": s["path"]} if "path" in s else {}))
+    by_sampler = {m: images[name] for name, m, s in rows if s is None}
+    for name, r in results.items():
+        r["rmse_to_teacher"] = (images[name] - by_sampler[r["teacher"]]).pow(2).mean().sqrt().item()
+    # Fig. 4: a row per method, a column per w, the same 6 prompts and noises in every cell
+    k = min(6, n_prompts)
+    grid = [[run(m, s, noise[:k], context[:k], y[:k], gw, steps)[0] for gw in grid_w] for _, m, s in rows]
+    return results, image_grid(grid, os.path.join(out_dir, "samples.png"))
+
+
+def _write_report(results, table, rows, grid_path, out_dir, w, steps, n_prompts, teacher, grid_w):
     print(table)
-    print(f"sample grid (rows: {', '.join(n for n, _ in rows)}; columns: w = {', '.join(map(str, grid_w))}): "
+    print(f"sample grid (rows: {', '.join(r[0] for r in rows)}; columns: w = {', '.join(map(str, grid_w))}): "
           f"{grid_path}")
     out = dict(rows=results, w=w, steps=steps, n_prompts=n_prompts, teacher=teacher, grid=grid_path, table=table)
     with open(os.path.join(out_dir, "table.json"), "w") as f:
         json.dump({k: v for k, v in out.items() if k != "table"}, f, indent=1)
     return out
+
+
+def format_students_table(results, w, steps, n):
+    """`format_table` with a column naming each row's teacher (students have different ones)."""
+    width = max(18, *map(len, results))
+    head = (f"{'method':<{width}} {'NFE':>5} {'ms / image':>11} {'adherence %':>12} {'teacher':>10} "
+            f"{'RMSE to teacher':>16}")
+    lines = [f"Toy Table 4 with every student (--full): {n} held-out prompts x seeds, {steps} steps, w = {w}",
+             head, "-" * len(head)]
+    for name, r in results.items():
+        lines.append(f"{name:<{width}} {r['nfe']:>5.0f} {1000 * r['seconds_per_image']:>11.2f} "
+                     f"{r['adherence']:>12.1f} {r['teacher']:>10} {r['rmse_to_teacher']:>16.3f}")
+    return "\n".join(lines)
 
 
 def format_table(results, w, steps, n, teacher):

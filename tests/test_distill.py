@@ -379,6 +379,33 @@ def test_missing_teacher_is_refused(world, tmp_path):
         distill.check_args(args)
 
 
+def test_full_is_refused_with_a_real_teacher_and_with_a_chosen_method(world, tmp_path):
+    with pytest.raises(ValueError, match=r"\-\-full .* cannot run with \-\-teacher \(real SD3\)"):
+        distill.check_args(args_for(world, tmp_path, "--full"))
+    with pytest.raises(ValueError, match=r"cannot run with \-\-teacher"):  # before any work
+        distill.main(args_for(world, tmp_path, "--full"))
+    assert not os.listdir(tmp_path)
+    for extra in (["--method", "dice"], ["--teacher-sampler", "cfg"]):
+        with pytest.raises(ValueError, match=r"leave \-\-method and \-\-teacher\-sampler out"):
+            distill.check_args(distill.parse_args(["--full", *extra]))
+    with pytest.raises(ValueError, match="not torchrun"):
+        distill.check_args(distill.parse_args(["--full"]), world_size=2)
+
+
+def test_full_runs_every_student_into_its_own_folder(tmp_path):
+    out, runs = distill.full_runs(distill.parse_args(["--full", "--out", str(tmp_path), "--steps", "7"]))
+    assert out == str(tmp_path)
+    assert [(r.method, r.teacher_sampler) for r in runs] == [
+        ("teefusion", "cfg"), ("teefusion", "zsampling"), ("teefusion", "w2sd"), ("gonly", "w2sd"),
+        ("distillcfg", "w2sd"), ("dice", "w2sd")]
+    assert len({r.out for r in runs}) == len(runs) and all(os.path.dirname(r.out) == str(tmp_path) for r in runs)
+    assert all(r.steps == 7 and r.lr == distill.TOY_DEFAULTS["lr"] and r.no_report and not r.full for r in runs)
+    assert distill.full_runs(distill.parse_args(["--full"]))[0] == "runs/full"
+    # the default command is unchanged: one TeEFusion student from the W2SD + CFG teacher into runs/toy
+    args = distill.fill_defaults(distill.parse_args([]))
+    assert (args.method, args.teacher_sampler, args.out, args.steps) == ("teefusion", "w2sd", "runs/toy", 1000)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
     common = ["--global-batch", "4", "--lr", "1e-3", "--ckpt-every", "2"]
     distill.main(args_for(world, tmp_path, *common, "--steps", "2"))

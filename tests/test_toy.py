@@ -1,14 +1,17 @@
 """Tests for toy.py: the world, its exact adherence score, its text encoders, the teacher's
-training, build_world's cache, the datasets and the report (all tiny; seconds on a CPU)."""
+training, build_world's cache, the datasets, the report and the several-student report of
+`distill.py --full` (all tiny; seconds on a CPU)."""
 
 import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+import embed
 import samplers
 import toy
-from mmdit import load_mmdit
+from mmdit import load_mmdit, save_mmdit
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +166,50 @@ def test_report_table_and_grid(world, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "samples.png") and os.path.isfile(tmp_path / "table.json")
     assert "W2SD + CFG" in capsys.readouterr().out
     assert samplers.canonical("w2sd", samplers.TEACHERS) == out["teacher"]
+
+
+def test_report_students_samples_each_student_with_its_fusion_and_teacher(world, tmp_path, capsys):
+    """distill.py --full's table on tiny pieces: four "students" (the teacher's weights saved with
+    save_mmdit, with a fusion.safetensors for distillcfg and dice as distill.py writes it), each row
+    sampled with its own fusion module and compared with the teacher it was distilled from."""
+    students, fusions = [], {}
+    for method, teacher in (("teefusion", "cfg"), ("gonly", "w2sd"), ("distillcfg", "w2sd"), ("dice", "zsampling")):
+        folder = tmp_path / method
+        path = save_mmdit(load_mmdit(world.teacher_path), str(folder / "student.safetensors"))
+        fusion = embed.make_fusion(method, world.config)
+        if len(fusion.state_dict()):
+            torch.manual_seed(1)
+            with torch.no_grad():  # trained-looking weights: a fresh module may start as a no-op
+                for p in fusion.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            save_file({k: v.contiguous() for k, v in fusion.state_dict().items()}, str(folder / "fusion.safetensors"))
+        students.append(dict(path=path, method=method, teacher=teacher))
+        fusions[method] = fusion.eval()
+    out = toy.report_students(world, students, out_dir=str(tmp_path / "full"), steps=2, w=2.0, n_prompts=4,
+                              grid_w=(2.0,), progress=False)
+    rows = out["rows"]
+    labels = ["TeEFusion <- Euler + CFG", "G only <- W2SD + CFG", "DistillCFG <- W2SD + CFG",
+              "DICE <- Z-Sampling + CFG"]
+    assert list(rows) == [name for name, m in toy.ROWS if m != "student"] + labels
+    assert [rows[n]["teacher"] for n in labels] == ["cfg", "w2sd", "w2sd", "zsampling"]
+    assert all(rows[n]["nfe"] == 2 and rows[n]["student_method"] == s["method"] for n, s in zip(labels, students))
+    assert rows["W2SD + CFG"]["rmse_to_teacher"] == 0 and rows["W2SD + CFG"]["teacher"] == "w2sd"
+    assert os.path.isfile(tmp_path / "full" / "samples.png") and os.path.isfile(tmp_path / "full" / "table.json")
+    printed = capsys.readouterr().out
+    assert all(n in printed for n in labels)
+
+    # the DICE row is samplers.sample("student", ..., fusion=the saved module) against ITS teacher
+    model, fusion = toy.load_student(students[3]["path"], "dice")
+    assert all(torch.equal(a, b) for a, b in zip(fusion.state_dict().values(), fusions["dice"].state_dict().values()))
+    prompts, context, y, noise = toy.test_batch(world, 4)
+    models = {k: world.load(k) for k in ("teacher", "strong", "weak")}
+    x_s = toy.run_sampler("student", world, {**models, "student": model}, noise, context, y, 2.0, 2, fusion)[0]
+    x_t = toy.run_sampler("zsampling", world, models, noise, context, y, 2.0, 2)[0]
+    torch.testing.assert_close(rows[labels[3]]["rmse_to_teacher"], (x_s - x_t).pow(2).mean().sqrt().item())
+    fresh = embed.make_fusion("dice", world.config).eval()  # untrained: other images, so the fusion was used
+    assert not torch.equal(toy.run_sampler("student", world, {**models, "student": model}, noise, context, y, 2.0,
+                                           2, fresh)[0], x_s)
+
+    os.remove(tmp_path / "distillcfg" / "fusion.safetensors")
+    with pytest.raises(FileNotFoundError, match="fusion.safetensors: the 'distillcfg' student .* needs its"):
+        toy.report_students(world, students, out_dir=str(tmp_path / "full"), steps=2, n_prompts=4, progress=False)
