@@ -28,9 +28,8 @@ prints the toy Table 4 and writes the sample grid into --out):
   into its own --out/NAME (with the default settings above; --steps etc. apply to all), then
   toy.report_students prints one table (the teacher rows of Table 4, then a row per student, each
   compared with the teacher it learnt from) and writes --out/table.json and --out/samples.png.
-  --full takes about 22 minutes on 2 CPU cores (measured: 21.8 minutes for 6 x 1000 steps plus
-  the table, one process, on a 2-core CPU shared with other jobs; the default command trains one of
-  these six). With --resume, students already trained are reused. It refuses --teacher (real SD3), --method
+  --full takes about 20 minutes on 2 CPU cores (measured: 19.9 minutes for 6 x 1000 steps plus
+  the table, one process, teacher cached; the default command trains one of these six). With --resume, students already trained are reused. It refuses --teacher (real SD3), --method
   and --teacher-sampler.
   Measured (toy, the default W2SD + CFG teacher, lr 2e-3, one process on a shared 2-core CPU):
   0.21 s per step (median; teacher 0.14 s: 6 forwards, student forward + backward 0.06 s), 4 min
