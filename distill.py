@@ -98,7 +98,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 
@@ -114,7 +113,8 @@ from tqdm import tqdm
 
 import embed
 import samplers
-from mmdit import STABILITY_PREFIX, _atomic_save, load_mmdit, save_mmdit, save_mmdit_diffusers
+from mmdit import (STABILITY_PREFIX, _atomic_save, atomic_json, atomic_write, load_mmdit, save_mmdit,
+                   save_mmdit_diffusers)
 
 METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
 # the paper's settings; the toy world's are small enough to finish in minutes on a CPU, and the
@@ -371,22 +371,6 @@ def _clock(device):
 # Checkpoints: safetensors + JSON, atomic, "latest" written last
 
 
-def _atomic_json(obj, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _tensors(module):
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
@@ -445,11 +429,11 @@ def save_checkpoint(out, step, student, ema, optimizer, names, args, keep, repli
             _atomic_save(_tensors(ema.fusion), os.path.join(folder, "ema-fusion.safetensors"), meta)
     tensors, opt_meta = optimizer_tensors(optimizer, names)
     _atomic_save(tensors, os.path.join(folder, "optimizer.safetensors"), {"format": "pt"})
-    _atomic_json({"step": step, "args": vars(args), "optimizer": opt_meta, "replica_checksums": replicas,
+    atomic_json({"step": step, "args": vars(args), "optimizer": opt_meta, "replica_checksums": replicas,
                   "random_state": "counter-based: the noise of stream position p comes from a generator seeded "
                                   "by (seed, p); the step number is the whole random state"},
                  os.path.join(folder, "state.json"))
-    _atomic_json({"checkpoint": name, "step": step}, os.path.join(root, LATEST))  # LAST: the commit point
+    atomic_json({"checkpoint": name, "step": step}, os.path.join(root, LATEST))  # LAST: the commit point
     old = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
     for d in old[:max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -504,10 +488,12 @@ def _trim_log(path, step):
                     lines.append(line)
             except (json.JSONDecodeError, KeyError):
                 pass
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+
+    atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,6 @@ prompts into (context, y) as SD3 does (CLIP-L, CLIP-G, T5 through transformers).
 Shape legend: B batch, L tokens, D model width, Dc context width, Dy pooled width.
 """
 
-import math
 import os
 import warnings
 

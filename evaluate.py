@@ -78,6 +78,7 @@ from tqdm import tqdm
 
 import samplers
 import vae
+from mmdit import atomic_write
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -545,9 +546,8 @@ def load_statistics(path):
 
 
 def save_statistics(path, mu, sigma):
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-    os.replace(tmp, path)
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma), suffix=".npz")
 
 
 # The FID Inception network: pool3 (2048-d) of TensorFlow's 2015-12-05 Inception v3 graph, in the
@@ -980,18 +980,19 @@ def markdown_table(rows, columns=None):
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def write_table(rows, stem, columns=None, title=None):
     """Writes stem.md and stem.json (the same rows); returns the Markdown text."""
     md = (f"### {title}\n\n" if title else "") + markdown_table(rows, columns)
-    _atomic_write(stem + ".md", md)
-    _atomic_write(stem + ".json", json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    _write_text(stem + ".md", md)
+    _write_text(stem + ".json", json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
     return md
 
 
@@ -1136,7 +1137,7 @@ def cmd_score(args):
         result = aggregate(scores, args.metric)
     print(json.dumps({"metric": args.metric, "images": len(images), "score": result}))
     if args.out:
-        _atomic_write(args.out, json.dumps({"metric": args.metric, "score": result,
+        _write_text(args.out, json.dumps({"metric": args.metric, "score": result,
                                             "per_image": dict(zip(names, scores.tolist()))}, indent=2) + "\n")
 
 

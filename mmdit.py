@@ -632,15 +632,21 @@ def _describe(cfg):
             f"dual attention layers {list(cfg.dual_attention_layers)}")
 
 
-def _atomic_save(tensors, path, metadata):
-    """Write to a temporary file beside `path`, fsync, then rename over it: a crash at any
-    moment leaves either the old file or the new one, never half of one."""
+def atomic_write(path, write, suffix=""):
+    """Write a file so that a crash at any moment leaves the old file or the new one, never
+    half of one: write(tmp) fills a temporary file beside `path` (named path.tmp-XXXX, so
+    leftovers of a killed run are easy to find), which is fsynced and renamed over `path`.
+    suffix: the temporary name's ending, for writers that insist on one (np.savez: ".npz").
+    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".tmp-", suffix=suffix)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -654,6 +660,18 @@ def _atomic_save(tensors, path, metadata):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def atomic_json(obj, path, indent=1):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+
+    atomic_write(path, write)
+
+
+def _atomic_save(tensors, path, metadata):
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _metadata(model, metadata):
@@ -705,10 +723,7 @@ def save_mmdit_diffusers(model, folder, extra_config=None):
     _atomic_save(diffusers_state_dict(model), os.path.join(folder, "diffusion_pytorch_model.safetensors"),
                  _metadata(model, None))
     config = {**diffusers_config(model.config), **(extra_config or {})}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, os.path.join(folder, "config.json"))
+    atomic_json(config, os.path.join(folder, "config.json"), indent=2)
     return folder
 
 

@@ -52,6 +52,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from mmdit import atomic_write
 from vae import from_uint8, load_image, load_vae
 
 SHARD_FORMAT = "teefusion-shard/1"
@@ -158,20 +159,9 @@ def _as_list(batch):
 # Writing
 
 
-def _atomic_write(path, write):
-    """write(tmp) then rename: readers see the whole file or none of it."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _save(tensors, path, metadata=None):
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _shard_name(s):
@@ -342,7 +332,7 @@ def write_index(out, num_shards, settings, sources):
         with open(tmp, "w") as f:
             json.dump(index, f, indent=1)
 
-    _atomic_write(os.path.join(out, "index.json"), write)
+    atomic_write(os.path.join(out, "index.json"), write)
     return index
 
 

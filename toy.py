@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 import embed
 import samplers
-from mmdit import MMDiT, MMDiTConfig, load_mmdit, save_mmdit
+from mmdit import MMDiT, MMDiTConfig, atomic_json, atomic_write, load_mmdit, save_mmdit
 
 # -----------------------------------------------------------------------------
 # The world: what can be drawn and said
@@ -395,13 +395,10 @@ def _build_world(cache_dir, device, progress, settings):
     start = time.time()
     losses = train_teacher(encoders, settings, cache_dir, progress)
     seconds = time.time() - start
-    save_file(encoder_state(encoders), enc_path + ".tmp")
-    os.replace(enc_path + ".tmp", enc_path)
+    atomic_write(enc_path, lambda tmp: save_file(encoder_state(encoders), tmp))
     curve = [float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)]  # mean per 100 steps
     info = dict(key=key, settings=vars(settings), train_seconds=seconds, final_loss=curve[-1], losses=curve)
-    with open(info_path + ".tmp", "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(info_path + ".tmp", info_path)  # written last: its presence means the cache is complete
+    atomic_json(info, info_path)  # written last: its presence means the cache is complete
     return ToyWorld(encoders, cache_dir, curve, device)
 
 
@@ -559,8 +556,7 @@ def _write_report(results, table, rows, grid_path, out_dir, w, steps, n_prompts,
     print(f"sample grid (rows: {', '.join(r[0] for r in rows)}; columns: w = {', '.join(map(str, grid_w))}): "
           f"{grid_path}")
     out = dict(rows=results, w=w, steps=steps, n_prompts=n_prompts, teacher=teacher, grid=grid_path, table=table)
-    with open(os.path.join(out_dir, "table.json"), "w") as f:
-        json.dump({k: v for k, v in out.items() if k != "table"}, f, indent=1)
+    atomic_json({k: v for k, v in out.items() if k != "table"}, os.path.join(out_dir, "table.json"))
     return out
 
 

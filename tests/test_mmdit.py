@@ -172,7 +172,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         a, b = model.state_dict(), loaded.state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # no temporary files left
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no temporary files left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask  # readable as any file, not mkstemp's 0600
 
 
 def test_vec_replaces_the_conditioning_vector():
