@@ -37,21 +37,47 @@ prints the toy Table 4 and writes the sample grid into --out):
   2.80, 2.55, 1.84, 1.63, 1.40, 1.23, 1.19, 1.15; the student's samples (1 NFE per step) reach
   100% adherence like the teacher (116 NFE) at RMSE 0.257 from its images.
 
-Real scale (SD3-medium, shards from prepare.py, 8 GPUs per node, the paper's settings):
-    torchrun --nproc_per_node=8 distill.py --teacher sd3_medium.safetensors --data shards/ \\
+Real scale (SD3-medium, shards from prepare.py, 8 GPUs per node, the paper's settings: a W2SD + CFG
+teacher, here with the W2SD release's pair built from a fine-tune of SD3-medium):
+    torchrun --nproc_per_node=8 distill.py --teacher sd3_medium.safetensors \\
+        --w2sd-finetuned sd3_medium_finetune.safetensors --data shards/ \\
         --out runs/teefusion --bf16 --grad-checkpointing --global-batch 128 --micro-batch 1 \\
         --lr 5e-6 --steps 10000 --ckpt-every 500 --resume --export-diffusers
+    (any pair: --strong S --weak W; an Euler + CFG teacher: --teacher-sampler cfg)
     (add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT for several nodes. --resume starts
     from the teacher when --out has no checkpoint yet, so the same line launches and relaunches;
     it also works after a change of the number of GPUs: see "Data and randomness" below.)
 
 Choices Algorithm 1 leaves open, and what this file does:
-  * t_next. The teacher target is the velocity of ONE teacher step from t to t_next
-    (samplers.teacher_target): t_next = max(t - 1/N, 0) with N = --teacher-steps (default
-    50, the released student's step count). For --teacher-sampler cfg, t_next does not matter
-    (the target is the Eq. 2 velocity at t); for zsampling / w2sd it sets the reflection's step.
+  * The teacher step. The target is the velocity of ONE teacher step from t (samplers.teacher_target),
+    and that step is the one the student's sampler takes from t: N = --teacher-steps (50 for SD3, the
+    released student's count; 20 in the toy world, its report's) on SD3's shifted schedule, t_next from
+    samplers.schedule_step (at 50 steps the step is ~0.007 near t = 1 and ~0.05 at low t), and no
+    reflection where the sampler takes a plain step (its last one, t <= t_{N-1}). For --teacher-sampler
+    cfg the step length does not matter (the target is the Eq. 2 velocity at t).
+  * The reflection: the Z-Sampling authors' flow-matching settings (--preset flow: w_inv = -0.5, the
+    inversion labelled t - 1/N), or their SDXL ones (--preset sdxl). W2SD: the strong model denoises
+    at w, the weak one inverts at w = 0, and (Eq. 4) the strong model moves after the reflection
+    (--w2sd-final main: a third model moves, as the W2SD authors' SDXL LoRA release does).
+  * Which checkpoint the student starts from ("student initialised from the teacher"): the network
+    whose velocity ends the teacher step, so that the untrained student already takes the teacher
+    step minus its guidance and reflection corrections. cfg and zsampling: --teacher. w2sd: the
+    strong model (--strong, default --teacher; Eq. 4), or with --w2sd-final main the main model
+    (--teacher). --w2sd-finetuned F builds the W2SD release's pair from a fine-tune of --teacher:
+    strong = teacher + 1.5 (F - teacher), weak = teacher - 1.5 (F - teacher), main = teacher +
+    0.8 (F - teacher) (--strong-scale, --weak-scale, --main-scale), read tensor by tensor
+    (mmdit.load_mmdit_blend), so two SD3-medium files never need four copies in memory.
+  * Cost of the target per training sample, in teacher forwards: cfg 2, zsampling 6, w2sd 6 (3 models
+    held in memory for w2sd with a main model, 2 otherwise), plus the student's forward and backward
+    (about 3 forwards' worth): a W2SD + CFG step costs about 9 / 5 = 1.8x a cfg step.
   * t sampling: uniform on (0, 1] as in Algorithm 1, or SD3's logit-normal (sigmoid of N(0,1)).
-  * the 1/256 of Eq. 7 as released (embed.teefusion_conditioning).
+  * the 1/256 of Eq. 7 as released (embed.teefusion_conditioning); psi(1000 w) formed in float32.
+  * Baselines as their papers train them: DICE (--method dice) trains its token enhancer alone, the
+    MMDiT frozen, from PyTorch's default initialisation, at ONE guidance (w = 4, diffusers' scale 5)
+    with lr 2e-4; DistillCFG's guidance MLP starts from the default initialisation (as FLUX's and
+    the released guidance_in); G only adds G(psi(w)) / 256, Eq. 7's scale without its text factor.
+  * A student distilled from a reflection teacher at w follows a stronger guidance than CFG at w (to
+    first order, Z-Sampling at w is CFG at 2w - w_inv: samplers.first_order_cfg_w).
 
 Data and randomness. The global batch of optimizer step s is the stream positions
 p = s * B_global + j, j < B_global; position p is sample perm_e[p mod N] of the dataset, where
@@ -92,7 +118,6 @@ Shape legend: B batch, C latent channels, H W latent size, L tokens, Dc context 
 Dy pooled width, D model width.
 """
 
-import argparse
 import copy
 import json
 import math
@@ -113,18 +138,25 @@ from tqdm import tqdm
 
 import embed
 import samplers
-from mmdit import (STABILITY_PREFIX, _atomic_save, atomic_json, atomic_write, load_mmdit, save_mmdit,
+import cli
+from mmdit import (STABILITY_PREFIX, _atomic_save, atomic_json, atomic_write, load_mmdit, load_mmdit_blend, save_mmdit,
                    save_mmdit_diffusers)
 
 METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
-# the paper's settings; the toy world's are small enough to finish in minutes on a CPU, and the
-# toy world distills from its W2SD + CFG teacher by default (its weak/strong pair is built in)
-SD3_DEFAULTS = dict(steps=10000, global_batch=128, lr=5e-6, out="runs/distill", teacher_sampler="cfg",
-                    method="teefusion")
+# the paper's settings (Sec. 6.1: a W2SD + CFG teacher, AdamW lr 5e-6, batch 128, ~10k steps, w in
+# [2, 14], the released student's 50 steps); the toy world's are small enough to finish in minutes on
+# a CPU, and the toy world also distills from its W2SD + CFG teacher by default (its pair is built in)
+SD3_DEFAULTS = dict(steps=10000, global_batch=128, lr=5e-6, out="runs/distill", teacher_sampler="w2sd",
+                    method="teefusion", teacher_steps=50)
+# DICE trains its enhancer alone, from scratch, at ONE guidance (its release: Adam lr 2e-4, diffusers'
+# scale 5 = w 4); these apply to --method dice in both worlds unless given
+METHOD_DEFAULTS = {"dice": dict(lr=2e-4, w_min=embed.DICE_W, w_max=embed.DICE_W)}
+W_RANGE = dict(w_min=2.0, w_max=14.0)  # Algorithm 1's w ~ U[2, 14] (the paper's range)
 # toy lr 2e-3: at 3e-4 the fused term of Eq. 7 (with its 1/256) stayed tiny after 1000 steps and
 # the student ignored w (RMSE 0.018 between its w = 2 and w = 8 samples from the same noise,
 # the teacher's 0.335); at 2e-3 it follows w (0.216) at the same adherence
-TOY_DEFAULTS = dict(steps=1000, global_batch=32, lr=2e-3, out="runs/toy", teacher_sampler="w2sd", method="teefusion")
+TOY_DEFAULTS = dict(steps=1000, global_batch=32, lr=2e-3, out="runs/toy", teacher_sampler="w2sd", method="teefusion",
+                    teacher_steps=20)  # toy.report samples with 20 steps
 # --full (toy world): every student of the paper's Tables 3 and 4, as (subfolder of --out, --method,
 # --teacher-sampler); the ablations and DICE learn from the W2SD + CFG teacher, like the main student
 FULL = (("teefusion-cfg", "teefusion", "cfg"), ("teefusion-zsampling", "teefusion", "zsampling"),
@@ -138,14 +170,32 @@ LATEST = "latest"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="TeEFusion distillation (Algorithm 1), one process or torchrun.")
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
+    p = cli.parser("TeEFusion distillation (Algorithm 1), one process or torchrun.")
     p.add_argument("--method", default=None, choices=METHODS, help="the student's inputs (default teefusion)")
     p.add_argument("--teacher-sampler", default=None, choices=samplers.TEACHERS,
                    help="the teacher Algorithm 1 distills (default: cfg with --teacher, w2sd in the toy world)")
-    p.add_argument("--teacher", default=None, help="teacher MMDiT (.safetensors or diffusers folder); "
-                                                   "none: the toy world (toy.py)")
+    p.add_argument("--teacher", default=None,
+                   help="teacher MMDiT (.safetensors or diffusers folder); none: the toy world (toy.py). For w2sd: "
+                        "the strong model unless --strong is given, the main model with --w2sd-final main, the base "
+                        "of the pair with --w2sd-finetuned")
     p.add_argument("--weak", default=None, help="W2SD's weak model (inverts)")
-    p.add_argument("--strong", default=None, help="W2SD's strong model (denoises)")
+    p.add_argument("--strong", default=None, help="W2SD's strong model (denoises and, by Eq. 4, moves after the "
+                                                  "reflection); default: --teacher")
+    p.add_argument("--w2sd-finetuned", default=None, metavar="PATH",
+                   help="build W2SD's pair from a fine-tune of --teacher, as the W2SD release does: with delta = "
+                        "PATH - teacher, strong = teacher + STRONG_SCALE delta, weak = teacher + WEAK_SCALE delta "
+                        "(and main = teacher + MAIN_SCALE delta), each streamed tensor by tensor")
+    p.add_argument("--strong-scale", type=float, default=1.5)
+    p.add_argument("--weak-scale", type=float, default=-1.5)
+    p.add_argument("--main-scale", type=float, default=0.8)
+    p.add_argument("--w2sd-final", default="strong", choices=("strong", "main"),
+                   help="the model that moves after the reflection: the strong one (TeEFusion's Eq. 4, default) or "
+                        "a main model (the W2SD SDXL LoRA release: --teacher, or the blend at --main-scale); the "
+                        "student starts from it")
     p.add_argument("--data", default=None, help="a folder written by prepare.py (with text embeddings)")
     p.add_argument("--out", default=None, help="default: runs/distill (SD3), runs/toy (toy world)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps in all (default: 10000 SD3, "
@@ -157,13 +207,24 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help=f"AdamW (default: 5e-6 SD3, {TOY_DEFAULTS['lr']:g} toy)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm; 0: off")
-    p.add_argument("--w-min", type=float, default=2.0)
-    p.add_argument("--w-max", type=float, default=14.0)
+    p.add_argument("--w-min", type=float, default=None, help="default 2 (4 for dice)")
+    p.add_argument("--w-max", type=float, default=None, help="default 14 (4 for dice)")
     p.add_argument("--t-sampling", default="uniform", choices=("uniform", "logit-normal"))
-    p.add_argument("--teacher-steps", type=int, default=50, help="N: the teacher step is t -> max(t - 1/N, 0)")
-    p.add_argument("--w-inv", type=float, default=-1.0, help="zsampling: the inversion's guidance")
-    p.add_argument("--w-weak", type=float, default=0.0, help="w2sd: the weak model's guidance")
-    p.add_argument("--tau", default="t", help='reflection inversion label: "t", "t_next" or an offset')
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="N of the sampler the student will be used with (default 50 SD3, 20 toy): the teacher takes "
+                        "that sampler's step from t on the shifted schedule, and does not reflect on its last step")
+    p.add_argument("--shift", type=float, default=3.0, help="the schedule's time shift (SD3: 3)")
+    p.add_argument("--teacher-step", default="schedule", choices=("schedule", "uniform"),
+                   help="schedule: the sampler's step (samplers.schedule_step); uniform: t -> max(t - 1/N, 0) with a "
+                        "reflection everywhere (for comparison)")
+    p.add_argument("--preset", default="flow", choices=tuple(samplers.PRESETS),
+                   help="reflection settings: flow (the Z-Sampling authors' SD3.5 code: w_inv -0.5, tau t - 1/N) or "
+                        "sdxl (their SDXL release: w_inv -1, tau t)")
+    p.add_argument("--w-inv", type=float, default=None, help="zsampling: the inversion's guidance (default: preset)")
+    p.add_argument("--w-weak", type=float, default=samplers.W2SD_WEAK_W, help="w2sd: the weak model's guidance")
+    p.add_argument("--w-strong", type=float, default=None, help="w2sd: the strong model's guidance (default: w)")
+    p.add_argument("--tau", default=None, help='reflection inversion label: "t", "t_next", "t-1/N" or an offset '
+                                               "(default: preset)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the student (fp32 master weights)")
     p.add_argument("--teacher-dtype", default=None, choices=("bf16", "fp32"),
                    help="weights of the frozen teacher (and W2SD pair); default bf16 on CUDA, fp32 on CPU")
@@ -181,15 +242,18 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="toy world: distill every student of FULL (a TeEFusion "
                                                         "student per teacher, the Table 3 ablations, DICE), each "
                                                         "into --out/NAME, then print one table of them all")
-    return p.parse_args(argv)
+    return p
 
 
 def fill_defaults(args):
-    """The paper's settings for a real teacher; small ones that finish in minutes on a CPU for the toy world."""
-    defaults = SD3_DEFAULTS if args.teacher is not None else TOY_DEFAULTS
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    """The paper's settings for a real teacher; small ones that finish in minutes on a CPU for the toy world;
+    DICE's own (METHOD_DEFAULTS) for --method dice."""
+    world = SD3_DEFAULTS if args.teacher is not None else TOY_DEFAULTS
+    method = args.method or world["method"]
+    for defaults in (METHOD_DEFAULTS.get(method, {}), world, W_RANGE):
+        for k, v in defaults.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
     return args
 
 
@@ -211,6 +275,9 @@ def check_args(args, world_size=1):
                          "convention, CFG = (1 + w) v_c - w v_null; diffusers' guidance_scale is 1 + w)")
     if args.w_min > args.w_max:
         raise ValueError(f"--w-min {args.w_min:g} is larger than --w-max {args.w_max:g}")
+    if args.method == "dice" and args.w_min != args.w_max:
+        raise ValueError(f"--method dice is trained at ONE guidance (DICE reproduces CFG at a single scale; its "
+                         f"release: w = {embed.DICE_W:g}): give --w-min = --w-max, not {args.w_min:g} and {args.w_max:g}")
     micro = args.micro_batch or args.global_batch // world_size
     if args.global_batch < 1 or micro < 1 or args.global_batch % (world_size * micro):
         raise ValueError(f"--global-batch {args.global_batch} is not divisible by world size {world_size} x "
@@ -218,13 +285,22 @@ def check_args(args, world_size=1):
     if args.teacher is not None and not os.path.exists(args.teacher):
         raise FileNotFoundError(f"--teacher {args.teacher}: no such file or folder")
     if args.teacher_sampler == "w2sd":
-        if args.teacher is not None and (args.weak is None or args.strong is None):
-            raise ValueError("--teacher-sampler w2sd needs --weak PATH and --strong PATH (any two checkpoints: the "
-                             "strong one denoises, the weak one inverts)")
-        for name in ("weak", "strong"):
-            path = getattr(args, name)
-            if path is not None and not os.path.exists(path):
-                raise FileNotFoundError(f"--{name} {path}: no such file or folder")
+        if args.w2sd_finetuned is not None:
+            if args.weak is not None or args.strong is not None:
+                raise ValueError("--w2sd-finetuned builds the strong and weak models from --teacher and the fine-tune: "
+                                 "leave --strong and --weak out")
+            if args.teacher is None:
+                raise ValueError("--w2sd-finetuned PATH needs --teacher, the base the fine-tune was made from")
+        elif args.teacher is not None and args.weak is None:
+            raise ValueError("--teacher-sampler w2sd needs a weak model: --weak PATH (any checkpoint; --strong defaults "
+                             "to --teacher), or --w2sd-finetuned PATH to build the pair from a fine-tune of --teacher; "
+                             "or choose --teacher-sampler cfg or zsampling")
+    elif any(v is not None for v in (args.weak, args.strong, args.w2sd_finetuned)):
+        raise ValueError("--weak, --strong and --w2sd-finetuned are W2SD's: they need --teacher-sampler w2sd")
+    for name in ("weak", "strong", "w2sd_finetuned"):
+        path = getattr(args, name)
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file or folder")
     if args.teacher is not None and args.data is None:
         raise ValueError("--teacher needs --data DIR (a folder written by prepare.py with text embeddings)")
     if args.export_diffusers and args.method != "teefusion":
@@ -234,11 +310,12 @@ def check_args(args, world_size=1):
         raise ValueError(f"--ema {args.ema}: the decay must be in (0, 1), e.g. 0.9999")
     if args.steps < 0 or args.ckpt_every < 1 or args.teacher_steps < 1 or args.keep < 1:
         raise ValueError("--steps must be >= 0, --ckpt-every, --teacher-steps and --keep >= 1")
-    try:
-        args.tau = float(args.tau)
-    except ValueError:
-        pass
-    samplers.check_tau(args.tau)
+    if args.tau is not None:
+        try:
+            args.tau = float(args.tau)
+        except ValueError:
+            pass
+    samplers.check_tau(samplers.reflection_settings(args.preset, args.w_inv, args.tau)[1], args.teacher_steps)
     return micro
 
 
@@ -327,8 +404,16 @@ def frozen(model):
     return model.requires_grad_(False).eval()
 
 
-def distill_loss(student, teacher, batch, null, args, strong=None, weak=None, timing=None):
+def teacher_step(t, args):
+    """The teacher's step from t (B,): (t_next, reflects), see the file docstring."""
+    if args.teacher_step == "uniform":
+        return (t - 1.0 / args.teacher_steps).clamp(min=0), torch.ones_like(t, dtype=torch.bool)
+    return samplers.schedule_step(t, args.teacher_steps, args.shift)
+
+
+def distill_loss(student, teacher, batch, null, args, weak=None, main=None, timing=None):
     """One micro-batch of Algorithm 1. batch: tensors on the device; null: (context_null, y_null).
+    teacher: the frozen teacher (for w2sd: the strong model), weak / main: W2SD's other models.
     Returns the MSE loss (fp32 scalar). timing: a dict to which teacher/student seconds are added."""
     x0, context, y = batch["latents"], batch["context"], batch["y"]  # (B, C, H, W), (B, L, Dc), (B, Dy)
     t, w, eps = batch["t"], batch["w"], batch["eps"]  # (B,), (B,), (B, C, H, W)
@@ -342,13 +427,14 @@ def distill_loss(student, teacher, batch, null, args, strong=None, weak=None, ti
     # Algorithm 1: x_t = (1 - t) x0 + t eps
     t_ = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     x_t = (1 - t_) * x0 + t_ * eps  # (B, C, H, W)
-    # the teacher step t -> t_next whose velocity is the target (see the file docstring)
-    t_next = (t - 1.0 / args.teacher_steps).clamp(min=0)  # (B,)
+    # the step the sampler takes from t, on its shifted schedule (see the file docstring)
+    t_next, reflect = teacher_step(t, args)  # (B,), (B,)
     # Algorithm 1: target = (1 + w) v_T(x_t, t, c) - w v_T(x_t, t, null) (Eq. 2), refined by Eq. 3-4
     with torch.no_grad(), teacher_amp:
         target = samplers.teacher_target(args.teacher_sampler, teacher, x_t, t, t_next, (context, y), null, w,
-                                         w_inv=args.w_inv, tau=args.tau, strong=strong, weak=weak,
-                                         w_weak=args.w_weak).float()  # (B, C, H, W)
+                                         reflect=reflect, steps=args.teacher_steps, preset=args.preset,
+                                         w_inv=args.w_inv, tau=args.tau, weak=weak, main=main,
+                                         w_strong=args.w_strong, w_weak=args.w_weak).float()  # (B, C, H, W)
     tock = _clock(device)
     # Algorithm 1: z from Eq. 7, one student forward
     with amp:
@@ -522,8 +608,11 @@ def _setup_distributed(args):
 
 
 def _resolve_world(args, dataset, rank, distributed):
-    """Paths and data: the user's (SD3 world) or the toy world's when there is no --teacher."""
-    strong = weak = world = None
+    """The networks and the data: the user's (SD3 world) or the toy world's when there is no --teacher.
+    Returns (sources, dataset, toy world or None); sources maps "teacher" (the frozen network the
+    target's first move uses: for w2sd the strong model), "weak", "main" and "init" (the student's
+    starting point) to a checkpoint path, or to (base, finetuned, scale) for a W2SD blend."""
+    world = None
     if args.teacher is None:
         import toy  # the CPU toy world; imported only when used
 
@@ -532,18 +621,40 @@ def _resolve_world(args, dataset, rank, distributed):
         world = toy.build_world(progress=rank == 0 and not args.no_progress)
         if distributed and rank == 0:
             dist.barrier()
-        teacher_path = world.teacher_path
+        teacher, weak = world.teacher_path, args.weak or world.weak_path
+        strong = args.strong or world.strong_path
         dataset = dataset if dataset is not None else world.dataset(split="train")
-        if args.teacher_sampler == "w2sd":
-            strong, weak = args.strong or world.strong_path, args.weak or world.weak_path
     else:
-        teacher_path = args.teacher
+        teacher, weak, strong = args.teacher, args.weak, args.strong or args.teacher
         if dataset is None:
             from prepare import ShardDataset
 
             dataset = ShardDataset(args.data)
-        strong, weak = args.strong, args.weak
-    return teacher_path, strong, weak, dataset, world
+    sources = dict(teacher=teacher, weak=None, main=None, init=teacher)
+    if args.teacher_sampler == "w2sd":
+        if args.w2sd_finetuned is not None:  # the W2SD release's pair from one fine-tune of the teacher
+            blend = lambda scale: (teacher, args.w2sd_finetuned, scale)  # noqa: E731
+            strong, weak, main = blend(args.strong_scale), blend(args.weak_scale), blend(args.main_scale)
+        else:
+            main = teacher
+        sources.update(teacher=strong, weak=weak, main=main if args.w2sd_final == "main" else None)
+        # the student starts from the model that makes the teacher step's final move (see the docstring)
+        sources["init"] = sources["main"] if args.w2sd_final == "main" else strong
+    return sources, dataset, world
+
+
+def load_network(source, device, dtype):
+    """A checkpoint path, or (base, finetuned, scale): base + scale (finetuned - base), streamed."""
+    if isinstance(source, tuple):
+        return load_mmdit_blend(*source, device=device, dtype=dtype)
+    return load_mmdit(source, device, dtype)
+
+
+def describe_source(source):
+    if isinstance(source, tuple):
+        base, tuned, scale = source
+        return f"{base} {scale:+g} x ({tuned} - {base})"
+    return source
 
 
 def full_runs(args):
@@ -605,24 +716,24 @@ def main(args, dataset=None):
 def _main(args, dataset, distributed, rank, world_size, device):
     micro = check_args(args, world_size)
     accum = args.global_batch // (world_size * micro)
-    teacher_path, strong_path, weak_path, dataset, toy_world = _resolve_world(args, dataset, rank, distributed)
+    sources, dataset, toy_world = _resolve_world(args, dataset, rank, distributed)
     if len(dataset) == 0:
         raise ValueError("the training data is empty")
     if args.teacher_dtype is None:
         args.teacher_dtype = "bf16" if device.type == "cuda" else "fp32"
     net_dtype = torch.bfloat16 if args.teacher_dtype == "bf16" else torch.float32  # the frozen networks
 
-    # Algorithm 1: student initialised from the teacher (fp32 master weights)
-    teacher = frozen(load_mmdit(teacher_path, device, net_dtype))
-    model = load_mmdit(teacher_path, device, torch.float32)
+    # Algorithm 1: student initialised from the teacher (fp32 master weights); for W2SD, from the model
+    # that moves after the reflection (the strong one, Eq. 4, or the main one)
+    teacher = frozen(load_network(sources["teacher"], device, net_dtype))
+    model = load_network(sources["init"], device, torch.float32)
     model.gradient_checkpointing = args.grad_checkpointing
     torch.manual_seed(args.seed)  # the new modules of distillcfg / dice start the same on every rank and world size
     fusion = embed.make_fusion(args.method, model.config).to(device)
     if not fusion.trains_model:  # DICE: the diffusion model stays frozen, only the enhancer learns
         frozen(model)
     student = Student(model, fusion).train()
-    strong = frozen(load_mmdit(strong_path, device, net_dtype)) if strong_path else None
-    weak = frozen(load_mmdit(weak_path, device, net_dtype)) if weak_path else None
+    weak, main = (frozen(load_network(sources[k], device, net_dtype)) if sources[k] else None for k in ("weak", "main"))
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -644,10 +755,13 @@ def _main(args, dataset, distributed, rank, world_size, device):
             _trim_log(log_path, start)
         elif os.path.exists(log_path):
             os.remove(log_path)
-        print(f"distill: {args.method}, teacher {args.teacher_sampler} ({teacher_path}), {world_size} process(es) "
+        print(f"distill: {args.method}, teacher {args.teacher_sampler} ({describe_source(sources['teacher'])}"
+              + (f", weak {describe_source(sources['weak'])}" if sources["weak"] else "")
+              + (f", main {describe_source(sources['main'])}" if sources["main"] else "")
+              + f"; student from {describe_source(sources['init'])}), {world_size} process(es) "
               f"on {device}, global batch {args.global_batch} = {world_size} x {micro} x {accum} rounds, "
               f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters, "
-              + (f"resuming at step {start} from {ckpt}" if ckpt else "from the teacher"))
+              + (f"resuming at step {start} from {ckpt}" if ckpt else "from step 0"))
 
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
               gradient_as_bucket_view=True) if distributed else student
@@ -675,7 +789,7 @@ def _main(args, dataset, distributed, rank, world_size, device):
             # DDP: all-reduce the gradients only on the last accumulation round
             sync = ddp.no_sync() if distributed and a < accum - 1 else nullcontext()
             with sync:
-                loss = distill_loss(ddp, teacher, batch, null, args, strong, weak, timing)
+                loss = distill_loss(ddp, teacher, batch, null, args, weak, main, timing)
                 (loss / accum).backward()
             timing["student_s"] += _clock(device) - timing.pop("_student_start")
             loss_sum += loss.detach()
@@ -749,4 +863,4 @@ def _main(args, dataset, distributed, rank, world_size, device):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, build_parser())

@@ -15,9 +15,18 @@ instead of two (CFG) or six (Z-Sampling / W2SD with CFG), and no new parameters.
     z = embed.teefusion_conditioning(model, t, y, y_null, w=5.0)   # (B, D)
     v = model(x, t, context, y, vec=z)                             # the student's velocity
 
-`FUSIONS` names every way distill.py can build the student's inputs: "teefusion",
-"gonly" and "distillcfg" (Table 3), and "dice" (the DICE baseline). `TextEncoders` turns
-prompts into (context, y) as SD3 does (CLIP-L, CLIP-G, T5 through transformers).
+`FUSIONS` names every way distill.py can build the student's inputs, each as its paper trains it:
+"teefusion" (Eq. 7), "gonly" (Table 3: G(psi(w)) / 256 without the text factor), "distillcfg"
+(Table 3: a new default-initialised guidance MLP, as FLUX's guidance_in), and "dice" (the DICE
+baseline: a token enhancer trained alone at one guidance, w = 4). All of them condition on
+z = G(psi(t)) + text with `text` independent of t, so samplers compute it once per image
+(`Fusion.prepare`). `TextEncoders` turns prompts into (context, y) as SD3 does (CLIP-L, CLIP-G,
+T5 through transformers).
+
+psi(1000 w) is formed in float32 everywhere in this project (training and sampling); the
+authors' released pipeline forms it in the model's dtype (bf16: w = 5 becomes 4992), which
+`teefusion_conditioning(..., w_dtype=torch.bfloat16)` reproduces for their released weights.
+Their pipeline's `guidance_scale` is this w fed to psi directly, not diffusers' g = 1 + w.
 
 Shape legend: B batch, L tokens, D model width, Dc context width, Dy pooled width.
 """
@@ -31,8 +40,10 @@ import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 
 from mmdit import Embedder, timestep_embedding  # psi lives with the network that consumes it
 
-__all__ = ["timestep_embedding", "guidance_tensor", "sd3_conditioning", "teefusion_conditioning",
-           "gonly_conditioning", "FUSIONS", "make_fusion", "TextEncoders"]
+__all__ = ["timestep_embedding", "guidance_tensor", "timestep_term", "sd3_conditioning", "teefusion_text_term",
+           "teefusion_conditioning", "gonly_conditioning", "FUSIONS", "make_fusion", "TextEncoders"]
+
+DICE_W = 4.0  # the one guidance DICE is trained for: diffusers' guidance_scale 5 (its release), g = 1 + w
 
 
 def guidance_tensor(w, batch, device):
@@ -51,87 +62,128 @@ def guidance_tensor(w, batch, device):
     return w
 
 
+def timestep_term(model, t, batch=None):
+    """G(psi(t)), the time half of Eq. 6, (B, D). t: a float or a (B,) tensor."""
+    G = model.t_embedder
+    device = G.mlp[0].weight.device
+    t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
+    if batch is not None:
+        t = t.expand(batch)
+    return G(timestep_embedding(t, model.config.frequency_dim))  # (B, D)
+
+
 def sd3_conditioning(model, t, y):
     """Eq. 6: c = G(psi(t)) + F(y), with the model's own G = t_embedder, F = y_embedder."""
-    G, F = model.t_embedder, model.y_embedder
-    t = torch.as_tensor(t, dtype=torch.float32, device=y.device).reshape(-1).expand(y.shape[0])
     # Eq. 6
-    return G(timestep_embedding(t, model.config.frequency_dim)) + F(y)  # (B, D)
+    return timestep_term(model, t, y.shape[0]) + model.y_embedder(y)  # (B, D)
 
 
-def teefusion_conditioning(model, t, y, y_null, w):
+def teefusion_text_term(model, y, y_null, w, w_dtype=None):
+    """The part of Eq. 7 that does not depend on t: F(y) + G(psi(w)) * F(y - y_null) / 256, (B, D).
+    A sampler computes it once per image and adds G(psi(t)) at every step (`teefusion_conditioning`)."""
+    G, F = model.t_embedder, model.y_embedder
+    w = guidance_tensor(w, y.shape[0], y.device)
+    psi_w = timestep_embedding(w, model.config.frequency_dim, scale_dtype=w_dtype or torch.float32)  # (B, 256)
+    # Eq. 7, the guidance term, as released: G(psi(w)) * F(y - y_null) / 256
+    return F(y) + G(psi_w) * F(y - y_null) / 256  # (B, D)
+
+
+def teefusion_conditioning(model, t, y, y_null, w, w_dtype=None):
     """Eq. 7 as the authors released it: z = G(psi(t)) + F(y) + G(psi(w)) * F(y - y_null) / 256.
 
     y (B, Dy) is the pooled conditional text, y_null (B or 1, Dy) the pooled null (empty
-    string, or a negative prompt); w a float or (B,) tensor, psi applied to 1000 * w in
-    float32 (bf16 would round 5000 to 4992). "*" is elementwise over the D channels; G and
-    F are the pretrained modules, so TeEFusion adds no parameters.
+    string, or a negative prompt); w a float or (B,) tensor, psi applied to 1000 * w. "*" is
+    elementwise over the D channels; G and F are the pretrained modules, so TeEFusion adds no
+    parameters.
 
     Two differences from the paper's text, both taken from the released model and kept so
     that released student weights give the right images:
       1. the fused term is divided by 256 (the paper has no such factor);
       2. the difference is taken on the pooled vectors BEFORE F, F(y - y_null), not
          F(y) - F(y_null) (F is an MLP with a bias, so the two are not the same).
+    w_dtype: the dtype in which 1000 * w is formed. None (float32) is this project's one
+    convention, for training and for sampling. The authors' released pipeline forms it in the
+    transformer's dtype: with bf16 weights w = 5 enters psi as 4992 and 7.5 as 7488. Pass
+    w_dtype=torch.bfloat16 to reproduce its images from its released bf16 weights.
     """
-    G, F = model.t_embedder, model.y_embedder
-    w = guidance_tensor(w, y.shape[0], y.device)
-    psi_w = timestep_embedding(w, model.config.frequency_dim)  # (B, 256), float32
-    # Eq. 7
-    return sd3_conditioning(model, t, y) + G(psi_w) * F(y - y_null) / 256  # (B, D)
+    # Eq. 7 = G(psi(t)) + [F(y) + G(psi(w)) * F(y - y_null) / 256]
+    return timestep_term(model, t, y.shape[0]) + teefusion_text_term(model, y, y_null, w, w_dtype)  # (B, D)
 
 
 def gonly_conditioning(model, t, y, w):
-    """Table 3 ablation "G only": z = G(psi(t)) + F(y) + G(psi(w)), no text factor."""
-    w = guidance_tensor(w, y.shape[0], y.device)
-    return sd3_conditioning(model, t, y) + model.t_embedder(timestep_embedding(w, model.config.frequency_dim))
+    """Table 3 ablation "G only": z = G(psi(t)) + F(y) + G(psi(w)) / 256: Eq. 7 without the text
+    factor F(y - y_null), at the same released scale 1/256, so that the two students start from
+    the same near-teacher point and differ only in that factor."""
+    return timestep_term(model, t, y.shape[0]) + GOnly.text_term(model, y, w)
 
 
 # -----------------------------------------------------------------------------
 # The student's inputs, one class per method, so distill.py can train each by name.
-# Each returns (context, y, vec) for `model(x, t, context, y, vec=vec)`.
+# Every method conditions the MMDiT on z = G(psi(t)) + text, where text does not depend on t:
+# `prepare` computes (context, y, text) once per image, and a sampler adds G(psi(t)) per step.
+# `forward` does both, for training: (context, y, vec) for `model(x, t, context, y, vec=vec)`.
 
 
 class Fusion(nn.Module):
     trains_model = True  # False: the diffusion model stays frozen, only this module learns
+    fixed_w = None  # a number: the method is trained and sampled at this one guidance (DICE)
+    reads_null_tokens = False  # True: needs the null prompt's context tokens too (DICE)
+
+    def prepare(self, model, context, y, context_null, y_null, w):
+        """-> (context (B, L, Dc), y (B, Dy), text (B, D)): everything that does not depend on t."""
+        raise NotImplementedError
 
     def forward(self, model, t, context, y, context_null, y_null, w):
-        raise NotImplementedError
+        context, y, text = self.prepare(model, context, y, context_null, y_null, w)
+        return context, y, timestep_term(model, t, y.shape[0]) + text
 
 
 class TeEFusion(Fusion):
     """Eq. 7. The student sees the conditional tokens only; the null prompt enters through
-    its pooled vector. No parameters."""
+    its pooled vector. No parameters. w_dtype: see `teefusion_conditioning`."""
 
-    def forward(self, model, t, context, y, context_null, y_null, w):
-        return context, y, teefusion_conditioning(model, t, y, y_null, w)
+    def __init__(self, w_dtype=None):
+        super().__init__()
+        self.w_dtype = w_dtype
+
+    def prepare(self, model, context, y, context_null, y_null, w):
+        return context, y, teefusion_text_term(model, y, y_null, w, self.w_dtype)
 
 
 class GOnly(Fusion):
-    def forward(self, model, t, context, y, context_null, y_null, w):
-        return context, y, gonly_conditioning(model, t, y, w)
+    """Table 3 ablation "G only" (`gonly_conditioning`). No parameters."""
+
+    @staticmethod
+    def text_term(model, y, w):
+        w = guidance_tensor(w, y.shape[0], y.device)
+        psi_w = timestep_embedding(w, model.config.frequency_dim)  # (B, 256)
+        return model.y_embedder(y) + model.t_embedder(psi_w) / 256  # (B, D)
+
+    def prepare(self, model, context, y, context_null, y_null, w):
+        return context, y, self.text_term(model, y, w)
 
 
 class DistillCFG(Fusion):
     """Table 3 ablation DistillCFG: a NEW guidance embedder on psi(w) added to c, as
-    FLUX.1-dev's guidance_in (Linear, SiLU, Linear). Its last layer starts at zero, so the
-    untrained student equals the teacher's conditional branch."""
+    FLUX.1-dev's guidance_in and the authors' released `guidance_in` (Linear, SiLU, Linear) with
+    PyTorch's default initialisation, as theirs: the paper's Sec. 6.3 credits TeEFusion's faster
+    convergence to having no randomly initialised part, so this baseline keeps its random one."""
 
     def __init__(self, config):
         super().__init__()
         self.guidance_in = Embedder(config.frequency_dim, config.hidden_size)
-        nn.init.zeros_(self.guidance_in.mlp[2].weight)
-        nn.init.zeros_(self.guidance_in.mlp[2].bias)
 
-    def forward(self, model, t, context, y, context_null, y_null, w):
+    def prepare(self, model, context, y, context_null, y_null, w):
         w = guidance_tensor(w, y.shape[0], y.device)
-        psi_w = timestep_embedding(w, self.guidance_in.mlp[0].in_features)
-        return context, y, sd3_conditioning(model, t, y) + self.guidance_in(psi_w).to(y.dtype)
+        psi_w = timestep_embedding(w, self.guidance_in.mlp[0].in_features)  # (B, 256)
+        return context, y, model.y_embedder(y) + self.guidance_in(psi_w).to(y.dtype)
 
 
 class Sharpener(nn.Module):
-    """DICE's enhancer for one kind of embedding: a shared Linear (width -> 512) and ReLU on
-    both inputs, one cross-attention layer (queries from the conditional tokens, keys and
-    values from the null tokens, 8 heads, no qkv bias), ReLU, Linear (512 -> width)."""
+    """DICE's enhancer: a shared Linear (width -> 512) and ReLU on both inputs, one
+    cross-attention layer (queries from the conditional tokens, keys and values from the null
+    tokens, 8 heads, no qkv bias, an output Linear), ReLU, Linear (512 -> width). PyTorch's
+    default initialisation, as DICE's release."""
 
     def __init__(self, width, inner=512, heads=8):
         super().__init__()
@@ -142,8 +194,6 @@ class Sharpener(nn.Module):
         self.to_v = nn.Linear(inner, inner, bias=False)
         self.to_out = nn.Linear(inner, inner)
         self.fc2 = nn.Linear(inner, width)
-        nn.init.zeros_(self.fc2.weight)  # starts as the identity map c' = c
-        nn.init.zeros_(self.fc2.bias)
 
     def forward(self, c, null):
         """c (B, L, W), null (B or 1, L', W) -> (B, L, W)"""
@@ -159,38 +209,40 @@ class Sharpener(nn.Module):
 
 
 class DICE(Fusion):
-    """The DICE baseline: refine the text embeddings, keep the diffusion model FROZEN.
+    """The DICE baseline: refine the text TOKENS, keep the diffusion model FROZEN.
 
-    c' = c + alpha * enhancer(c, null). On SD3 there are two text embeddings, so two
-    enhancers: one over the context tokens (B, L, Dc), attending to the null prompt's
-    tokens, and one over the pooled vector y (B, Dy), treated as a one-token sequence that
-    attends to y_null. The refined y' feeds F in Eq. 6, so both streams of the MMDiT see
-    the sharpened text. The guidance scale is the one DICE was trained for (w is ignored).
+    c' = c + alpha * enhancer(c, null) over the context tokens (B, L, Dc), attending to the null
+    (or negative) prompt's tokens; the first token (CLIP's start token) is kept unchanged and the
+    pooled vector y is left untouched, as DICE's SDXL release does (a cross-attention of one
+    pooled query over one pooled key would be a constant: a softmax over one key is 1).
+    DICE is trained so that the UNGUIDED model on c' matches CFG at ONE guidance, fixed_w (its
+    release: diffusers' scale 5, w = 4); the w given at sampling time is ignored.
     """
 
     trains_model = False
+    reads_null_tokens = True
 
-    def __init__(self, config, alpha=1.0, inner=512, heads=8):
+    def __init__(self, config, alpha=1.0, inner=512, heads=8, w=DICE_W):
         super().__init__()
-        self.alpha = alpha
+        self.alpha, self.fixed_w = alpha, float(w)
         self.tokens = Sharpener(config.context_dim, inner, heads)
-        self.pooled = Sharpener(config.pooled_dim, inner, heads)
 
-    def forward(self, model, t, context, y, context_null, y_null, w):
-        context = context + self.alpha * self.tokens(context, context_null).to(context.dtype)
-        y = y + self.alpha * self.pooled(y[:, None], y_null[:, None])[:, 0].to(y.dtype)
-        return context, y, sd3_conditioning(model, t, y)
+    def prepare(self, model, context, y, context_null, y_null, w):
+        delta = self.alpha * self.tokens(context, context_null).to(context.dtype)  # (B, L, Dc)
+        delta[:, 0] = 0  # the start token stays as it was
+        return context + delta, y, model.y_embedder(y)
 
 
 FUSIONS = {"teefusion": TeEFusion, "gonly": GOnly, "distillcfg": DistillCFG, "dice": DICE}
 
 
-def make_fusion(name, config):
-    """The student-input module for a method name (see FUSIONS); config is an MMDiTConfig."""
+def make_fusion(name, config, **kwargs):
+    """The student-input module for a method name (see FUSIONS); config is an MMDiTConfig.
+    kwargs go to the class (TeEFusion: w_dtype; DICE: alpha, w)."""
     if name not in FUSIONS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(FUSIONS)}")
     cls = FUSIONS[name]
-    return cls(config) if cls in (DistillCFG, DICE) else cls()
+    return cls(config, **kwargs) if cls in (DistillCFG, DICE) else cls(**kwargs)
 
 
 # -----------------------------------------------------------------------------

@@ -101,17 +101,20 @@ CONFIGS = {
 # The network
 
 
-def timestep_embedding(s, dim=256, max_period=10000.0):
+def timestep_embedding(s, dim=256, max_period=10000.0, scale_dtype=torch.float32):
     """psi: the sinusoid that G (and, in TeEFusion, the guidance scale) goes through.
 
     s is flow time in [0, 1] (or a guidance scale w); the network was trained on 1000 * s.
-    Frequencies exp(-ln(max_period) * i / half), i < half; cos first, then sin. Always
-    computed in float32: in bf16, 1000 * 5.0 would round to 4992.
+    Frequencies exp(-ln(max_period) * i / half), i < half; cos first, then sin, in float32.
+    scale_dtype: the dtype in which 1000 * s is formed. float32 (the default, used for all of
+    this project's training and sampling) is exact for every w and t we use; bfloat16 reproduces
+    a pipeline that builds the tensor in a bf16 model's dtype (1000 * 5.0 becomes 4992).
     """
-    s = torch.as_tensor(s, dtype=torch.float32).reshape(-1)  # (B,)
+    s = torch.as_tensor(s).reshape(-1)  # (B,)
+    s1000 = (s.to(scale_dtype) * 1000.0).float()  # (B,) the network's 1000-step scale
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=s.device) / half)
-    args = 1000.0 * s[:, None] * freqs[None]  # (B, half)
+    args = s1000[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
     if dim % 2:
         emb = F.pad(emb, (0, 1))  # (B, dim)
@@ -596,12 +599,46 @@ def load_mmdit(path, device="cpu", dtype=torch.float32):
                                   + "\n  ".join(bad[:20]))
         state = {}
         for k in expected:
-            keys, swap = sources[k]
-            t = torch.cat([where[s].get_tensor(s) for s in keys], dim=0)
-            t = swap_halves(t) if swap else t
+            t = _read_tensor(where, sources, k, path)
             state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+def load_mmdit_blend(base, finetuned, scale, device="cpu", dtype=torch.float32):
+    """base + scale * (finetuned - base), one tensor at a time: W2SD's way of making a model pair
+    from one fine-tune (samplers.py; its release: strong = +1.5, weak = -1.5, main = +0.8).
+
+    base, finetuned: any two checkpoints load_mmdit reads (Stability or diffusers layout, also
+    mixed) of the same MMDiT. Each tensor is read from both files, blended in float32 and stored
+    in `dtype` before the next is read, so the memory cost is the returned model's own: building
+    the pair from two SD3-medium files holds two models, never four."""
+    with ExitStack() as stack:
+        cfg, where, sources, shapes = _read_plan(base, stack)
+        cfg_f, where_f, sources_f, shapes_f = _read_plan(finetuned, stack)
+        if cfg != cfg_f:
+            raise CheckpointError(f"{finetuned} is not a fine-tune of {base}: {_describe(cfg_f)} vs {_describe(cfg)}")
+        with torch.device("meta"):
+            model = MMDiT(cfg)
+        state = {}
+        for k in model.state_dict():
+            b, f = (_read_tensor(w, src, k, path) for w, src, path in ((where, sources, base),
+                                                                       (where_f, sources_f, finetuned)))
+            if b.shape != f.shape:
+                raise CheckpointError(f"{k}: {tuple(b.shape)} in {base} but {tuple(f.shape)} in {finetuned}")
+            blended = b.float() + scale * (f.float() - b.float()) if b.is_floating_point() else b
+            state[k] = blended.to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
+            del b, f, blended
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def _read_tensor(where, sources, k, path):
+    if k not in sources:
+        raise CheckpointError(f"{path}: missing key {k}")
+    keys, swap = sources[k]
+    t = torch.cat([where[s].get_tensor(s) for s in keys], dim=0)
+    return swap_halves(t) if swap else t
 
 
 def _diffusers_sources(where, shape):

@@ -10,23 +10,35 @@ each step costs, and that cost is what TeEFusion distills away:
     euler       x + h v(x, t)                  (the unguided teacher)   N
     cfg         Euler with Eq. 2, both branches in ONE batched call     2N
     zsampling   denoise w, invert w_inv, denoise w  (Eq. 3-4)           6(N-1) + 2
-    w2sd        denoise strong, invert weak, denoise main (Eq. 3-4)     6(N-1) + 2
+    w2sd        denoise strong, invert weak, move strong (Eq. 3-4)      6(N-1) + 2
     student     Euler on one pass with z from Eq. 7 (embed.py)          N
 
 with h = t_next - t < 0. For N = 50 that is 296 for the reflection teachers against 50 for
 the student: the paper's "6x". The reflection samplers reflect on every step but the last
-(a plain Euler + CFG step), as both authors' releases do.
+(a plain guided Euler step), as both authors' releases do.
 
-Reflection defaults follow the Z-Sampling authors' first release: the inversion uses
-w_inv = -1 (their gamma_2 = 0, the null branch alone) at the time label tau = t_i; their
-SD3.5 code uses w_inv = -0.5 and tau = t_i - 1/N (see `inversion_time`). W2SD's follow its
-release: the strong model denoises at w, the weak one inverts at w_weak = 0.
+Reflection settings. On a flow model the defaults are the Z-Sampling authors' own flow-matching
+(SD3.5) code, `zigzag` in xie-lab-ml/CoRe, preset "flow": the inversion runs back over the step's
+own interval with guidance w_inv = -0.5 (diffusers scale 0.5) at the time label tau = t - 1/N
+(their max(0, t - 1000 // N) on the 1000 scale). Preset "sdxl" is their SDXL release (w_inv = -1,
+the null branch alone, at tau = t). W2SD reflects the same way, its gap made by two MODELS: the
+strong one denoises at w (w_strong), the weak one inverts at w_weak = 0 (the W2SD release's weak
+guidance 1.0), and, by TeEFusion's Eq. 4, x_{t-1} = M^s(x~_t, t): the STRONG model makes the
+move after the reflection. The W2SD authors' SDXL LoRA release moves with a third, "main" model
+instead (`main=`). Their release forms the pair from one fine-tune: with delta = finetuned -
+base, strong = base + 1.5 delta, weak = base - 1.5 delta, main = base + 0.8 delta
+(mmdit.load_mmdit_blend builds each, tensor by tensor).
+
+A reflection teacher's w is not CFG's w. To first order in h, one Z-Sampling step at w moves
+like a CFG step at w' = 2w - w_inv (`first_order_cfg_w`: 8.5 at w = 4 with the flow preset), so a
+student distilled from it at w follows a stronger guidance than CFG at w would give.
 
 Everything is written over a velocity function v(x, t) -> (B, ...), x (B, ...), t (B,), so
 the samplers do not know about networks: `conditional`, `guided` and `student` build those
 functions from a network `net(x, t, *cond)` (an MMDiT is one: cond = (context, y)), and an
 `NFECounter` counts every row that goes through a network. `sample` runs any of the five on
-an MMDiT and reports the NFE; `teacher_target` gives distill.py its per-batch target.
+an MMDiT and reports the NFE; `teacher_target` and `schedule_step` give distill.py its
+per-batch target.
 
 Guidance is the paper's w everywhere: CFG = (1 + w) v(c) - w v(null) (Eq. 2), so w = 0 is the
 conditional model. diffusers' guidance_scale is g = 1 + w (`w_to_guidance_scale`).
@@ -34,14 +46,13 @@ conditional model. diffusers' guidance_scale is g = 1 + w (`w_to_guidance_scale`
     sigmas = flow_sigmas(50)                                    # SD3 schedule, shift 3
     v = guided(model, (context, y), (context_null, y_null), w=4.0)
     x0 = euler(v, torch.randn(1, 16, 128, 128), sigmas)
-    x0, nfe = sample("w2sd", model, noise, context, y, context_null, y_null, w=4.0,
-                     strong=strong_model, weak=weak_model)      # nfe == 296
+    x0, nfe = sample("w2sd", strong_model, noise, context, y, context_null, y_null, w=4.0,
+                     weak=weak_model)                           # nfe == 296
 
 Print a schedule:  python samplers.py --steps 28
 Time the samplers: python benchmarks/bench_samplers.py
 """
 
-import argparse
 import math
 
 import torch
@@ -53,6 +64,10 @@ METHODS = ("euler", "cfg", "zsampling", "w2sd", "student")
 TEACHERS = ("cfg", "zsampling", "w2sd")
 ALIASES = {"zigzag": "zsampling", "z-sampling": "zsampling", "euler+cfg": "cfg"}
 TAUS = ("t", "t_next", "t-1/N")
+# The reflection's inversion settings, by the authors' code they come from (see the docstring):
+# "flow", their flow-matching SD3.5 code, is the default on SD3; "sdxl" their SDXL release.
+PRESETS = {"flow": dict(w_inv=-0.5, tau="t-1/N"), "sdxl": dict(w_inv=-1.0, tau="t")}
+W2SD_WEAK_W = 0.0  # the W2SD release's weak guidance: diffusers' scale 1.0 (the conditional model)
 
 
 # -----------------------------------------------------------------------------
@@ -206,19 +221,21 @@ def student(model, context, y, y_null, w, counter=None, fusion=None, context_nul
     w fused into the conditioning vector z (Eq. 7, embed.teefusion_conditioning); the null
     prompt enters only through its pooled vector y_null. 1 NFE per call.
 
+    Everything in z but G(psi(t)) is computed ONCE here, not per step (embed.Fusion.prepare):
+    F(y) + G(psi(w)) * F(y - y_null) / 256 for Eq. 7, the DICE enhancer's tokens, ...
     fusion: another student input from embed.FUSIONS (the Table 3 ablations "gonly" and
-    "distillcfg", or the DICE baseline, which also reads context_null); still one forward.
+    "distillcfg", or the DICE baseline, which also reads context_null), or embed.TeEFusion(w_dtype)
+    to form 1000 w as a bf16 pipeline does; still one forward.
     """
     check_w(w)
+    fusion = embed.TeEFusion() if fusion is None else fusion
     forward = _counted(model, counter)
     y_null = y_null.expand_as(y)  # (B, Dy)
+    context_s, y_s, text = fusion.prepare(model, context, y, context_null, y_null, w)  # text (B, D)
 
     def v(x, t):
-        if fusion is None:
-            z = embed.teefusion_conditioning(model, t, y, y_null, w)  # Eq. 7, (B, D)
-            return forward(x, t, context, y, vec=z)
-        context_s, y_s, vec = fusion(model, t, context, y, context_null, y_null, w)
-        return forward(x, t, context_s, y_s, vec=vec)
+        z = embed.timestep_term(model, t, x.shape[0]) + text  # Eq. 7 (or the fusion's z), (B, D)
+        return forward(x, t, context_s, y_s, vec=z)
 
     return v
 
@@ -256,13 +273,30 @@ def check_tau(tau, steps=None):
     return float(tau)
 
 
+def reflection_settings(preset="flow", w_inv=None, tau=None):
+    """(w_inv, tau) of a preset of PRESETS, each overridden when given explicitly."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown reflection preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return (PRESETS[preset]["w_inv"] if w_inv is None else w_inv), (PRESETS[preset]["tau"] if tau is None else tau)
+
+
+def first_order_cfg_w(w, w_inv=PRESETS["flow"]["w_inv"]):
+    """The CFG guidance a Z-Sampling step at w equals to first order in h: w' = 2w - w_inv.
+
+    Expanding the three moves around x (all at t): x_next = x + h (2 v_w - v_inv) + O(h^2), and
+    2 v_w - v_inv = 2((1 + w) v_c - w v_n) - ((1 + w_inv) v_c - w_inv v_n) = (1 + w') v_c - w' v_n.
+    W2SD's step is 2 v_strong,w - v_weak,w_weak to the same order: a gap between two models, not a
+    CFG scale (with strong = weak it is CFG at 2w - w_weak)."""
+    return 2 * w - w_inv
+
+
 def inversion_time(tau, t, t_next):
     """The time label the network is given for the inversion move (SPEC section 6).
 
     The authors' own code disagrees: their Z-Sampling release (SDXL, xie-lab-ml/Zigzag-Diffusion-
     Sampling) and their W2SD release (SDXL) call the network at t_i, the label of the step being
-    reflected; their SD3.5 Z-Sampling (the `zigzag` pipeline in xie-lab-ml/CoRe) at t_i - 1/N.
-    "t_next" is the time x' actually sits at. All three are O(h) apart.
+    reflected; their SD3.5 Z-Sampling (the `zigzag` pipeline in xie-lab-ml/CoRe) at t_i - 1/N,
+    the default here. "t_next" is the time x' actually sits at. All three are O(h) apart.
     """
     if tau == "t":
         return t
@@ -271,23 +305,24 @@ def inversion_time(tau, t, t_next):
     return (t - tau).clamp(min=0)  # an offset
 
 
-def reflection_step(v_denoise, v_invert, v_final, x, t, t_next, tau="t"):
+def reflection_step(v_denoise, v_invert, v_final, x, t, t_next, tau):
     """One reflection step from t to t_next (t, t_next (B,)); the paper's Eq. 3-4.
 
-    Returns x_next and the step's effective velocity u, x_next = x + (t_next - t) u, with
-    u = v_denoise(x) - v_invert(x') + v_final(x~) (add the three moves below). u is what
-    distillation regresses on; it needs no division by the small (t_next - t).
+    Returns x_next, the step's effective velocity u (x_next = x + (t_next - t) u, with
+    u = v_denoise(x) - v_invert(x') + v_final(x~): add the three moves below), and v_denoise(x).
+    u is what distillation regresses on; it needs no division by the small (t_next - t).
+    tau: a checked label (see check_tau / inversion_time).
     """
     h = _per_sample(t_next - t, x)  # (B, 1, ..., 1), negative
-    # Eq. 3-4, denoise: one step t -> t_next
+    # Eq. 3, denoise: one step t -> t_next
     v1 = v_denoise(x, t)
     x_prime = x + h * v1
-    # Eq. 3-4, invert: back from t_next to t along the inversion velocity (label tau)
+    # Eq. 3, invert: back from t_next to t along the inversion velocity (label tau)
     v2 = v_invert(x_prime, inversion_time(tau, t, t_next))
     x_tilde = x_prime - h * v2
-    # then the ordinary step t -> t_next from the reflected point
+    # Eq. 4: the step t -> t_next from the reflected point
     v3 = v_final(x_tilde, t)
-    return x_tilde + h * v3, v1 - v2 + v3
+    return x_tilde + h * v3, v1 - v2 + v3, v1
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +349,8 @@ def euler(v, noise, sigmas, progress=False):
     return x
 
 
-def reflection_sampler(v_denoise, v_invert, v_final, noise, sigmas, reflect_steps=None, tau="t", progress=False):
+def reflection_sampler(v_denoise, v_invert, v_final, noise, sigmas, reflect_steps=None, tau="t-1/N",
+                       progress=False):
     """Reflection steps i < reflect_steps (the Z-Sampling paper's lambda; default N - 1, every step
     but the last), then plain Euler steps with v_final."""
     sigmas = check_sigmas(sigmas).to(noise.device)
@@ -327,28 +363,31 @@ def reflection_sampler(v_denoise, v_invert, v_final, noise, sigmas, reflect_step
     for i in tqdm(range(N), desc="reflection", disable=not progress):
         t, t_next = _times(sigmas, i, x)
         if i < reflect_steps:
-            x, _ = reflection_step(v_denoise, v_invert, v_final, x, t, t_next, tau)
+            x = reflection_step(v_denoise, v_invert, v_final, x, t, t_next, tau)[0]
         else:
             x = euler_step(v_final, x, t, t_next)
     return x
 
 
-def zsampling(v_guided, v_inverse, noise, sigmas, reflect_steps=None, tau="t", progress=False):
+def zsampling(v_guided, v_inverse, noise, sigmas, reflect_steps=None, tau="t-1/N", progress=False):
     """Z-Sampling (Bai et al., ICLR 2025): denoise with strong guidance, invert with weak guidance,
     denoise again. The guidance gap between the two moves pushes x toward the prompt.
 
     v_guided: `guided(..., w)`; v_inverse: `guided(..., w_inv, min_w=-1)`. The authors' releases
-    invert with diffusers scale g = 0 (SDXL: w_inv = -1, the null branch alone) or g = 0.5
-    (SD3.5: w_inv = -0.5); both still run the two branches, 2 NFE.
+    invert with diffusers scale g = 0.5 (flow-matching SD3.5 code: w_inv = -0.5, the default) or
+    g = 0 (SDXL: w_inv = -1, the null branch alone); both still run the two branches, 2 NFE.
     """
     return reflection_sampler(v_guided, v_inverse, v_guided, noise, sigmas, reflect_steps, tau, progress)
 
 
-def w2sd(v_strong, v_weak, v_main, noise, sigmas, reflect_steps=None, tau="t", progress=False):
+def w2sd(v_strong, v_weak, noise, sigmas, v_main=None, reflect_steps=None, tau="t-1/N", progress=False):
     """W2SD (Bai et al., 2025): the same moves with a gap between two MODELS: denoise with the
-    strong one, invert with the weak one, then the ordinary step with the main model. Any two
-    checkpoints serve (TeEFusion used a CHATS pair; the authors a LoRA at +1.5 / -1.5)."""
-    return reflection_sampler(v_strong, v_weak, v_main, noise, sigmas, reflect_steps, tau, progress)
+    strong one, invert with the weak one, then (TeEFusion's Eq. 4) the step from the reflected
+    point with the strong one again, or with v_main when given (the W2SD authors' SDXL LoRA
+    release, which moves with a third "main" model). Any two checkpoints serve (TeEFusion used a
+    CHATS pair; the W2SD release a fine-tune at +1.5 / -1.5, see mmdit.load_mmdit_blend)."""
+    v_final = v_strong if v_main is None else v_main
+    return reflection_sampler(v_strong, v_weak, v_final, noise, sigmas, reflect_steps, tau, progress)
 
 
 # -----------------------------------------------------------------------------
@@ -362,9 +401,41 @@ def canonical(method, allowed):
     return method
 
 
+def schedule_step(t, steps, shift=3.0):
+    """The step an N-step sampler on flow_sigmas(N, shift) takes from ANY flow time t in (0, 1].
+
+    Returns (t_next, reflects), each (B,) like t. On the schedule's own times t_i it is exactly its
+    step, t_i -> t_{i+1}, and reflects is False only at the last one (t_{N-1} -> 0), where the
+    reflection samplers take a plain guided Euler step. Between the t_i it interpolates in the
+    step index: the schedule is shift(u) of an evenly spaced u (spacing du), so t sits at the
+    fractional index k = (1 - shift^-1(t)) / du, and t_next is the schedule at k + 1 (the evenly
+    spaced u continued, and from t_{N-1} on a straight line down to 0). Distillation draws t from
+    U(0, 1] and steps the teacher this way, so the target is the step the student will take.
+    """
+    t = torch.as_tensor(t)
+    sigmas = flow_sigmas(steps, shift).to(device=t.device, dtype=torch.float64)  # (N + 1,)
+    tf = t.double()
+    if steps == 1:
+        return torch.zeros_like(t), torch.zeros_like(t, dtype=torch.bool)
+    u = tf / (shift - (shift - 1) * tf)  # shift^-1(t): the evenly spaced coordinate
+    u_min = sigmas[-2] / (shift - (shift - 1) * sigmas[-2])  # shift^-1(t_{N-1})
+    du = (1 - u_min) / (steps - 1)
+    k = ((1 - u) / du).clamp(min=0)  # fractional step index of t
+    k_next = k + 1
+    on_grid = 1 - k_next * du  # the evenly spaced coordinate continued, for k + 1 <= N - 1
+    t_next = torch.where(k_next <= steps - 1, shift * on_grid / (1 + (shift - 1) * on_grid),
+                         sigmas[-2] * (steps - k_next).clamp(min=0))  # the last interval: straight to 0
+    # exactly the schedule's own value where t is one of its times
+    i = k.round().long().clamp(max=steps - 1)
+    exact = (sigmas[i] - tf).abs() <= 1e-6 * sigmas[i].clamp(min=1e-3)
+    t_next = torch.where(exact, sigmas[(i + 1).clamp(max=steps)], t_next)
+    reflects = torch.where(exact, i < steps - 1, k < steps - 1)
+    return t_next.to(t.dtype), reflects
+
+
 @torch.no_grad()
-def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, w_inv=-1.0, tau="t",
-                   strong=None, weak=None, w_strong=None, w_weak=0.0, counter=None):
+def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, reflect=None, steps=None, preset="flow", w_inv=None,
+                   tau=None, strong=None, weak=None, main=None, w_strong=None, w_weak=W2SD_WEAK_W, counter=None):
     """The velocity the student regresses on at (x_t, t): that of ONE full teacher step to t_next.
 
     Algorithm 1 says "refine the target using Eq. 3 and 4" without saying how a three-move
@@ -373,10 +444,13 @@ def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, w_inv=-1.0, tau=
     Then a student that matches u reproduces the teacher step exactly with ONE Euler step:
     x_t + (t_next - t) u = x_next_teacher. For kind "cfg" it is the Eq. 2 velocity itself.
 
-    x_t (B, ...); t, t_next (B,) with 0 <= t_next < t <= 1; w a number or (B,) (per-sample
-    guidance; it sets both denoising moves); cond/null as for `guided`. kind "zsampling" inverts
-    with w_inv; kind "w2sd" denoises with `strong` at w_strong (default w), inverts with `weak` at
-    w_weak, and steps with `net` at w. tau as for `inversion_time` ("t", "t_next" or an offset).
+    x_t (B, ...); t, t_next (B,) with 0 <= t_next < t <= 1 (`schedule_step` gives the sampler's
+    step); w a number or (B,) (per-sample guidance); cond/null as for `guided`. reflect: (B,) bool,
+    False where the sampler takes a plain step (its last one): the target is then the final model's
+    guided velocity. steps: the sampler's N, for tau "t-1/N". kind "zsampling" inverts with w_inv;
+    kind "w2sd" denoises with `strong` (default: net) at w_strong (default w), inverts with `weak`
+    at w_weak, and moves with the strong model at w (Eq. 4), or with `main` when given. preset,
+    w_inv, tau: as for `sample`.
     """
     kind = canonical(kind, TEACHERS)
     B = x_t.shape[0]
@@ -384,19 +458,28 @@ def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, w_inv=-1.0, tau=
     t_next = torch.as_tensor(t_next, device=x_t.device).expand(B)  # (B,)
     if not (torch.all(t_next < t) and torch.all(t_next >= 0) and torch.all(t <= 1)):
         raise ValueError("teacher_target needs 0 <= t_next < t <= 1 for every sample (a step toward the data)")
-    v_w = guided(net, cond, null, w, counter)
     if kind == "cfg":
-        return v_w(x_t, t)  # one Euler + CFG step moves along exactly this velocity
-    tau = check_tau(tau)
+        return guided(net, cond, null, w, counter)(x_t, t)  # one Euler + CFG step moves along exactly this velocity
+    if kind == "w2sd" and weak is None:
+        raise ValueError("the w2sd teacher needs a weak network (the strong one defaults to the teacher)")
+    w_inv, tau = reflection_settings(preset, w_inv, tau)
+    tau = check_tau(tau, steps)
     if kind == "zsampling":
-        v_denoise, v_invert = v_w, guided(net, cond, null, w_inv, counter, min_w=-1.0, name="w_inv")
+        v_denoise = v_final = guided(net, cond, null, w, counter)
+        v_invert = guided(net, cond, null, w_inv, counter, min_w=-1.0, name="w_inv")
     else:
-        if strong is None or weak is None:
-            raise ValueError("the w2sd teacher needs both a strong and a weak network")
+        strong = net if strong is None else strong
         v_denoise = guided(strong, cond, null, w if w_strong is None else w_strong, counter, name="w_strong")
         v_invert = guided(weak, cond, null, w_weak, counter, min_w=-1.0, name="w_weak")
-    _, u = reflection_step(v_denoise, v_invert, v_w, x_t, t, t_next, tau)
-    return u
+        # Eq. 4: the strong model moves after the reflection (or the main model, as the W2SD release)
+        same = main is None and w_strong is None
+        v_final = v_denoise if same else guided(strong if main is None else main, cond, null, w, counter)
+    _, u, v1 = reflection_step(v_denoise, v_invert, v_final, x_t, t, t_next, tau)
+    if reflect is None or bool(torch.as_tensor(reflect).all()):
+        return u
+    plain = v1 if v_final is v_denoise else v_final(x_t, t)  # the last step: no reflection
+    keep = _per_sample(torch.as_tensor(reflect, device=x_t.device), x_t)  # (B, 1, ..., 1)
+    return torch.where(keep, u, plain)
 
 
 # -----------------------------------------------------------------------------
@@ -405,14 +488,20 @@ def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, w_inv=-1.0, tau=
 
 @torch.no_grad()
 def sample(method, model, noise, context, y, context_null=None, y_null=None, *, w=None, steps=50, shift=3.0,
-           reflect_steps=None, tau="t", w_inv=-1.0, strong=None, weak=None, w_strong=None, w_weak=0.0,
-           fusion=None, progress=False):
+           reflect_steps=None, preset="flow", tau=None, w_inv=None, strong=None, weak=None, main=None,
+           w_strong=None, w_weak=W2SD_WEAK_W, fusion=None, progress=False):
     """Generate latents with one of METHODS on an MMDiT (model(x, t, context, y, vec=None)).
 
     noise (B, C, H, W) at t = 1; context (B, L, Dc), y (B, Dy); the null prompt's context_null
-    (1 or B, L, Dc) and y_null (1 or B, Dy). w: the paper's guidance (None for "euler", the
-    unguided teacher). zsampling: w_inv, tau, reflect_steps. w2sd: strong, weak, w_strong,
-    w_weak, tau, reflect_steps. student: fusion (see `student`).
+    (1 or B, L, Dc) and y_null (1 or B, Dy) (or a negative prompt's). w: the paper's guidance
+    (None for "euler", the unguided teacher).
+    zsampling: preset ("flow": w_inv -0.5, tau "t-1/N"; "sdxl": w_inv -1, tau "t"), or w_inv and
+    tau given explicitly; reflect_steps (default N - 1).
+    w2sd: `model` is the strong model unless `strong` is given; weak (needed), w_strong (default
+    w), w_weak (default 0), tau as for zsampling; main: a third model that makes the move after
+    the reflection instead of the strong one (the W2SD SDXL LoRA release; TeEFusion's Eq. 4 uses
+    the strong model, the default).
+    student: fusion (see `student`).
     Returns (x0 (B, C, H, W), NFE per sample, counted).
     """
     method = canonical(method, METHODS)
@@ -421,11 +510,13 @@ def sample(method, model, noise, context, y, context_null=None, y_null=None, *, 
                          else f"{method} needs the guidance w (the paper's w, Eq. 2)")
     if method in ("cfg", "zsampling", "w2sd") and (context_null is None or y_null is None):
         raise ValueError(f"{method} needs the null prompt's context_null and y_null")
-    if method == "student" and (y_null is None or (fusion is not None and context_null is None)):
+    if method == "student" and (y_null is None or (fusion is not None and fusion.reads_null_tokens
+                                                   and context_null is None)):
         raise ValueError("student needs the null prompt's pooled vector y_null (Eq. 7), "
-                         "and its context_null too with a fusion module")
-    if method == "w2sd" and (strong is None or weak is None):
-        raise ValueError("w2sd needs both a strong and a weak model (any two checkpoints)")
+                         "and its context_null too with the DICE enhancer")
+    if method == "w2sd" and weak is None:
+        raise ValueError("w2sd needs a weak model (weak=...); the strong one is `model` unless strong= is given")
+    w_inv, tau = reflection_settings(preset, w_inv, tau)
     sigmas = flow_sigmas(steps, shift)
     counter = NFECounter()
     cond, null = (context, y), (context_null, y_null)
@@ -439,9 +530,13 @@ def sample(method, model, noise, context, y, context_null=None, y_null=None, *, 
         v_inverse = guided(model, cond, null, w_inv, counter, min_w=-1.0, name="w_inv")
         x = zsampling(guided(model, cond, null, w, counter), v_inverse, noise, sigmas, reflect_steps, tau, progress)
     else:
+        strong = model if strong is None else strong
         v_strong = guided(strong, cond, null, w if w_strong is None else w_strong, counter, name="w_strong")
         v_weak = guided(weak, cond, null, w_weak, counter, min_w=-1.0, name="w_weak")
-        x = w2sd(v_strong, v_weak, guided(model, cond, null, w, counter), noise, sigmas, reflect_steps, tau, progress)
+        v_main = None
+        if main is not None or w_strong is not None:  # the move after the reflection at the sampler's w
+            v_main = guided(strong if main is None else main, cond, null, w, counter)
+        x = w2sd(v_strong, v_weak, noise, sigmas, v_main, reflect_steps, tau, progress)
     return x, counter.per_sample(noise.shape[0])
 
 
@@ -452,7 +547,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Print the SD3 flow schedule.")
+    import cli
+
+    parser = cli.parser("Print the SD3 flow schedule.")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--shift", type=float, default=3.0)
-    main(parser.parse_args())
+    cli.run(main, parser)

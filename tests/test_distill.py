@@ -79,8 +79,10 @@ def world(tmp_path_factory):
 
 
 def args_for(world, out, *extra):
+    """distill's arguments on the tiny world; an Euler + CFG teacher unless extra names another."""
+    sampler = [] if "--teacher-sampler" in extra else ["--teacher-sampler", "cfg"]
     return distill.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(out),
-                               "--no-progress", "--device", "cpu", *extra])
+                               "--no-progress", "--device", "cpu", *sampler, *extra])
 
 
 def read_log(out):
@@ -169,38 +171,111 @@ def first_batch(world, B, w_min, w_max):
     return x_t, t, w, context, y, data.null()
 
 
+def target_by_hand(kind, nets, x_t, t, w, context, y, null, N=50, final="strong"):
+    """Algorithm 1's target written from the paper's equations, in float64, with two separate
+    forwards per guided velocity (Eq. 2): "cfg" is Eq. 2 itself; the reflection teachers take the
+    sampler's step t -> t_next (samplers.schedule_step, pinned in test_samplers) in three moves
+    (Eq. 3-4) with the authors' flow-matching settings (Z-Sampling inverts at w_inv = -0.5 with the
+    label max(0, t - 20 / 1000) for N = 50; W2SD's weak model at w = 0; Eq. 4: the strong model
+    moves, or the main one), and the target is (x_next - x_t) / (t_next - t); a plain step where
+    the sampler does not reflect."""
+    context_null, y_null = (n.double().expand_as(c) for n, c in zip(null, (context, y)))
+    context, y, x_t, w = context.double(), y.double(), x_t.double(), w.double().view(-1, 1, 1, 1)
+
+    def cfg(net, x, s, scale):  # Eq. 2: (1 + w) v(c) - w v(null)
+        return (1 + scale) * net(x, s, context, y) - scale * net(x, s, context_null, y_null)
+
+    if kind == "cfg":
+        return cfg(nets["teacher"], x_t, t, w)
+    t_next, reflect = samplers.schedule_step(t, N)
+    h = (t_next - t).double().view(-1, 1, 1, 1)
+    if kind == "zsampling":
+        moves = [(nets["teacher"], w), (nets["teacher"], torch.full_like(w, -0.5)), (nets["teacher"], w)]
+    else:
+        moves = [(nets["strong"], w), (nets["weak"], torch.zeros_like(w)), (nets[final], w)]
+    x1 = x_t + h * cfg(*moves[0][:1], x_t, t, moves[0][1])  # Eq. 3, denoise
+    x2 = x1 - h * cfg(moves[1][0], x1, (t - 0.02).clamp(min=0), moves[1][1])  # Eq. 3, invert
+    x3 = x2 + h * cfg(moves[2][0], x2, t, moves[2][1])  # Eq. 4
+    plain = cfg(moves[2][0], x_t, t, w)
+    return torch.where(reflect.view(-1, 1, 1, 1), (x3 - x_t) / h, plain)
+
+
+def doubled(path_or_model):
+    model = load_mmdit(path_or_model) if isinstance(path_or_model, str) else path_or_model
+    return model.double().requires_grad_(False)
+
+
 @pytest.mark.parametrize("method, sampler", [("teefusion", "zsampling"), ("teefusion", "w2sd"), ("gonly", "cfg"),
                                              ("distillcfg", "cfg"), ("dice", "cfg")])
 def test_first_loss_of_every_method_and_teacher(world, tmp_path, method, sampler):
-    """The first step's loss against samplers.teacher_target with t_next = t - 1/50 (the reflection
-    teachers, W2SD with the --strong / --weak pair), and each method's student input. The new
-    modules of distillcfg and dice start as the identity, so their first student is the plain
-    conditional model. DICE trains its enhancer only: the MMDiT must come out unchanged."""
-    extra = ["--strong", world["strong"], "--weak", world["weak"]] if sampler == "w2sd" else []
-    args = args_for(world, tmp_path, "--steps", "1", "--global-batch", "2", "--lr", "1e-3", "--method", method,
+    """The first step's loss against the target written by hand from the paper's equations (see
+    target_by_hand; W2SD with the --weak pair and --teacher as its strong model, Eq. 4) and each
+    method's student input by hand: Eq. 7, G only, DistillCFG's new MLP and DICE's enhancer with the
+    default initialisation drawn from --seed. DICE trains its enhancer alone, at w = 4 only: the
+    MMDiT must come out unchanged."""
+    extra = ["--weak", world["weak"]] if sampler == "w2sd" else []
+    lr = [] if method == "dice" else ["--lr", "1e-3"]
+    args = args_for(world, tmp_path, "--steps", "1", "--global-batch", "2", *lr, "--method", method,
                     "--teacher-sampler", sampler, *extra)
     final = distill.main(args)
-    x_t, t, w, context, y, (context_null, y_null) = first_batch(world, 2, 2.0, 14.0)
+    if method == "dice":
+        assert args.w_min == args.w_max == 4.0 and args.lr == 2e-4  # DICE's own settings
+    x_t, t, w, context, y, null = first_batch(world, 2, args.w_min, args.w_max)
+    nets = {"teacher": doubled(world["teacher"]), "weak": doubled(world["weak"])}
+    nets["strong"] = nets["teacher"]
+    target = target_by_hand(sampler, nets, x_t, t, w, context, y, null)
     teacher = load_mmdit(world["teacher"])
-    kw = {"strong": load_mmdit(world["strong"]), "weak": load_mmdit(world["weak"])} if sampler == "w2sd" else {}
-    target = samplers.teacher_target(sampler, teacher, x_t, t, (t - 1 / 50).clamp(min=0), (context, y),
-                                     (context_null, y_null), w, **kw)
+    torch.manual_seed(0)  # distill draws the new modules' initialisation from --seed
+    fusion = embed.make_fusion(method, teacher.config)
+    context_null, y_null = null
     with torch.no_grad():
+        c = embed.sd3_conditioning(teacher, t, y)
+        G_w = teacher.t_embedder(embed.timestep_embedding(w))
         if method == "gonly":
-            v = teacher(x_t, t, context, y, vec=embed.gonly_conditioning(teacher, t, y, w))
+            v = teacher(x_t, t, context, y, vec=c + G_w / 256)
         elif method == "teefusion":
-            v = teacher(x_t, t, context, y, vec=embed.teefusion_conditioning(teacher, t, y, y_null, w))
+            v = teacher(x_t, t, context, y, vec=c + G_w * teacher.y_embedder(y - y_null) / 256)
+        elif method == "distillcfg":
+            v = teacher(x_t, t, context, y, vec=c + fusion.guidance_in(embed.timestep_embedding(w)))
         else:
-            v = teacher(x_t, t, context, y)
-    loss = ((v - target) ** 2).mean().item()
-    assert abs(read_log(tmp_path)[0]["loss"] - loss) <= 1e-6 * loss
+            refined = context + fusion.tokens(context, context_null)
+            refined[:, 0] = context[:, 0]
+            v = teacher(x_t, t, refined, y)
+    loss = ((v.double() - target) ** 2).mean().item()
+    assert abs(read_log(tmp_path)[0]["loss"] - loss) <= 2e-5 * loss
     trained = load_mmdit(final).state_dict()
     unchanged = all(torch.equal(v, trained[k]) for k, v in teacher.state_dict().items())
     assert unchanged == (method == "dice")
     if method in ("distillcfg", "dice"):
-        fusion = load_file(tmp_path / "fusion.safetensors")
+        moved = load_file(tmp_path / "fusion.safetensors")
         last = "guidance_in.mlp.2.weight" if method == "distillcfg" else "tokens.fc2.weight"
-        assert fusion[last].abs().max() > 0  # moved from its zero start
+        assert not torch.equal(moved[last], dict(fusion.named_parameters())[last])  # trained
+
+
+@pytest.mark.parametrize("final", ["strong", "main"])
+def test_w2sd_pair_from_a_fine_tune_and_the_students_start(world, tmp_path, final):
+    """--w2sd-finetuned F: strong = teacher + 1.5 (F - teacher), weak = teacher - 1.5 (F - teacher),
+    main = teacher + 0.8 (F - teacher), and the first loss against the target by hand from those
+    blends; the student starts from the model that moves after the reflection (Eq. 4: strong)."""
+    args = args_for(world, tmp_path, "--steps", "1", "--global-batch", "2", "--lr", "1e-3", "--teacher-sampler",
+                    "w2sd", "--w2sd-finetuned", world["strong"], "--w2sd-final", final)
+    distill.main(args)
+    base, tuned = load_mmdit(world["teacher"]).state_dict(), load_mmdit(world["strong"]).state_dict()
+
+    def blend(scale):
+        model = load_mmdit(world["teacher"])
+        model.load_state_dict({k: base[k] + scale * (tuned[k] - base[k]) for k in base})
+        return model
+
+    nets = {"strong": doubled(blend(1.5)), "weak": doubled(blend(-1.5)), "main": doubled(blend(0.8))}
+    x_t, t, w, context, y, null = first_batch(world, 2, args.w_min, args.w_max)
+    target = target_by_hand("w2sd", nets, x_t, t, w, context, y, null, final=final)
+    start = nets[final]
+    with torch.no_grad():
+        z = embed.teefusion_conditioning(start, t.double(), y.double(), null[1].double(), w)
+        v = start(x_t.double(), t.double(), context.double(), y.double(), vec=z)
+    loss = ((v - target) ** 2).mean().item()
+    assert abs(read_log(tmp_path)[0]["loss"] - loss) <= 2e-5 * loss
 
 
 def test_checkpointing_is_exact_and_bf16_is_close(world, tmp_path):
@@ -226,7 +301,8 @@ def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
     to step 4, against one process with micro-batch 4 for 4 steps. distillcfg with EMA: the model,
     its new guidance MLP (initialised alike whatever the world size) and the EMA of both."""
     common = ["--teacher", world["teacher"], "--data", world["data"], "--global-batch", "4", "--method", "distillcfg",
-              "--ema", "0.9", "--lr", "1e-3", "--no-progress", "--device", "cpu", "--ckpt-every", "1", "--keep", "4"]
+              "--ema", "0.9", "--lr", "1e-3", "--no-progress", "--device", "cpu", "--ckpt-every", "1", "--keep", "4",
+              "--teacher-sampler", "cfg"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     two = tmp_path / "two"
     # its own process group, so a timeout kills the launcher AND its workers (no orphans)
@@ -294,7 +370,8 @@ def test_kill_9_leaves_a_loadable_checkpoint(world, tmp_path):
 
     out = tmp_path / "run"
     cmd = [sys.executable, "distill.py", "--teacher", world["teacher"], "--data", world["data"], "--out", str(out),
-           "--steps", "100000", "--global-batch", "2", "--ckpt-every", "1", "--no-progress", "--device", "cpu"]
+           "--steps", "100000", "--global-batch", "2", "--ckpt-every", "1", "--no-progress", "--device", "cpu",
+           "--teacher-sampler", "cfg"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -363,8 +440,12 @@ def test_export_diffusers_and_draws(world, tmp_path):
     (["--w-min", "-1"], 1, "must be >= 0"),
     (["--global-batch", "6", "--micro-batch", "4"], 1, "not divisible by world size 1 x --micro-batch 4"),
     (["--global-batch", "8", "--micro-batch", "3"], 2, "not divisible by world size 2 x --micro-batch 3"),
-    (["--teacher-sampler", "w2sd"], 1, "w2sd needs --weak PATH and --strong PATH"),
-    (["--teacher-sampler", "w2sd", "--weak", "W"], 1, "w2sd needs --weak PATH and --strong PATH"),
+    (["--teacher-sampler", "w2sd"], 1, "w2sd needs a weak model: --weak PATH"),
+    (["--teacher-sampler", "w2sd", "--strong", "S"], 1, "w2sd needs a weak model: --weak PATH"),
+    (["--weak", "W"], 1, "need --teacher-sampler w2sd"),
+    (["--teacher-sampler", "w2sd", "--w2sd-finetuned", "F", "--weak", "W"], 1, "leave --strong and --weak out"),
+    (["--method", "dice", "--w-min", "2", "--w-max", "14"], 1, "dice is trained at ONE guidance"),
+    (["--preset", "flow", "--tau", "t-2"], 1, "tau must be one of"),
     (["--method", "dice", "--export-diffusers"], 1, "only fits --method teefusion"),
     (["--ema", "1.5"], 1, "decay must be in"),
 ])
@@ -399,7 +480,8 @@ def test_full_runs_every_student_into_its_own_folder(tmp_path):
         ("teefusion", "cfg"), ("teefusion", "zsampling"), ("teefusion", "w2sd"), ("gonly", "w2sd"),
         ("distillcfg", "w2sd"), ("dice", "w2sd")]
     assert len({r.out for r in runs}) == len(runs) and all(os.path.dirname(r.out) == str(tmp_path) for r in runs)
-    assert all(r.steps == 7 and r.lr == distill.TOY_DEFAULTS["lr"] and r.no_report and not r.full for r in runs)
+    assert all(r.steps == 7 and r.no_report and not r.full for r in runs)
+    assert [r.lr for r in runs] == [distill.TOY_DEFAULTS["lr"]] * 5 + [2e-4]  # DICE's own learning rate
     assert distill.full_runs(distill.parse_args(["--full"]))[0] == "runs/full"
     # the default command is unchanged: one TeEFusion student from the W2SD + CFG teacher into runs/toy
     args = distill.fill_defaults(distill.parse_args([]))

@@ -117,34 +117,58 @@ def test_ablations(model):
     context, y, null_ctx, y_null = torch.randn(B, 5, 32), torch.randn(B, 24), torch.randn(1, 5, 32), torch.randn(1, 24)
     args = (model, t, context, y, null_ctx, y_null, 5.0)
     with torch.no_grad():
-        cond = model(x, t, context, y)
-        # DistillCFG: a new guidance MLP, zero at its output: starts as the conditional branch
+        c = embed.sd3_conditioning(model, t, y)
+        # DistillCFG: a NEW guidance MLP with PyTorch's default initialisation (FLUX / the released
+        # guidance_in), added to c: by hand from its raw weights
+        torch.manual_seed(0)
         dcfg = embed.make_fusion("distillcfg", model.config)
         ctx, yy, vec = dcfg(*args)
-        assert torch.equal(model(x, t, ctx, yy, vec=vec), cond)
-        assert sum(p.numel() for p in dcfg.parameters()) > 0 and dcfg.trains_model
-        # G only: Eq. 6 + G(psi(w)) by hand, and not Eq. 7
+        assert torch.equal(ctx, context) and torch.equal(yy, y)
+        by_hand = mlp_by_hand(dcfg.guidance_in.mlp, psi_by_hand(torch.tensor([5.0])))
+        assert (vec - c - by_hand).abs().max() <= 5e-3  # psi of 5000 rad: fp32 phase rounding
+        assert (vec - c - mlp_by_hand(dcfg.guidance_in.mlp, embed.timestep_embedding(torch.tensor([5.0])))
+                ).abs().max() <= 1e-5
+        last = dcfg.guidance_in.mlp[2].weight
+        assert last.abs().max() > 0 and abs(last.std().item() - 1 / math.sqrt(3 * last.shape[1])) < 0.3 / math.sqrt(
+            last.shape[1])  # kaiming-uniform(a=sqrt(5)): std 1 / sqrt(3 fan_in), not zero
+        assert (vec - c).abs().max() > 1e-3 and dcfg.trains_model
+        # G only: Eq. 6 + G(psi(w)) / 256 (Eq. 7 without its text factor, at its scale), and not Eq. 7
         _, _, vec_g = embed.make_fusion("gonly", model.config)(*args)
         G5 = mlp_by_hand(model.t_embedder.mlp, embed.timestep_embedding(torch.tensor([5.0])))
-        assert (vec_g - embed.sd3_conditioning(model, t, y) - G5).abs().max() <= 1e-5
+        assert (vec_g - c - G5 / 256).abs().max() <= 1e-5
+        assert (embed.gonly_conditioning(model, t, y, 5.0) - vec_g).abs().max() == 0
         _, _, vec_t = embed.make_fusion("teefusion", model.config)(*args)
         assert (vec_g - vec_t).abs().max() > 1e-3
     with pytest.raises(ValueError, match="unknown method 'cfg'"):
         embed.make_fusion("cfg", model.config)
 
 
+def test_prepare_then_add_G_equals_the_fusion(model):
+    """The samplers add G(psi(t)) per step to what `prepare` computed once: the same z as forward."""
+    B = 2
+    t, context, y, null_ctx, y_null = torch.rand(B), torch.randn(B, 5, 32), torch.randn(B, 24), torch.randn(1, 5, 32), \
+        torch.randn(1, 24)
+    with torch.no_grad():
+        for name in embed.FUSIONS:
+            fusion = embed.make_fusion(name, model.config)
+            ctx, yy, vec = fusion(model, t, context, y, null_ctx, y_null, 3.0)
+            ctx_p, yy_p, text = fusion.prepare(model, context, y, null_ctx, y_null, 3.0)
+            assert torch.equal(ctx, ctx_p) and torch.equal(yy, yy_p)
+            assert torch.equal(vec, embed.timestep_term(model, t) + text), name
+
+
 def test_dice_enhancer(model):
+    torch.manual_seed(0)
     dice = embed.make_fusion("dice", model.config)
-    assert not dice.trains_model
+    assert not dice.trains_model and dice.fixed_w == 4.0  # DICE's one guidance: diffusers' scale 5
     B = 2
     t, context, y = torch.rand(B), torch.randn(B, 5, 32), torch.randn(B, 24)
     null_ctx, y_null = torch.randn(1, 5, 32), torch.randn(1, 24)
     with torch.no_grad():
         ctx, yy, vec = dice(model, t, context, y, null_ctx, y_null, 5.0)
-        assert torch.equal(ctx, context) and torch.equal(yy, y)  # starts as the identity
-        randomize_(dice, seed=3)
-        ctx, yy, vec = dice(model, t, context, y, null_ctx, y_null, 5.0)
-        # c' = c + alpha * enhancer(c, null), the enhancer computed by hand
+        # default initialisation, as DICE's release: the enhancer changes the tokens from the start
+        assert (ctx - context)[:, 1:].abs().max() > 1e-3
+        # c' = c + alpha * enhancer(c, null), the enhancer computed by hand; the start token unchanged
         s = dice.tokens
         hc, hn = F.relu(context @ s.fc1.weight.T + s.fc1.bias), F.relu(null_ctx @ s.fc1.weight.T + s.fc1.bias)
         q = (hc @ s.to_q.weight.T).view(B, 5, 8, 64).transpose(1, 2)
@@ -152,13 +176,41 @@ def test_dice_enhancer(model):
         v = (hn @ s.to_v.weight.T).view(1, 5, 8, 64).transpose(1, 2)
         att = torch.softmax(q @ k.transpose(-1, -2) / 8.0, dim=-1) @ v  # (B, 8, 5, 64)
         o = F.relu(att.transpose(1, 2).reshape(B, 5, 512) @ s.to_out.weight.T + s.to_out.bias)
-        assert (ctx - context - dice.alpha * (o @ s.fc2.weight.T + s.fc2.bias)).abs().max() <= 1e-4
-        assert (vec - embed.sd3_conditioning(model, t, yy)).abs().max() == 0
-        assert (yy - y).abs().max() > 1e-3
+        expected = context + dice.alpha * (o @ s.fc2.weight.T + s.fc2.bias)
+        assert (ctx[:, 1:] - expected[:, 1:]).abs().max() <= 1e-4
+        assert torch.equal(ctx[:, 0], context[:, 0])
+        # the pooled vector is left untouched (DICE's SDXL release), so Eq. 6 is on the plain y
+        assert torch.equal(yy, y) and (vec - embed.sd3_conditioning(model, t, y)).abs().max() == 0
+        # w is ignored: DICE reproduces CFG at its one trained guidance
+        assert torch.equal(dice(model, t, context, y, null_ctx, y_null, 9.0)[0], ctx)
     with torch.device("meta"):  # under 1% of SD3-medium
         big = MMDiT(CONFIGS["sd3-medium"])
         n_dice = sum(p.numel() for p in embed.make_fusion("dice", CONFIGS["sd3-medium"]).parameters())
     assert n_dice < 0.01 * sum(p.numel() for p in big.parameters())
+
+
+def test_released_pipeline_rounding_of_w_in_bf16(model, tmp_path):
+    """The released pipeline forms its guidance tensor as torch.tensor((w,), dtype=transformer.dtype)
+    * 1000: with bf16 weights 5000 becomes 4992 and 7500 becomes 7488. Its fused term, re-expressed on
+    diffusers' modules (fp32 weights here, so that only the rounding of w differs), against ours:
+    w_dtype=torch.bfloat16 reproduces it to fp32 precision; our own fp32 convention does not (psi
+    of 4992 and of 5000 are different vectors)."""
+    assert (torch.tensor((5.0,), dtype=torch.bfloat16) * 1000.0).item() == 4992.0
+    assert (torch.tensor((7.5,), dtype=torch.bfloat16) * 1000.0).item() == 7488.0
+    mmdit.save_mmdit_diffusers(model, str(tmp_path / "t"))
+    tte = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "t").eval().time_text_embed
+    B = 2
+    g = torch.Generator().manual_seed(7)
+    y, y_null, t = torch.randn(B, 24, generator=g), torch.randn(1, 24, generator=g), torch.rand(B, generator=g)
+    with torch.no_grad():
+        for w in (5.0, 7.5):
+            guidance = torch.tensor(data=(w,), dtype=torch.bfloat16) * 1000.0  # as the released pipeline
+            fused = tte.timestep_embedder(tte.time_proj(guidance)) * tte.text_embedder(y - y_null) / 256.0
+            c = embed.sd3_conditioning(model, t, y)
+            released = embed.teefusion_conditioning(model, t, y, y_null, w, w_dtype=torch.bfloat16) - c
+            ours = embed.teefusion_conditioning(model, t, y, y_null, w) - c
+            assert (released - fused).abs().max() <= 1e-6 * c.abs().max()  # fp32 cancellation in z - c
+            assert (ours - fused).abs().max() > 0.05 * fused.abs().max()
 
 
 def test_bad_guidance_scales(model):

@@ -345,3 +345,37 @@ def test_latent_shapes_that_cannot_work():
     with pytest.raises(ValueError, match=r"t must be a scalar or \(B,\)"):
         model(x, torch.rand(3), context, y)
     model(torch.zeros(2, 4, 32, 32), t, context, y)  # the largest latent works
+
+
+def test_blend_of_two_checkpoints_streams_tensor_by_tensor(tmp_path, monkeypatch):
+    """W2SD's pair from one fine-tune: base + s (finetuned - base), from a Stability file and a
+    diffusers folder alike, each source tensor freed before the next is read."""
+    import weakref
+
+    torch.manual_seed(0)
+    base, tuned = MMDiT(CONFIGS["tiny-sd3"]), MMDiT(CONFIGS["tiny-sd3"])
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    mmdit.save_mmdit(base, str(tmp_path / "base.safetensors"))
+    mmdit.save_mmdit_diffusers(tuned, str(tmp_path / "tuned"))
+    alive, peak = [], [0]
+    read = mmdit._read_tensor
+
+    def recording(*args):
+        tensor = read(*args)
+        alive.append(weakref.ref(tensor))
+        peak[0] = max(peak[0], sum(r() is not None for r in alive))
+        return tensor
+
+    monkeypatch.setattr(mmdit, "_read_tensor", recording)
+    sb, st = base.state_dict(), tuned.state_dict()
+    for scale in (1.5, -1.5, 0.8):
+        blended = mmdit.load_mmdit_blend(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned"), scale).state_dict()
+        for k, v in sb.items():
+            torch.testing.assert_close(blended[k], v + scale * (st[k] - v), rtol=0, atol=1e-6)
+    assert peak[0] <= 2  # one tensor of each file at a time
+    small = MMDiT(CONFIGS["tiny-sd3.5-large"])
+    mmdit.save_mmdit(small, str(tmp_path / "other.safetensors"))
+    with pytest.raises(mmdit.CheckpointError, match="is not a fine-tune of"):
+        mmdit.load_mmdit_blend(str(tmp_path / "base.safetensors"), str(tmp_path / "other.safetensors"), 1.5)

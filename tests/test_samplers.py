@@ -213,7 +213,7 @@ def test_inversion_undoes_a_denoise_step_to_second_order(tau):
     errors = []
     for h in (0.04, 0.02, 0.01):
         label = h if tau == "offset" else tau  # an offset as in the SD3.5 code: tau = t - O(h)
-        x_tilde, _ = reflection_step(v, v, zero_field, x, t, t - h, label)
+        x_tilde = reflection_step(v, v, zero_field, x, t, t - h, label)[0]
         errors.append((x_tilde - x).abs().max().item())
     for coarse, fine in zip(errors, errors[1:]):
         assert 3.4 < coarse / fine < 4.6, errors
@@ -313,32 +313,70 @@ def _teacher_setup():
     return x_t, (mu,), (mu_null,), t, t_next, w, nets
 
 
-def _one_teacher_step(kind, x, cond, null, t, t_next, w, nets, w_inv, w_weak):
-    """One step of the full sampler, on one sample with a scalar w: the reference."""
-    sigmas = torch.stack([t, t_next])  # a one-step schedule
-    main = guided(nets["main"], cond, null, w)
+def _paper_step(kind, x, mu, mu_null, t, t_next, w, nets, w_inv, tau_label, w_weak, final):
+    """One teacher step of one sample, written from the paper's equations with the closed-form
+    velocities (no code from samplers.py): Eq. 2 for CFG; Eq. 3 (denoise, invert) and Eq. 4 (move
+    from the reflected point) for the reflection teachers. Returns x at t_next."""
+    def cfg(net, x, s, scale):  # Eq. 2 at guidance `scale`, two separate evaluations
+        ts = torch.tensor([s], dtype=torch.float64)
+        return (1 + scale) * net(x, ts, mu) - scale * net(x, ts, mu_null)
+
+    h = t_next - t
     if kind == "cfg":
-        return euler(main, x, sigmas)
-    if kind == "zigzag":
-        return zsampling(main, guided(nets["main"], cond, null, w_inv, min_w=-1.0), x, sigmas, reflect_steps=1)
-    strong, weak = guided(nets["strong"], cond, null, w), guided(nets["weak"], cond, null, w_weak, min_w=-1.0)
-    return w2sd(strong, weak, main, x, sigmas, reflect_steps=1)
+        return x + h * cfg(nets["main"], x, t, w)
+    if kind == "zsampling":
+        denoise, invert, move = (nets["main"], w), (nets["main"], w_inv), (nets["main"], w)
+    else:
+        denoise, invert, move = (nets["strong"], w), (nets["weak"], w_weak), (nets[final], w)
+    x_prime = x + h * cfg(*denoise[:1], x, t, denoise[1])  # Eq. 3: denoise t -> t_next
+    x_tilde = x_prime - h * cfg(invert[0], x_prime, tau_label, invert[1])  # Eq. 3: invert back to t
+    return x_tilde + h * cfg(move[0], x_tilde, t, move[1])  # Eq. 4
 
 
-@pytest.mark.parametrize("kind", ["cfg", "zigzag", "w2sd"])
-def test_one_student_step_on_the_target_is_one_teacher_step(kind):
-    x_t, cond, null, t, t_next, w, nets = _teacher_setup()
-    w_inv, w_weak = -0.5, 0.5
+@pytest.mark.parametrize("kind, final", [("cfg", None), ("zsampling", None), ("w2sd", "strong"), ("w2sd", "main")])
+def test_one_student_step_on_the_target_is_one_teacher_step(kind, final):
+    """A student matching u takes the teacher's step in ONE Euler step: x_t + (t_next - t) u equals
+    the step written from the paper's equations (Eq. 2-4), at the defaults of each teacher:
+    Z-Sampling's flow preset (w_inv = -0.5, tau = t - 0.02 at N = 50), W2SD's weak guidance 0 and
+    Eq. 4's strong final move (or the W2SD release's main model)."""
+    x_t, (mu,), (mu_null,), t, t_next, w, nets = _teacher_setup()
     counter = NFECounter()
-    u = teacher_target(kind, nets["main"], x_t, t, t_next, cond, null, w, w_inv=w_inv, w_weak=w_weak,
-                       strong=nets["strong"], weak=nets["weak"], counter=counter)
-    assert counter.per_sample(3) == (2 if kind == "cfg" else 6)
-    x_student = x_t + (t_next - t).view(-1, 1, 1) * u  # one Euler step of a student that matches u
+    kw = dict(strong=nets["strong"], weak=nets["weak"], main=nets["main"] if final == "main" else None)
+    u = teacher_target(kind, nets["main"], x_t, t, t_next, (mu,), (mu_null,), w, steps=50, counter=counter, **kw)
+    assert counter.per_sample(3) == {"cfg": 2, "zsampling": 6, "w2sd": 6}[kind]
+    x_student = x_t + (t_next - t).view(-1, 1, 1) * u
     for b in range(3):
-        one = slice(b, b + 1)
-        cond_b = tuple(c[one] for c in cond)
-        x_teacher = _one_teacher_step(kind, x_t[one], cond_b, null, t[b], t_next[b], w[b].item(), nets, w_inv, w_weak)
-        assert torch.allclose(x_student[one], x_teacher, rtol=0, atol=1e-12), (kind, b)
+        tau_label = max(t[b].item() - 0.02, 0.0)  # the authors' max(0, t - 1000 // 50) on the 1000 scale
+        ref = _paper_step(kind, x_t[b:b + 1], mu[b:b + 1], mu_null, t[b].item(), t_next[b].item(), w[b].item(),
+                          nets, -0.5, tau_label, 0.0, final)
+        assert torch.allclose(x_student[b:b + 1], ref, rtol=0, atol=1e-12), (kind, final, b)
+
+
+def test_eq4_moves_with_the_strong_model_not_the_teacher():
+    x_t, cond, null, t, t_next, w, nets = _teacher_setup()
+    kw = dict(weak=nets["weak"], steps=50)
+    eq4 = teacher_target("w2sd", nets["strong"], x_t, t, t_next, cond, null, w, **kw)
+    assert torch.equal(eq4, teacher_target("w2sd", nets["main"], x_t, t, t_next, cond, null, w,
+                                           strong=nets["strong"], **kw))  # the strong one moves: net unused
+    with_main = teacher_target("w2sd", nets["main"], x_t, t, t_next, cond, null, w, strong=nets["strong"],
+                               main=nets["main"], **kw)
+    assert (eq4 - with_main).abs().max() > 1e-3
+
+
+def test_last_step_target_is_the_plain_guided_velocity():
+    """Where the sampler does not reflect (its last step), the target is the final model's CFG."""
+    x_t, cond, null, t, t_next, w, nets = _teacher_setup()
+    reflect = torch.tensor([True, False, False])
+    for kind, kw, mover in (("zsampling", {}, "main"), ("w2sd", dict(weak=nets["weak"]), "strong"),
+                            ("w2sd", dict(weak=nets["weak"], main=nets["main"]), "main")):
+        net = nets["main"] if "main" in kw or kind == "zsampling" else nets["strong"]
+        if kind == "w2sd":
+            kw = dict(kw, strong=nets["strong"])
+        u = teacher_target(kind, net, x_t, t, t_next, cond, null, w, reflect=reflect, steps=50, **kw)
+        full = teacher_target(kind, net, x_t, t, t_next, cond, null, w, steps=50, **kw)
+        plain = guided(nets[mover], cond, null, w)(x_t, t)
+        assert torch.equal(u[0], full[0])
+        assert torch.allclose(u[1:], plain[1:], rtol=0, atol=1e-12), kind
 
 
 def test_teacher_target_on_mmdit_costs_one_teacher_step():
@@ -347,7 +385,7 @@ def test_teacher_target_on_mmdit_costs_one_teacher_step():
     t, t_next, w = torch.tensor([0.7, 0.3]), torch.tensor([0.68, 0.28]), torch.tensor([2.0, 14.0])
     for kind, nfe in (("cfg", 2), ("zsampling", 6), ("w2sd", 6)):
         counter = NFECounter()
-        u = teacher_target(kind, model, x_t, t, t_next, (context, y), (context_null, y_null), w,
+        u = teacher_target(kind, model, x_t, t, t_next, (context, y), (context_null, y_null), w, steps=50,
                            strong=strong, weak=weak, counter=counter)
         assert u.shape == x_t.shape and torch.isfinite(u).all() and not u.requires_grad
         assert counter.per_sample(2) == nfe and counter.calls == nfe // 2, kind  # every call batched
@@ -355,11 +393,135 @@ def test_teacher_target_on_mmdit_costs_one_teacher_step():
 
 def test_reflection_targets_differ_from_cfg():
     x_t, cond, null, t, t_next, w, nets = _teacher_setup()
-    kw = dict(strong=nets["strong"], weak=nets["weak"])
+    kw = dict(strong=nets["strong"], weak=nets["weak"], steps=50)
     u = {k: teacher_target(k, nets["main"], x_t, t, t_next, cond, null, w, **kw) for k in ("cfg", "zsampling", "w2sd")}
     assert not torch.allclose(u["cfg"], u["zsampling"]) and not torch.allclose(u["cfg"], u["w2sd"])
 
 
+# -----------------------------------------------------------------------------
+# The authors' settings: Z-Sampling (CoRe's flow-matching zigzag) and W2SD (its release), by default
+
+
+def _diffusers_times(steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps, scheduler.sigmas  # timesteps on the 1000 scale, sigmas with a final 0
+
+
+def _analytic_inputs(B=2, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    noise, mu = torch.randn(B, 3, 4, generator=g), torch.randn(B, 3, 4, generator=g)
+    mu_null = 0.3 * torch.randn(1, 3, 4, generator=g)
+    y, y_null = torch.zeros(B, 1), torch.zeros(1, 1)  # pooled vectors the analytic model ignores
+    return noise, mu, mu_null, y, y_null
+
+
+def _mmdit_like(s):
+    """The Gaussian closed form as a model with the MMDiT's call: net(x, t, context, y)."""
+    net = gaussian_net(s)
+    return lambda x, t, context, y, vec=None: net(x, t, context)
+
+
+@pytest.mark.parametrize("steps", [6, 28])
+def test_zsampling_defaults_are_the_authors_flow_matching_zigzag(steps):
+    """The reference loop follows the Z-Sampling authors' SD3.5 `zigzag` in diffusers' terms:
+    timesteps t on the 1000 scale, guidance uncond + g (cond - uncond) with g = 1 + w; on every
+    step but the last: denoise at g, invert over the SAME interval at g = 0.5 with the label
+    max(0, t - 1000 // N), denoise again at g; the last step plain."""
+    noise, mu, mu_null, y, y_null = _analytic_inputs()
+    net, w = _mmdit_like(0.7), 3.5
+    ours, nfe = sample("zsampling", net, noise, mu, y, mu_null, y_null, w=w, steps=steps)
+    timesteps, sigmas = _diffusers_times(steps)
+    g = w_to_guidance_scale(w)
+
+    def guided_eps(x, timestep, scale):
+        tt = (timestep / 1000).expand(x.shape[0])
+        uncond, cond = net(x, tt, mu_null.expand_as(mu), y), net(x, tt, mu, y)
+        return uncond + scale * (cond - uncond)
+
+    x = noise.clone()
+    for i, timestep in enumerate(timesteps):
+        dt = sigmas[i + 1] - sigmas[i]
+        x = x + dt * guided_eps(x, timestep, g)
+        if i < steps - 1:
+            label = torch.clamp(timestep - 1000 // steps, min=0)
+            x = x - dt * guided_eps(x, label, 0.5)
+            x = x + dt * guided_eps(x, timestep, g)
+    assert nfe == 6 * (steps - 1) + 2
+    assert torch.allclose(ours, x, atol=2e-5), (ours - x).abs().max()
+    sdxl, _ = sample("zsampling", net, noise, mu, y, mu_null, y_null, w=w, steps=steps, preset="sdxl")
+    assert (sdxl - x).abs().max() > 1e-3  # the SDXL release's settings are another sampler
+
+
+@pytest.mark.parametrize("with_main", [False, True])
+def test_w2sd_defaults_are_eq4_with_the_release_guidance(with_main):
+    """W2SD as the paper's Eq. 4 runs it with the W2SD release's guidance: the strong model denoises
+    at g, the weak one inverts at g = 1 (the conditional model), the strong one moves again
+    (with_main: the release's third "main" model moves instead)."""
+    noise, mu, mu_null, y, y_null = _analytic_inputs(seed=7)
+    strong, weak, main, w, steps = _mmdit_like(0.5), _mmdit_like(1.4), _mmdit_like(0.9), 4.5, 8
+    ours, nfe = sample("w2sd", strong, noise, mu, y, mu_null, y_null, w=w, steps=steps, weak=weak,
+                       main=main if with_main else None)
+    timesteps, sigmas = _diffusers_times(steps)
+
+    def guided_eps(net, x, timestep, scale):
+        tt = (timestep / 1000).expand(x.shape[0])
+        uncond, cond = net(x, tt, mu_null.expand_as(mu), y), net(x, tt, mu, y)
+        return uncond + scale * (cond - uncond)
+
+    mover = main if with_main else strong
+    x = noise.clone()
+    for i, timestep in enumerate(timesteps):
+        dt = sigmas[i + 1] - sigmas[i]
+        if i < steps - 1:
+            x = x + dt * guided_eps(strong, x, timestep, 5.5)
+            x = x - dt * guided_eps(weak, x, torch.clamp(timestep - 1000 // steps, min=0), 1.0)
+        x = x + dt * guided_eps(mover, x, timestep, 5.5)
+    assert nfe == 6 * (steps - 1) + 2
+    assert torch.allclose(ours, x, atol=2e-5), (ours - x).abs().max()
+
+
+def test_a_zsampling_step_is_cfg_at_2w_minus_w_inv_to_first_order():
+    """One Z-Sampling step at w and one CFG step at w' = 2w - w_inv from the same point differ by
+    O(h^2); CFG at w differs by O(h)."""
+    g = torch.Generator().manual_seed(8)
+    x, mu, mu_null = (torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    net, w, w_inv = gaussian_net(0.8), 4.0, -0.5
+    assert samplers.first_order_cfg_w(w, w_inv) == 8.5 and samplers.first_order_cfg_w(4.0) == 8.5
+    t = torch.full((2,), 0.6, dtype=torch.float64)
+    v_w, v_inv = guided(net, (mu,), (mu_null,), w), guided(net, (mu,), (mu_null,), w_inv, min_w=-1.0)
+    gaps = {"w'": [], "w": []}
+    for h in (0.02, 0.01, 0.005):
+        x_z = samplers.reflection_step(v_w, v_inv, v_w, x, t, t - h, "t")[0]
+        for name, scale in (("w'", 2 * w - w_inv), ("w", w)):
+            x_c = samplers.euler_step(guided(net, (mu,), (mu_null,), scale), x, t, t - h)
+            gaps[name].append((x_z - x_c).abs().max().item())
+    assert all(3.3 < a / b < 4.7 for a, b in zip(gaps["w'"], gaps["w'"][1:])), gaps  # second order
+    assert all(1.7 < a / b < 2.3 for a, b in zip(gaps["w"], gaps["w"][1:])), gaps  # first order
+
+
+# -----------------------------------------------------------------------------
+# The sampler's step from any t (what distillation regresses on)
+
+
+@pytest.mark.parametrize("steps", [2, 20, 50])
+def test_schedule_step_is_the_samplers_step(steps):
+    sigmas = flow_sigmas(steps)
+    t_next, reflects = samplers.schedule_step(sigmas[:-1], steps)
+    assert torch.equal(t_next, sigmas[1:])  # on the schedule: exactly its step
+    assert reflects.tolist() == [True] * (steps - 1) + [False]  # the last step is plain
+    # between the schedule's times: strictly below t, increasing with t, continuous
+    t = torch.linspace(1e-4, 1.0, 20001, dtype=torch.float64)
+    t_next, reflects = samplers.schedule_step(t, steps)
+    assert torch.all(t_next < t) and torch.all(t_next >= 0) and torch.all(t_next[1:] >= t_next[:-1])
+    assert (t_next[1:] - t_next[:-1]).abs().max() < 1e-3
+    assert torch.equal(reflects, t > sigmas[-2].double())  # reflect everywhere above the last step's start
+    # the step length at t = 1 is the schedule's first, ~0.007 at N = 50; near t = 0.2 it is ~0.05
+    if steps == 50:
+        big = samplers.schedule_step(torch.tensor([0.2]), 50)[0]
+        assert 0.03 < 0.2 - big.item() < 0.07 and 1 - sigmas[1].item() < 0.01
 # -----------------------------------------------------------------------------
 # Refused arguments
 
@@ -371,15 +533,17 @@ def test_refused_arguments():
         teacher_target("cfg", main, x_t, t_next, t, cond, null, w)
     with pytest.raises(ValueError, match="unknown sampler"):
         teacher_target("ddim", main, x_t, t, t_next, cond, null, w)
-    with pytest.raises(ValueError, match="strong and a weak"):
+    with pytest.raises(ValueError, match="needs a weak network"):
         teacher_target("w2sd", main, x_t, t, t_next, cond, null, w)
     with pytest.raises(ValueError, match="needs the number of sampling steps"):
-        teacher_target("zsampling", main, x_t, t, t_next, cond, null, w, tau="t-1/N")
+        teacher_target("zsampling", main, x_t, t, t_next, cond, null, w)  # the flow preset's t - 1/N
+    with pytest.raises(ValueError, match="unknown reflection preset"):
+        teacher_target("zsampling", main, x_t, t, t_next, cond, null, w, steps=50, preset="sd3")
     for tau in ("t-1", -0.1):
         with pytest.raises(ValueError, match="tau"):
-            teacher_target("zsampling", main, x_t, t, t_next, cond, null, w, tau=tau)
+            teacher_target("zsampling", main, x_t, t, t_next, cond, null, w, tau=tau, steps=50)
     with pytest.raises(ValueError, match="w_inv must be >= -1"):
-        teacher_target("zsampling", main, x_t, t, t_next, cond, null, w, w_inv=-1.5)
+        teacher_target("zsampling", main, x_t, t, t_next, cond, null, w, w_inv=-1.5, steps=50)
     with pytest.raises(ValueError, match="decrease strictly"):
         euler(zero_field, x_t, torch.tensor([0.0, 0.5, 1.0]))
     with pytest.raises(ValueError, match="reflect_steps"):
@@ -392,9 +556,27 @@ def test_refused_arguments():
         sample("euler", *args, w=3.0, steps=2)
     with pytest.raises(ValueError, match="needs the guidance w"):
         sample("cfg", *args, steps=2)
-    with pytest.raises(ValueError, match="strong and a weak"):
+    with pytest.raises(ValueError, match="needs a weak model"):
         sample("w2sd", *args, w=3.0, steps=2)
     with pytest.raises(ValueError, match="null prompt"):
         sample("cfg", model, noise, context, y, w=3.0, steps=2)
     with pytest.raises(ValueError, match="does not match"):
         guided(model, (context, y), (context_null[:, :2], y_null), 3.0)
+
+
+def test_student_prepares_what_does_not_depend_on_t_once():
+    """Eq. 7's t-independent part (and any fusion's) is computed once per sample() call; each step
+    only adds G(psi(t)): N network calls, one prepare."""
+    model = tiny_mmdit(0)
+    noise, context, y, context_null, y_null = mmdit_inputs(B=2)
+    for name in ("teefusion", "dice"):
+        fusion = embed.make_fusion(name, model.config)
+        calls = []
+        prepare = fusion.prepare
+        fusion.prepare = lambda *a, _p=prepare: calls.append(1) or _p(*a)
+        x0, nfe = sample("student", model, noise, context, y, context_null, y_null, w=4.0, steps=5, fusion=fusion)
+        assert len(calls) == 1 and nfe == 5, name
+    x_default, _ = sample("student", model, noise, context, y, y_null=y_null, w=4.0, steps=5)
+    x_fusion, _ = sample("student", model, noise, context, y, y_null=y_null, w=4.0, steps=5,
+                         fusion=embed.TeEFusion())
+    assert torch.equal(x_default, x_fusion)
