@@ -20,10 +20,11 @@ resized to 299 x 299 by one of two conventions:
                    it): legacy ResizeBilinear on the 0 ... 255 values (output pixel i samples input
                    i * in / out, no half-pixel shift, clamped at the edge), then (x - 128) / 128.
 
-pytorch-fid is the default because the weights this loader reads are pytorch-fid's and most FIDs of
-text-to-image papers, and the COCO reference statistics they share, come from pytorch-fid or from
-codes that resize as it does; use "tensorflow" to compare with statistics of the TF reference code
-(e.g. TTUR's precomputed .npz files). The two differ only in the resize and the [-1, 1] scaling.
+"pytorch-fid" is the default because the weights this loader reads are pytorch-fid's: the default
+reproduces that package end to end (its fid_score on image files), the code behind many published
+FIDs and reference .npz files. Use "tensorflow" to compare with statistics made by the TF reference
+code (TTUR's precomputed .npz files, clean-fid's legacy_tensorflow mode). The two differ only in the
+resize and the [-1, 1] scaling.
 
     python evaluate.py fid-stats --inception pt_inception.safetensors --images out/ --out ours.npz
     python evaluate.py fid-stats --inception pt_inception.safetensors --images out/ --out ours_tf.npz \
@@ -236,7 +237,7 @@ def inception_input(images, resize="pytorch-fid"):
         else:
             x = (tf_resize_bilinear(x, 299) - 128) / 128
         out.append(x)  # (1, 3, 299, 299)
-    return torch.cat(out)
+    return torch.cat(out)  # (B, 3, 299, 299)
 
 
 class InceptionPool3(nn.Module):

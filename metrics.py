@@ -143,7 +143,8 @@ def pixel_values(images, preprocess, size):
     """images -> (B, 3, size, size) float32 network input, by the `preprocess` convention."""
     if preprocess not in PREPROCESS:
         raise ValueError(f"preprocess must be one of {sorted(PREPROCESS)}, got {preprocess!r}")
-    return normalize(torch.stack([PREPROCESS[preprocess](im, size) for im in to_pil_images(images)]))
+    pixels = torch.stack([PREPROCESS[preprocess](im, size) for im in to_pil_images(images)])  # (B, 3, S, S)
+    return normalize(pixels)
 
 
 # -----------------------------------------------------------------------------
