@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from prepare import ShardDataset, find_samples, prepare
-from vae import VAE, VAEConfig, from_pil, load_image
+from vae import VAE, from_pil, load_image
 
 R = 32  # resolution: latents (16, 4, 4)
 GOOD = {  # name -> (size, mode)
@@ -29,16 +29,6 @@ GOOD = {  # name -> (size, mode)
     "c3.webp": ((33, 35), "RGB"), "e4.jpg": ((50, 40), "L"), "e5.png": ((36, 36), "P"), "f6.png": ((32, 32), "RGB"),
 }
 BAD = ("b_corrupt.jpg", "d_truncated.png")  # sorted order puts one bad image in each of shards 0 and 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy shared CPU a 2-thread OpenMP
-    region can be 100x slower than one thread; restored after this file's tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class FakeTextEncoder:
@@ -76,9 +66,9 @@ def make_images(folder):
 
 
 @pytest.fixture(scope="module")
-def vae():
+def vae(tiny_vae_config):
     torch.manual_seed(0)
-    return VAE(VAEConfig(block_out_channels=[32, 32, 64, 64])).eval()
+    return VAE(tiny_vae_config).eval()
 
 
 @pytest.fixture

@@ -21,27 +21,19 @@ from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
 SCALE, SHIFT = 1.5305, 0.0609
-TINY = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, latent_channels=16, norm_num_groups=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy shared CPU a 2-thread OpenMP
-    region can be 100x slower than one thread; restored after this file's tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_reference(seed=0):
-    """A tiny SD3-shaped diffusers AutoencoderKL: 4 levels, 16 latent channels, no quant convs.
-    GroupNorm affines are randomised too, so that every parameter matters."""
+def make_reference(config, seed=0):
+    """The diffusers AutoencoderKL of a VAEConfig (conftest's tiny_vae_config: 4 levels, 16 latent
+    channels), no quant convs. GroupNorm affines are randomised too, so that every parameter matters."""
     torch.manual_seed(seed)
+    levels = len(config.block_out_channels)
     ref = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=SCALE, shift_factor=SHIFT, **TINY,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=SCALE, shift_factor=SHIFT, block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block, latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_groups,
     )
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -51,18 +43,18 @@ def make_reference(seed=0):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, tiny_vae_config):
     """(diffusers model, a pipeline-style folder holding vae/ written by save_pretrained)."""
-    ref = make_reference()
+    ref = make_reference(tiny_vae_config)
     root = tmp_path_factory.mktemp("pipeline")
     ref.save_pretrained(root / "vae")  # vae/config.json + vae/diffusion_pytorch_model.safetensors
     return ref, root
 
 
-def test_diffusers_folder_matches_diffusers(reference):
+def test_diffusers_folder_matches_diffusers(reference, tiny_vae_config):
     ref, root = reference
     ours = load_vae(root)  # the pipeline folder: load_vae finds vae/
-    assert ours.config == VAEConfig(block_out_channels=[32, 32, 64, 64])
+    assert ours.config == tiny_vae_config == VAEConfig(block_out_channels=[32, 32, 64, 64])
     assert not any(p.requires_grad for p in ours.parameters()) and not ours.training
 
     torch.manual_seed(1)
@@ -82,7 +74,7 @@ def test_diffusers_folder_matches_diffusers(reference):
     assert err_decode < 1e-4 and err_mean < 1e-4 and err_sample < 1e-4
 
 
-def test_stability_single_file_loads_the_same_weights(reference, tmp_path, monkeypatch):
+def test_stability_single_file_loads_the_same_weights(reference, tiny_vae_config, tmp_path, monkeypatch):
     ref, root = reference
     ours = load_vae(root)
     # A Stability single file: the VAE under first_stage_model.*, attention as 1x1 convs
@@ -95,7 +87,7 @@ def test_stability_single_file_loads_the_same_weights(reference, tmp_path, monke
     # Oracle for the key names: diffusers' own Stability -> diffusers converter must turn our
     # names into a complete diffusers state dict equal to the reference weights.
     converted = convert_ldm_vae_checkpoint({**stability, **others}, dict(ref.config))
-    fresh = make_reference(seed=123)
+    fresh = make_reference(tiny_vae_config, seed=123)
     fresh.load_state_dict(converted, strict=True)
     for k, v in ref.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
@@ -138,12 +130,12 @@ def test_stability_single_file_loads_the_same_weights(reference, tmp_path, monke
         assert torch.equal(ours.state_dict()[k], v), k
 
 
-def test_bfloat16_no_worse_than_diffusers_bfloat16(reference):
+def test_bfloat16_no_worse_than_diffusers_bfloat16(reference, tiny_vae_config):
     """bf16 rounding through ~30 layers of random weights costs a few percent; the bound is
     diffusers' own bf16 error on the same model and inputs."""
     ref, root = reference
     ours32, ours16 = load_vae(root), load_vae(root, dtype=torch.bfloat16)
-    ref16 = make_reference().to(torch.bfloat16)
+    ref16 = make_reference(tiny_vae_config).to(torch.bfloat16)
     assert ours16.dtype == torch.bfloat16
     torch.manual_seed(2)
     z = torch.randn(2, 16, 4, 4)
