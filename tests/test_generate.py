@@ -3,7 +3,8 @@ generate.py against diffusers' StableDiffusion3Pipeline (test-only oracle) on a 
 built here (tiny SD3Transformer2DModel, a tiny AutoencoderKL with SD3's 16 latent channels and scale /
 shift, tiny CLIP-L, CLIP-G and T5 with word tokenizers), the same seeds giving the same images; a
 student through generate against samplers.sample("student") decoded; the toy world through the same
-command; resuming; the PNG metadata; bad input (one `error:` line, exit 2, nothing heavy loaded).
+command; resuming; the PNG metadata; bad input (one `error:` line, exit 2, nothing heavy loaded);
+evaluate.py's table4 protocol end to end with a tiny random CLIP scorer.
 
     python -m pytest -q tests/test_generate.py -s     # -s prints the parity numbers
 """
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 
 import cli
 import embed
+import evaluate
 import generate
 import mmdit
 import samplers
@@ -252,3 +254,38 @@ def test_bad_input_one_error_line_exit_2(bad_runs, case, monkeypatch, capsys):
         cli.run(generate.main, generate.build_parser(), argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0]
+
+
+# ---- evaluate.py table4: every method and student on the same prompts and seeds, scored ----
+
+
+def test_table4_end_to_end(pipeline, clip_folder, tmp_path, capsys):
+    _, folder = pipeline
+    student = tmp_path / "student.safetensors"
+    mmdit.save_mmdit(mmdit.load_mmdit(folder), str(student), {"teefusion_method": "teefusion"})
+    out = tmp_path / "t4"
+    argv = ["table4", "--model", folder, "--methods", "euler,cfg", "--student", f"teefusion={student}",
+            "--prompt", "a red cat", "--prompt", "the blue dog", "--steps", "2", "--res", "32", "--w", "3",
+            "--score", f"clip={clip_folder}", "--out", str(out)]
+    cli.run(evaluate.main, evaluate.build_parser(), argv)
+    table = json.loads((out / "table4.json").read_text())
+    rows = {r["method"]: r for r in table["rows"]}
+    assert list(rows) == ["euler", "cfg", "teefusion"] and table["title"].startswith("Table 4: 2 prompts x 1 images")
+    assert (rows["euler"]["NFE"], rows["cfg"]["NFE"], rows["teefusion"]["NFE"]) == (2, 4, 2)
+    assert rows["euler"]["w"] == "-" and rows["cfg"]["w"] == 3.0 and all(r["s_per_image"] > 0 for r in rows.values())
+    # the score column is the mean CLIP score of the row's images, scored independently here
+    scorer = evaluate.metrics.load_scorer("clip", clip=clip_folder)
+    pics = evaluate.open_images([str(out / "cfg" / "images" / f"0000{i}-00.png") for i in range(2)])
+    assert rows["cfg"]["clip"] == pytest.approx(max(0.0, float(scorer(pics, ["a red cat", "the blue dog"]).mean())))
+    assert "| teefusion |" in (out / "table4.md").read_text()
+    assert Image.open(out / "grid.png").size == (110 + 2 * 256, 20 + 3 * 256)  # methods x prompts, labelled
+    # the sweep (Fig. 5a): every guided row at each w, in its own folder; w = 3 gives the same images
+    cli.run(evaluate.main, evaluate.build_parser(), argv[:-2] + ["--w-sweep", "1,3", "--out", str(out / "sweep")])
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert set(sweep) == {"cfg", "teefusion"} and set(sweep["cfg"]) == {"1.0", "3.0"}
+    assert sweep["cfg"]["3.0"]["clip"] == pytest.approx(rows["cfg"]["clip"])
+    assert os.path.isfile(out / "sweep" / "sweep-clip.png") and os.path.isfile(out / "sweep" / "sweep-grid.png")
+    bad = argv[:-2] + ["--methods", "cfg,w2sd", "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as e:  # a bad row is refused before anything runs
+        cli.run(evaluate.main, evaluate.build_parser(), bad)
+    assert e.value.code == 2 and "w2sd needs a model pair" in capsys.readouterr().err
