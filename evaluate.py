@@ -166,11 +166,6 @@ def folder_statistics(inception, folder, batch=50):
 # Speed: NFE and wall time per image of every sampler, same model, noise and prompt
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def speed_table(model, noise, context, y, context_null, y_null, *, w, steps, methods=None, strong=None,
                 weak=None, repeats=1, warmup_steps=2, **kwargs):
     """Rows {method, nfe, wall_s (per image), nfe_ratio, wall_ratio} (ratios to the student).
@@ -195,10 +190,10 @@ def speed_table(model, noise, context, y, context_null, y_null, *, w, steps, met
     wall, nfe = {m: math.inf for m in methods}, {}
     for _ in tqdm(range(repeats), "speed", disable=repeats < 2):
         for m in methods:
-            _sync(device)
+            generate.synchronize(device)
             t0 = time.perf_counter()
             x0, nfe[m] = run(m, steps)
-            _sync(device)
+            generate.synchronize(device)
             wall[m] = min(wall[m], (time.perf_counter() - t0) / B)
             if not torch.isfinite(x0).all():
                 raise RuntimeError(f"speed_table: {m} produced non-finite latents")

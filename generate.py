@@ -2,11 +2,11 @@
 Text to image: prompts -> PNGs with any sampler of the paper, on SD3 or on the toy world.
 
     python generate.py --model /w/stable-diffusion-3-medium-diffusers --method cfg --w 5 --steps 50 \\
-        --prompt "a photo of a cat" --n-per-prompt 4 --out out/cfg
+        --prompt "a photo of a cat" --n-per-prompt 4 --out runs/gen/cfg
     python generate.py --model /w/sd3_medium.safetensors --text-encoders /w/stable-diffusion-3-medium-diffusers \\
-        --method student --student runs/teefusion/student.safetensors --w 5 --prompts prompts.txt --out out/student
+        --method student --student runs/teefusion/student.safetensors --w 5 --prompts prompts.txt --out runs/gen/st
     python generate.py --toy --method student --student runs/toy/student.safetensors \\
-        --prompt "a red plus in row one column two" --out out/toy        # after `python distill.py`
+        --prompt "a red plus in row one column two"        # after `python distill.py`; -> runs/generate
 
 Methods (samplers.py). --w is the paper's w everywhere (Eq. 2: (1 + w) v(c) - w v(null)), so diffusers'
 guidance_scale is g = 1 + w. The authors' released TeEFusion pipeline is the exception: its
@@ -17,9 +17,8 @@ guidance_scale=5, and `--w-rounding model` forms 1000 w in the model dtype as it
     cfg        Euler + CFG (Eq. 2)
     zsampling  Z-Sampling + CFG (Eq. 3-4), reflection settings --preset flow (default) | sdxl
     w2sd       W2SD + CFG: denoise with a strong model, invert with a weak one, move with the strong one
-               (Eq. 4; --w2sd-main: with main = base + 0.8 delta, as the W2SD release). The pair:
-               --strong/--weak, or --w2sd-finetuned F: delta = F - base, strong = base + 1.5 delta,
-               weak = base - 1.5 delta (the W2SD release; mmdit.load_mmdit_blend)
+               (Eq. 4), or with main = base + 0.8 delta (--w2sd-main). The pair: --strong/--weak, or as
+               the W2SD release, --w2sd-finetuned F: delta = F - base, strong / weak = base +- 1.5 delta
     student    a student written by distill.py (--student; its method from the file's metadata,
                embed.load_student): ONE forward per step with z of Eq. 7
 
@@ -29,27 +28,23 @@ of the reflection samplers; for the student it is y_null of Eq. 7 (its pooled ve
 Noise, as DESIGN.md fixes it: image k of a prompt starts from torch.randn(1, 16, H/8, W/8,
 generator=torch.Generator("cpu").manual_seed(seed + k)) in float32, moved to the device. That is what
 diffusers' StableDiffusion3Pipeline draws with generator=torch.Generator("cpu").manual_seed(seed + k), so
-a seed gives the same image in both (tests/test_generate.py: at a tiny size, equal to 1e-4), and the
-same image on CPU and GPU up to the dtype.
+a seed gives the same image in both (tests/test_generate.py: within 1e-4 at a tiny size), and the same
+image on CPU and GPU up to the dtype.
 
-Order of work, so that SD3-medium with T5 fits a 24 GB GPU in bf16. ESTIMATED at 1024 px from parameter
-counts x 2 bytes + the largest activations (`python benchmarks/memory_generate.py`; no GPU was at hand
-to measure): 11.6 GB while the text encoders run (T5-XXL alone is 9.5 GB), then 6.4 GB while one MMDiT
-and the VAE run (W2SD: 10.4 GB for its pair, 14.5 GB with --w2sd-main); all at once would be 17.5 GB
-(W2SD with its main model: 25.6 GB, too much for 24 GB):
+Order of work, so that SD3-medium with T5 fits a 24 GB GPU in bf16 (an ESTIMATE, no GPU was at hand:
+`python benchmarks/memory_generate.py` gives 11.6 GB while the text encoders run, then 6.4 GB for one
+MMDiT and the VAE, 14.5 GB for W2SD with --w2sd-main; 17.5 GB and 25.6 GB if all were held at once):
     1. the text encoders encode every prompt that still needs an image, and the negative prompt; they
        are freed, the embeddings wait on the CPU (2.7 MB per prompt in bf16 with T5's 256 tokens);
     2. the MMDiT(s) and the VAE load; per batch of --batch images: noise, samplers.sample, VAE decode,
        PNGs written atomically (a temporary file renamed: a killed run leaves no half image);
     3. OUT/index.jsonl and the contact sheet OUT/contact.png, rebuilt from the PNGs.
 
-Output: OUT/images/PPPPP-KK.png (prompt P, image K, seed + K) with the prompt, negative prompt,
-method, w, steps, seed, NFE, model file name, seconds per image (sampling + decoding) in its PNG text
-metadata; `python evaluate.py score --images OUT/images ...` scores them in that order. Images already
-there are skipped (re-running a killed job continues it), after checking that they were made with the
-same settings (else: error, use another --out). --toy: the toy world of toy.py (its cached teacher,
-its W2SD pair, its text encoders; images are its 16 x 16 latents, saved 8x larger with nearest
-neighbour).
+Output: OUT/images/PPPPP-KK.png (prompt P, image K, seed + K) with the prompt, negative prompt, method,
+w, steps, seed, NFE, model file name, seconds per image (sampling + decoding) in its PNG text metadata.
+Images already there are skipped (re-running a killed job continues it) if made with the same settings
+(else: an error). --toy: the toy world of toy.py (its cached teacher, W2SD pair and text encoders;
+images are its 16 x 16 latents, saved 8x larger with nearest neighbour).
 
 Shape legend: B batch, C latent channels, h w latent size, L tokens, Dc context width, Dy pooled width.
 """
@@ -203,7 +198,8 @@ def add_arguments(parser, exclude=()):
     add("--seed", type=int, default=0, help="image k of every prompt uses seed + k (as diffusers' generator)")
     add("--n-per-prompt", type=int, default=1, help="images per prompt")
     add("--res", type=int, help="image side in pixels, a multiple of 16 (default 1024; the toy's is 16)")
-    add("--out", default="out", help="output folder: OUT/images/*.png, OUT/index.jsonl, OUT/contact.png")
+    add("--out", default="runs/generate", help="output folder: OUT/images/*.png, OUT/index.jsonl, OUT/contact.png "
+        "(default runs/generate)")
     add("--student", help="--method student: the student's MMDiT as distill.py writes it (fusion.safetensors "
         "beside it for distillcfg / dice), or a diffusers transformer folder with txt_align_guidance")
     add("--student-method", choices=sorted(embed.FUSIONS), help="the student's method, for files whose "
@@ -312,21 +308,8 @@ def _name(path):
     return os.path.basename(os.path.normpath(path)) if path else None
 
 
-def check(args, world=None):
-    """Check every argument (files, folders, sizes, the checkpoint headers, --out) and return a Plan;
-    loads no model. world: a toy.ToyWorld already built (Python callers); --toy builds one later."""
-    a = argparse.Namespace(**vars(args))
-    if (a.prompt is None) == (a.prompts is None):
-        raise ValueError("give --prompt (one or more) or --prompts FILE, not both" if a.prompt
-                         else "no prompt: give --prompt TEXT or --prompts FILE")
-    prompts = list(a.prompt) if a.prompt is not None else load_prompts(a.prompts)
-    if any(not p.strip() for p in prompts):
-        raise ValueError("--prompt: an empty prompt")
-    for flag in ("steps", "n_per_prompt", "batch"):
-        if getattr(a, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)} must be at least 1")
-    if a.seed < 0:
-        raise ValueError(f"--seed {a.seed} must be >= 0")
+def _check_method(a, toy_world):
+    """The method's own flags; returns the w the images are made at (None for euler)."""
     if a.method == "euler" and a.w is not None:
         raise ValueError("--w: euler is the unguided sampler (diffusers' guidance_scale 1) and takes no --w")
     w = None if a.method == "euler" else (DEFAULT_W if a.w is None else a.w)
@@ -343,37 +326,58 @@ def check(args, world=None):
         raise ValueError(f"--{pair[0].replace('_', '-')} is for --method w2sd")
     if a.method == "w2sd" and a.w2sd_finetuned and (a.strong or a.weak):
         raise ValueError("w2sd: give --w2sd-finetuned or --strong/--weak, not both")
-    if a.method == "w2sd" and not (a.weak or a.w2sd_finetuned or a.toy or world is not None):
+    if a.method == "w2sd" and not (a.weak or a.w2sd_finetuned or toy_world):
         raise ValueError("w2sd needs a model pair: --weak PATH (and --strong, default --model) or --w2sd-finetuned")
+    return w
+
+
+def _check_models(a, toy_world):
+    """Every checkpoint and folder, from headers only: (image side, text-encoder folder, VAE path)."""
     for flag in ("student", "strong", "weak", "w2sd_finetuned"):
         _need(getattr(a, flag), "--" + flag.replace("_", "-"))
-    toy_world = a.toy or world is not None
-    configs, text_encoders, vae_path = [], None, None
     if toy_world:
         given = [f for f in ("model", "text_encoders", "vae", "res") if getattr(a, f) is not None]
         if given or a.no_t5:
             raise ValueError(f"--{(given or ['no-t5'])[0].replace('_', '-')}: the toy world brings its own models, "
                              "text encoders and image size (16 x 16)")
         import toy  # only here: the SD3 path does not need the toy world
-        res = toy.SIZE
-    else:
-        if a.model is None:
-            raise ValueError("--model is required (an SD3 checkpoint), or --toy for the toy world")
-        _need(a.model, "--model")
-        text_encoders, vae_path = _sources(a)
-        configs.append(("--model", mmdit.read_config(a.model)))
-        res = 1024 if a.res is None else a.res
-    for flag in ("student", "strong", "weak", "w2sd_finetuned"):
-        if getattr(a, flag):
-            configs.append(("--" + flag.replace("_", "-"), mmdit.read_config(getattr(a, flag))))
-    for flag, cfg in configs[1:] if configs and not toy_world else []:
-        base = configs[0][1]
+        return toy.SIZE, None, None
+    if a.model is None:
+        raise ValueError("--model is required (an SD3 checkpoint), or --toy for the toy world")
+    _need(a.model, "--model")
+    text_encoders, vae_path = _sources(a)
+    base = mmdit.read_config(a.model)
+    configs = [("--model", base)] + [("--" + f.replace("_", "-"), mmdit.read_config(getattr(a, f)))
+                                     for f in ("student", "strong", "weak", "w2sd_finetuned") if getattr(a, f)]
+    for flag, cfg in configs[1:]:
         if (cfg.in_channels, cfg.context_dim, cfg.pooled_dim) != (base.in_channels, base.context_dim, base.pooled_dim):
             raise ValueError(f"{flag} does not take --model's inputs: {cfg.in_channels} latent channels, context "
                              f"{cfg.context_dim}, pooled {cfg.pooled_dim} vs {base.in_channels}, "
                              f"{base.context_dim}, {base.pooled_dim}")
-    if not toy_world:
-        _check_res(res, configs)
+    res = 1024 if a.res is None else a.res
+    _check_res(res, configs)
+    return res, text_encoders, vae_path
+
+
+def check(args, world=None):
+    """Check every argument (files, folders, sizes, the checkpoint headers, --out, the images already
+    there) and return a Plan; loads no model. world: a toy.ToyWorld already built (for Python callers;
+    --toy builds or reuses one when the images are made)."""
+    a = argparse.Namespace(**vars(args))
+    if (a.prompt is None) == (a.prompts is None):
+        raise ValueError("give --prompt (one or more) or --prompts FILE, not both" if a.prompt
+                         else "no prompt: give --prompt TEXT or --prompts FILE")
+    prompts = list(a.prompt) if a.prompt is not None else load_prompts(a.prompts)
+    if any(not p.strip() for p in prompts):
+        raise ValueError("--prompt: an empty prompt")
+    for flag in ("steps", "n_per_prompt", "batch"):
+        if getattr(a, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)} must be at least 1")
+    if a.seed < 0:
+        raise ValueError(f"--seed {a.seed} must be >= 0")
+    toy_world = a.toy or world is not None
+    w = _check_method(a, toy_world)
+    res, text_encoders, vae_path = _check_models(a, toy_world)
     student_method = embed.student_files(a.student, a.student_method)[0] if a.student else None
     if a.w_rounding == "model" and student_method != "teefusion":
         raise ValueError(f"--w-rounding model applies to TeEFusion students, not {student_method!r}")
@@ -382,10 +386,9 @@ def check(args, world=None):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     _check_writable(a.out)
-    model_name = "toy " + ("teacher.safetensors" if a.method != "w2sd" else "strong/weak") if toy_world \
-        else _name(a.model)
-    record = dict(negative_prompt=a.negative_prompt, method=a.method, w=w, steps=a.steps, model=model_name,
-                  student=_name(a.student), student_method=student_method, res=res, dtype=str(dtype).split(".")[-1],
+    record = dict(negative_prompt=a.negative_prompt, method=a.method, w=w, steps=a.steps,
+                  model="toy world" if toy_world else _name(a.model), student=_name(a.student),
+                  student_method=student_method, res=res, dtype=str(dtype).split(".")[-1],
                   preset=a.preset if a.method in ("zsampling", "w2sd") else None,
                   w_rounding=a.w_rounding if a.method == "student" else None, no_t5=a.no_t5,
                   w2sd=_w2sd_description(a) if a.method == "w2sd" else None)
@@ -432,7 +435,8 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
-def _sync(device):
+def synchronize(device):
+    """Wait for the device's queued work (CUDA runs asynchronously), so that wall times are true."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -509,13 +513,13 @@ def iter_images(plan, jobs):
             a.seed + k)) for _, k in batch]).to(device)  # (B, C, h, w)
         rows = torch.tensor([row[i] for i, _ in batch])
         ctx, yy = context[rows].to(device), y[rows].to(device)  # (B, L, Dc), (B, Dy)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         x0, nfe = samplers.sample(a.method, models["model"], noise, ctx, yy, ctx_null, yn, w=plan.record["w"],
                                   steps=a.steps, preset=a.preset, weak=models["weak"], main=models["main"],
                                   fusion=models["fusion"])
         images = decode(x0)  # (B, 3, H, W)
-        _sync(device)
+        synchronize(device)
         seconds = (time.perf_counter() - start) / len(batch)
         if not torch.isfinite(images).all():
             raise FloatingPointError(f"non-finite image for prompt {batch[0][0]} in {plan.dtype}; try --dtype fp32")

@@ -77,7 +77,8 @@ def main(args):
           f"({rows} rows per MMDiT forward), ESTIMATE")
     print("parameters: " + ", ".join(f"{k} {v / 1e9:.3f} B" for k, v in n_text.items())
           + f", MMDiT {n_mmdit / 1e9:.3f} B, VAE {n_vae / 1e6:.1f} M")
-    print(f"phase 1, text encoders: weights {weights_text / GB:.2f} GB + activations {act_text / GB:.2f} GB "
+    print(f"phase 1, text encoders ({sum(n_text.values()) / 1e9:.2f} B parameters): weights "
+          f"{weights_text / GB:.2f} GB + activations {act_text / GB:.2f} GB "
           f"= {(weights_text + act_text) / GB:.1f} GB")
     print(f"phase 2, {models} MMDiT + VAE: weights {weights_2 / GB:.2f} GB + MMDiT activations "
           f"{act_mmdit / GB:.2f} GB + VAE decode {act_vae / GB:.2f} GB = "
