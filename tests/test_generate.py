@@ -1,14 +1,16 @@
 """
 generate.py against diffusers' StableDiffusion3Pipeline (test-only oracle) on a tiny random SD3 pipeline
 built here (tiny SD3Transformer2DModel, a tiny AutoencoderKL with SD3's 16 latent channels and scale /
-shift, tiny CLIP-L, CLIP-G and T5 with word tokenizers), the same seeds giving the same images; a
-student through generate against samplers.sample("student") decoded; the toy world through the same
+shift, tiny CLIP-L, CLIP-G and T5 with word tokenizers), the same seeds giving the same images; the
+same model as a Stability single file; a student through generate against samplers.sample("student")
+decoded (TeEFusion, and DistillCFG with its fusion file); the toy world through the same
 command; resuming; the PNG metadata; bad input (one `error:` line, exit 2, nothing heavy loaded);
 evaluate.py's table4 protocol end to end with a tiny random CLIP scorer.
 
     python -m pytest -q tests/test_generate.py -s     # -s prints the parity numbers
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,6 +31,7 @@ import evaluate
 import generate
 import mmdit
 import samplers
+import toy
 import vae
 
 diffusers = pytest.importorskip("diffusers")
@@ -59,6 +62,20 @@ def pipeline(tmp_path_factory, tiny_vae_config):
     folder = tmp_path_factory.mktemp("sd3") / "pipeline"
     pipe.save_pretrained(folder)
     return pipe, str(folder)
+
+
+@pytest.fixture(scope="module")
+def single_file(pipeline):
+    """The pipeline's MMDiT and VAE as one Stability single file (model.diffusion_model.*, first_stage_model.*)."""
+    _, folder = pipeline
+    model = mmdit.load_mmdit(folder)
+    tensors = {"model.diffusion_model." + k: v for k, v in model.state_dict().items()}
+    tensors.update({"first_stage_model." + k: v for k, v in vae.load_vae(folder).state_dict().items()})
+    path = os.path.join(os.path.dirname(folder), "sd3_tiny.safetensors")
+    # the head count (2 heads of 8) cannot be read off the shapes, whose rule is SD3's 64 per head: say it
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path,
+              {"mmdit_config": json.dumps(dataclasses.asdict(model.config))})
+    return path
 
 
 def run_main(argv, world=None):
@@ -99,6 +116,17 @@ def test_same_seeds_same_images_as_diffusers(pipeline, tmp_path, method, w, nega
     seeds = [png_floats(out / "images" / f"00000-0{k}.png") for k in range(2)]
     assert np.abs(seeds[0] - seeds[1]).max() > 0.05  # the images are not all alike
     assert [r["nfe"] for r in records] == [STEPS * (1 if method == "euler" else 2)] * len(records)
+
+
+def test_stability_single_file_with_text_encoders_from_a_folder(pipeline, single_file, tmp_path):
+    """--model a Stability single file: its VAE (first_stage_model.*) is the default, the text encoders
+    come from --text-encoders; the same images as from the pipeline folder."""
+    _, folder = pipeline
+    common = ["--method", "cfg", "--w", 2, "--steps", 2, "--res", RES, "--prompt", PROMPTS[0]]
+    a = run_main(["--model", folder, "--out", tmp_path / "a"] + common)
+    b = run_main(["--model", single_file, "--text-encoders", folder, "--out", tmp_path / "b"] + common)
+    assert np.array_equal(png_floats(tmp_path / "a" / a[0]["file"]), png_floats(tmp_path / "b" / b[0]["file"]))
+    assert b[0]["model"] == "sd3_tiny.safetensors"
 
 
 def test_student_equals_samplers_student_decoded(pipeline, tmp_path):
@@ -172,7 +200,6 @@ def test_resume_metadata_index_and_sheet(pipeline, tmp_path):
 
 
 def test_toy_world_through_the_same_command(tmp_path, monkeypatch):
-    toy = pytest.importorskip("toy")
     import inspect
     if "settings" not in inspect.signature(toy.build_world).parameters:
         pytest.skip("toy.build_world takes no settings: a full toy world takes minutes to build")
@@ -201,36 +228,39 @@ def test_toy_world_through_the_same_command(tmp_path, monkeypatch):
 # ---- bad input: one `error:` line naming the thing, exit status 2, before anything heavy loads ----
 
 BAD = [
-    (["--model", "{folder}", "--prompt", "a cat"], "{broken}/tokenizer_2", "broken"),  # --model replaced below
-    (["--model", "{folder}/transformer", "--text-encoders", "{folder}", "--prompt", "a cat"], "--vae", None),
-    (["--model", "{folder}", "--vae", "{root}/nowhere", "--prompt", "a cat"], "nowhere", None),
-    (["--model", "{root}/no_model", "--prompt", "a cat"], "no_model", None),
-    (["--model", "{folder}", "--prompts", "{root}/empty.txt"], "empty.txt", None),
-    (["--model", "{folder}", "--prompt", "a cat", "--res", "72"], "--res 72", None),
-    (["--model", "{folder}", "--prompt", "a cat", "--res", "256"], "position table", None),
-    (["--model", "{folder}", "--prompt", "a cat", "--method", "dpm"], "--method", None),
-    (["--model", "{folder}", "--prompt", "a cat", "--method", "student"], "--student", None),
-    (["--model", "{folder}", "--prompt", "a cat", "--method", "w2sd"], "--weak", None),
-    (["--model", "{folder}", "--prompt", "a cat", "--w", "-1"], "--w -1", None),
-    (["--model", "{folder}", "--prompt", "a cat", "--out", "{root}/empty.txt/out"], "empty.txt/out", None),
-    (["--toy", "--model", "{folder}", "--prompt", "a cat"], "--model", None),
+    (["--model", "{broken}", "--prompt", "a cat"], "{broken}/tokenizer_2"),  # the pipeline without tokenizer_2
+    (["--model", "{folder}/transformer", "--text-encoders", "{folder}", "--prompt", "a cat"], "--vae"),
+    (["--model", "{folder}", "--vae", "{root}/nowhere", "--prompt", "a cat"], "nowhere"),
+    (["--model", "{root}/no_model", "--prompt", "a cat"], "no_model"),
+    (["--model", "{folder}", "--prompts", "{root}/empty.txt"], "empty.txt"),
+    (["--model", "{folder}", "--prompt", "a cat", "--res", "72"], "--res 72"),
+    (["--model", "{folder}", "--prompt", "a cat", "--res", "256"], "position table"),
+    (["--model", "{folder}", "--prompt", "a cat", "--method", "dpm"], "--method"),
+    (["--model", "{folder}", "--prompt", "a cat", "--method", "student"], "--student"),
+    (["--model", "{folder}", "--prompt", "a cat", "--method", "w2sd"], "--weak"),
+    (["--model", "{folder}", "--prompt", "a cat", "--w", "-1"], "--w -1"),
+    (["--model", "{folder}", "--prompt", "a cat", "--out", "{root}/empty.txt/out"], "empty.txt/out"),
+    (["--toy", "--model", "{folder}", "--prompt", "a cat"], "--model"),
+    (["--model", "{single}", "--prompt", "a cat"], "--text-encoders"),
 ]
 
 
 @pytest.fixture(scope="module")
-def bad_runs(pipeline, tmp_path_factory):
+def bad_runs(pipeline, single_file, tmp_path_factory):
     """Every BAD command line run as `python generate.py ...`, all at once (they are independent)."""
     _, folder = pipeline
     root = tmp_path_factory.mktemp("bad")
     (root / "empty.txt").write_text("\n \n")
     broken = root / "broken"
     shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("tokenizer_2"))
-    argvs = [[a.format(folder=broken if which else folder, root=root, broken=broken) for a in argv]
-             + ([] if "--res" in argv else ["--res", "64"]) for argv, _, which in BAD]
-    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "generate.py"), *argv, "--out", str(root / "o")]
-                              if "--out" not in argv else [sys.executable, os.path.join(REPO, "generate.py"), *argv],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for argv in argvs]
-    return root, broken, argvs, [(p.wait(timeout=120),) + p.communicate() for p in procs]
+    argvs = [[a.format(folder=folder, root=root, broken=broken, single=single_file) for a in argv]
+             + ([] if "--res" in argv else ["--res", "64"]) + ([] if "--out" in argv else ["--out", str(root / "o")])
+             for argv, _ in BAD]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "generate.py"), *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) for argv in argvs]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return root, broken, argvs, [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
 @pytest.mark.parametrize("case", range(len(BAD)))
@@ -247,11 +277,10 @@ def test_bad_input_one_error_line_exit_2(bad_runs, case, monkeypatch, capsys):
 
     # in this process, with every loader replaced by one that fails: the same error, nothing loaded
     for owner, name in ((mmdit, "load_mmdit"), (mmdit, "load_mmdit_blend"), (vae, "load_vae"),
-                        (embed.TextEncoders, "from_pretrained"), (embed, "load_student")):
+                        (embed.TextEncoders, "from_pretrained"), (embed, "load_student"), (toy, "build_world")):
         monkeypatch.setattr(owner, name, heavy)
-    argv = argvs[case] + ([] if "--out" in argvs[case] else ["--out", str(root / "o")])
     with pytest.raises(SystemExit) as e:
-        cli.run(generate.main, generate.build_parser(), argv)
+        cli.run(generate.main, generate.build_parser(), argvs[case])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0]
 
