@@ -454,7 +454,7 @@ def cmd_score(args):
     print(json.dumps({"metric": args.metric, "images": len(names), "score": result}))
     if args.out:
         write_text(args.out, json.dumps({"metric": args.metric, "score": result,
-                                          "per_image": dict(zip(names, scores.tolist()))}, indent=2) + "\n")
+                                         "per_image": dict(zip(names, scores.tolist()))}, indent=2) + "\n")
 
 
 def cmd_fid_stats(args):
