@@ -61,7 +61,7 @@ import os
 import time
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 import cli
@@ -69,7 +69,8 @@ import fid
 import generate
 import metrics
 import samplers
-from generate import image_grid, load_prompts, write_text  # prompts and pictures live with the generator
+from generate import load_prompts, write_text  # prompt files live with the generator
+from plots import image_grid, line_plot
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -252,63 +253,6 @@ def write_table(rows, stem, columns=None, title=None):
 
 # -----------------------------------------------------------------------------
 # Figures with pillow: line plots (Fig. 5a, 5b) and image grids (Fig. 4)
-
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127)]
-
-
-def _ticks(lo, hi, n=5):
-    if hi == lo:
-        return [lo]
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
-def line_plot(series, path, title="", xlabel="", ylabel="", size=(640, 420)):
-    """series: {name: (xs, ys)} -> a PNG line plot with markers, axes, ticks and a legend."""
-    W, H = size
-    left, right, top, bottom = 70, 20, 30, 50
-    font = ImageFont.load_default()
-    xs = [x for s in series.values() for x in s[0]]
-    ys = [y for s in series.values() for y in s[1] if math.isfinite(y)]
-    if not xs or not ys:
-        raise ValueError("line_plot: nothing to plot")
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
-    x1 = x1 if x1 > x0 else x0 + 1
-
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right), top + (y1 - y) / (y1 - y0) * (H - top - bottom))
-
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for tx in _ticks(x0, x1):
-        p = px(tx, y0)
-        d.line([p, (p[0], p[1] + 4)], fill="black")
-        d.text((p[0] - 8, p[1] + 6), f"{tx:g}", fill="black", font=font)
-    for ty in _ticks(y0, y1):
-        p = px(x0, ty)
-        d.line([(p[0] - 4, p[1]), p], fill="black")
-        d.line([(p[0] + 1, p[1]), (W - right - 1, p[1])], fill=(230, 230, 230))
-        d.text((4, p[1] - 6), f"{ty:.4g}", fill="black", font=font)
-    for i, (name, (sx, sy)) in enumerate(series.items()):
-        c = COLORS[i % len(COLORS)]
-        pts = [px(x, y) for x, y in zip(sx, sy) if math.isfinite(y)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        if len(pts) <= 60:
-            for p in pts:
-                d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=c)
-        d.rectangle([W - right - 150, top + 8 + 14 * i, W - right - 140, top + 18 + 14 * i], fill=c)
-        d.text((W - right - 135, top + 6 + 14 * i), str(name), fill="black", font=font)
-    d.text((left, 8), title, fill="black", font=font)
-    d.text(((W + left) // 2 - 3 * len(xlabel), H - 18), xlabel, fill="black", font=font)
-    d.text((4, top - 20), ylabel, fill="black", font=font)
-    img.save(path)
-    return img
 
 
 def read_log(path, key="loss"):

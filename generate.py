@@ -6,7 +6,7 @@ Text to image: prompts -> PNGs with any sampler of the paper, on SD3 or on the t
     python generate.py --model /w/sd3_medium.safetensors --text-encoders /w/stable-diffusion-3-medium-diffusers \\
         --method student --student runs/teefusion/student.safetensors --w 5 --prompts prompts.txt --out runs/gen/st
     python generate.py --toy --method student --student runs/toy/student.safetensors \\
-        --prompt "a red plus in row one column two"        # after `python distill.py`; -> runs/generate
+        --prompt "a red plus left of a blue square"        # after `python distill.py`; -> runs/generate
 
 Methods (samplers.py). --w is the paper's w everywhere (Eq. 2: (1 + w) v(c) - w v(null)), so diffusers'
 guidance_scale is g = 1 + w. The authors' released TeEFusion pipeline is the exception: its
@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
@@ -69,6 +69,7 @@ import mmdit
 import samplers
 import vae
 from mmdit import atomic_write  # the project's one atomic-write mechanism
+from plots import image_grid
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CLIP_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -104,43 +105,6 @@ def load_prompts(path):
     if not prompts:
         raise ValueError(f"prompts: {path!r} holds no prompts")
     return prompts
-
-
-def _fit(draw, text, font, width, lines=1):
-    """text cut into at most `lines` lines of at most `width` pixels (the last one ending in ... if cut)."""
-    words, out = str(text).split(), []
-    while words and len(out) < lines:
-        line = words.pop(0)
-        while words and draw.textlength(line + " " + words[0], font=font) <= width:
-            line += " " + words.pop(0)
-        out.append(line)
-    if words or (out and draw.textlength(out[-1], font=font) > width):
-        last = out[-1] if out else ""
-        while last and draw.textlength(last + "...", font=font) > width:
-            last = last[:-1]
-        out[-1:] = [last + "..."]
-    return "\n".join(out)
-
-
-def image_grid(rows, path, row_labels=(), col_labels=(), cell=256, resample=Image.BICUBIC):
-    """rows: list of lists of PIL images (methods x w, Fig. 4; prompts x seeds) -> a labelled PNG grid.
-    Row labels are wrapped into the 110-pixel margin, column labels cut to the cell width."""
-    font = ImageFont.load_default()
-    lw = 110 if row_labels else 0
-    th = 20 if col_labels else 0
-    n_cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (lw + n_cols * cell, th + len(rows) * cell), "white")
-    d = ImageDraw.Draw(grid)
-    for j, label in enumerate(col_labels):
-        d.text((lw + j * cell + 4, 4), _fit(d, label, font, cell - 8), fill="black", font=font)
-    for i, row in enumerate(rows):
-        if i < len(row_labels):
-            d.multiline_text((4, th + i * cell + 4), _fit(d, row_labels[i], font, lw - 8, max(1, cell // 14)),
-                             fill="black", font=font)
-        for j, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((cell, cell), resample), (lw + j * cell, th + i * cell))
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
-    return grid
 
 
 def write_text(path, text):
@@ -197,7 +161,7 @@ def add_arguments(parser, exclude=()):
         "student, y_null of Eq. 7 (its pooled vector only). Default: the empty string (the paper's null prompt)")
     add("--seed", type=int, default=0, help="image k of every prompt uses seed + k (as diffusers' generator)")
     add("--n-per-prompt", type=int, default=1, help="images per prompt")
-    add("--res", type=int, help="image side in pixels, a multiple of 16 (default 1024; the toy's is 16)")
+    add("--res", type=int, help="image side in pixels, a multiple of 16 (default 1024; the toy world has its own)")
     add("--out", default="runs/generate", help="output folder: OUT/images/*.png, OUT/index.jsonl, OUT/contact.png "
         "(default runs/generate)")
     add("--student", help="--method student: the student's MMDiT as distill.py writes it (fusion.safetensors "
@@ -339,9 +303,9 @@ def _check_models(a, toy_world):
         given = [f for f in ("model", "text_encoders", "vae", "res") if getattr(a, f) is not None]
         if given or a.no_t5:
             raise ValueError(f"--{(given or ['no-t5'])[0].replace('_', '-')}: the toy world brings its own models, "
-                             "text encoders and image size (16 x 16)")
+                             "text encoders and image size")
         import toy  # only here: the SD3 path does not need the toy world
-        return toy.SIZE, None, None
+        return toy.W, None, None
     if a.model is None:
         raise ValueError("--model is required (an SD3 checkpoint), or --toy for the toy world")
     _need(a.model, "--model")
@@ -500,16 +464,17 @@ def iter_images(plan, jobs):
     context, y, (context_null, y_null) = encode(plan, indices)
     models = load_models(plan)
     cfg = models["model"].config
-    if plan.world is not None:  # the toy world: the images are the latents (identity VAE)
-        side, decode = plan.res, (lambda x: x)
+    if plan.world is not None:  # the toy world: the images are the latents (identity VAE), H x W pixels
+        import toy
+        hw, decode = (toy.H, toy.W), (lambda x: x)
     else:
         decoder = vae.load_vae(plan.vae, device, torch.float32 if plan.dtype == torch.float16 else plan.dtype)
-        side, decode = plan.res // decoder.config.downsample, decoder.decode
+        hw, decode = (plan.res // decoder.config.downsample,) * 2, decoder.decode
     ctx_null, yn = context_null.to(device), y_null.to(device)
     for b in range(0, len(jobs), a.batch):
         batch = jobs[b:b + a.batch]
         # image k of a prompt starts from seed + k, drawn on the CPU in float32 (diffusers' convention)
-        noise = torch.cat([torch.randn(1, cfg.in_channels, side, side, generator=torch.Generator("cpu").manual_seed(
+        noise = torch.cat([torch.randn(1, cfg.in_channels, *hw, generator=torch.Generator("cpu").manual_seed(
             a.seed + k)) for _, k in batch]).to(device)  # (B, C, h, w)
         rows = torch.tensor([row[i] for i, _ in batch])
         ctx, yy = context[rows].to(device), y[rows].to(device)  # (B, L, Dc), (B, Dy)

@@ -183,7 +183,7 @@ def test_resume_metadata_index_and_sheet(pipeline, tmp_path):
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert index == first and index[3]["file"] == os.path.join("images", "00001-01.png")
     sheet = Image.open(out / "contact.png")
-    assert sheet.size == (110 + 2 * RES, 20 + 2 * RES)  # 2 prompts x 2 seeds, labelled
+    assert sheet.size == (110 + 2 * (RES + 2), 20 + 2 * (RES + 2))  # 2 prompts x 2 seeds, labelled, 2 px gutters
     stamps = {f: os.stat(out / "images" / f).st_mtime_ns for f in files}
     time.sleep(0.01)
     assert run_main(argv) == first  # nothing new: every image was there
@@ -200,23 +200,20 @@ def test_resume_metadata_index_and_sheet(pipeline, tmp_path):
 
 
 def test_toy_world_through_the_same_command(tmp_path, monkeypatch):
-    import inspect
-    if "settings" not in inspect.signature(toy.build_world).parameters:
-        pytest.skip("toy.build_world takes no settings: a full toy world takes minutes to build")
     world = toy.build_world(cache_dir=str(tmp_path / "cache"), progress=False,
                             settings=toy.TrainSettings(steps=30, weak_step=10))
     student = str(tmp_path / "student.safetensors")
     mmdit.save_mmdit(mmdit.load_mmdit(world.teacher_path), student, {"teefusion_method": "teefusion"})
     monkeypatch.setattr(toy, "build_world", lambda **kw: world)  # the command line's --toy, on this small world
-    prompt = "a red plus in row one column two"
+    prompt = "a red plus left of a blue square"
     args = generate.build_parser().parse_args(["--toy", "--prompt", prompt, "--method", "student", "--student",
                                                student, "--steps", "6", "--w", "4", "--out", str(tmp_path / "out")])
     records = generate.main(args)
     png = np.asarray(Image.open(tmp_path / "out" / "images" / "00000-00.png"))
-    assert png.shape == (toy.SIZE * generate.TOY_VIEW,) * 2 + (3,) and records[0]["nfe"] == 6
+    assert png.shape == (toy.H * generate.TOY_VIEW, toy.W * generate.TOY_VIEW, 3) and records[0]["nfe"] == 6
     context, y = world.encoders.encode([prompt])
     context_null, y_null = world.encoders.encode_null()
-    noise = torch.randn(1, 3, toy.SIZE, toy.SIZE, generator=torch.Generator("cpu").manual_seed(0))
+    noise = torch.randn(1, 3, toy.H, toy.W, generator=torch.Generator("cpu").manual_seed(0))
     x0, _ = samplers.sample("student", mmdit.load_mmdit(student), noise, context, y, context_null, y_null, w=4.0,
                             steps=6)
     ref = vae.to_uint8(x0)[0].numpy().repeat(generate.TOY_VIEW, 0).repeat(generate.TOY_VIEW, 1)  # nearest x8
@@ -307,7 +304,7 @@ def test_table4_end_to_end(pipeline, clip_folder, tmp_path, capsys):
     pics = evaluate.open_images([str(out / "cfg" / "images" / f"0000{i}-00.png") for i in range(2)])
     assert rows["cfg"]["clip"] == pytest.approx(max(0.0, float(scorer(pics, ["a red cat", "the blue dog"]).mean())))
     assert "| teefusion |" in (out / "table4.md").read_text()
-    assert Image.open(out / "grid.png").size == (110 + 2 * 256, 20 + 3 * 256)  # methods x prompts, labelled
+    assert Image.open(out / "grid.png").size == (110 + 2 * 258, 20 + 3 * 258)  # methods x prompts, labelled
     # the sweep (Fig. 5a): every guided row at each w, in its own folder; w = 3 gives the same images
     cli.run(evaluate.main, evaluate.build_parser(), argv[:-2] + ["--w-sweep", "1,3", "--out", str(out / "sweep")])
     sweep = json.loads((out / "sweep" / "sweep.json").read_text())
