@@ -184,11 +184,12 @@ SD3_DEFAULTS = dict(steps=10000, global_batch=128, lr=5e-6, out="runs/distill", 
 # scale 5 = w 4); these apply to --method dice in both worlds unless given
 METHOD_DEFAULTS = {"dice": dict(lr=2e-4, w_min=embed.DICE_W, w_max=embed.DICE_W)}
 W_RANGE = dict(w_min=2.0, w_max=14.0)  # Algorithm 1's w ~ U[2, 14] (the paper's range)
-# toy lr 2e-3: at 3e-4 the fused term of Eq. 7 (with its 1/256) stayed tiny after 1000 steps and
-# the student ignored w (RMSE 0.018 between its w = 2 and w = 8 samples from the same noise,
-# the teacher's 0.335); at 2e-3 it follows w (0.216) at the same adherence
-TOY_DEFAULTS = dict(steps=1000, global_batch=32, lr=2e-3, out="runs/toy", teacher_sampler="w2sd", method="teefusion",
-                    teacher_steps=20)  # toy.report samples with 20 steps
+# the toy world: 1500 steps of batch 32 at lr 1e-3 distill a student in about 3 CPU minutes, so that the
+# whole default command (teacher, student, report) fits 10 minutes on 2 cores; measured on the DEV prompts
+# (toy_report.py --split dev): lr 1e-3 x 2000 steps gave RMSE 0.335 to the W2SD teacher, 2e-3 x 2000
+# 0.345, 2e-3 x 1000 0.371 (smaller is closer; Euler + CFG's own distance to that teacher: 0.266)
+TOY_DEFAULTS = dict(steps=1500, global_batch=32, lr=1e-3, out="runs/toy", teacher_sampler="w2sd", method="teefusion",
+                    teacher_steps=20)  # toy_report samples with 20 steps
 # --full (toy world): every student of the paper's Tables 3 and 4, as (subfolder of --out, --method,
 # --teacher-sampler); the ablations and DICE learn from the W2SD + CFG teacher, like the main student
 FULL = (("teefusion-cfg", "teefusion", "cfg"), ("teefusion-zsampling", "teefusion", "zsampling"),
@@ -560,7 +561,7 @@ def save_checkpoint(out, step, student, ema, optimizer, names, args, keep, repli
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.makedirs(folder)
-    meta = {"teefusion_method": args.method, "step": str(step)}
+    meta = student_metadata(args, step)
     save_mmdit(student.model, os.path.join(folder, "student.safetensors"), metadata=meta)
     if len(student.fusion.state_dict()):
         _atomic_save(_tensors(student.fusion), os.path.join(folder, "fusion.safetensors"), meta)
@@ -917,6 +918,11 @@ def full_runs(args):
     return out, runs
 
 
+def student_metadata(args, step):
+    """What a student file records of its run (embed.load_student and toy_report read it)."""
+    return {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step)}
+
+
 def main_full(args):
     """--full: distill every student of FULL from the toy teacher, then print one table with the
     teacher samplers and every student (toy.report_students) and write out/table.json and
@@ -928,11 +934,11 @@ def main_full(args):
     for (name, _, _), sub in zip(FULL, runs):
         students[name] = args.resume and finished_student(sub) or main(sub)
     import toy
+    import toy_report
 
     world = toy.build_world(progress=False)
-    toy.report_students(world, [dict(path=students[name], method=method, teacher=sampler)
-                                for name, method, sampler in FULL],
-                        out_dir=out, progress=not args.no_progress)
+    toy_report.report(world, [dict(path=students[name], teacher=sampler) for name, _, sampler in FULL], out_dir=out,
+                      sweep_ws=toy_report.SWEEP_WS, progress=not args.no_progress)
     print(f"--full: {len(FULL)} students and the table in {(time.time() - start) / 60:.1f} minutes; {out}")
     return students
 
@@ -1145,7 +1151,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
     # the final student, beside the checkpoints
     final = os.path.join(args.out, "student.safetensors")
     if rank == 0:
-        meta = {"teefusion_method": args.method, "step": str(args.steps)}
+        meta = student_metadata(args, args.steps)
         save_mmdit(student.model, final, metadata=meta)
         if len(student.fusion.state_dict()):
             _atomic_save(_tensors(student.fusion), os.path.join(args.out, "fusion.safetensors"), meta)
@@ -1159,12 +1165,11 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
                                  extra_config={"txt_align_guidance": True})
             print(f"diffusers export: {folder}")
         print(f"student: {final}")
-        if toy_world is not None and not args.no_report:  # the toy world's Table 4 and Fig. 4 grid
-            import toy
+        if toy_world is not None and not args.no_report:  # the toy world's Table 4, figures, CIs
+            import toy_report
 
-            fusion = (ema if ema is not None else student).fusion.eval() if args.method != "teefusion" else None
-            toy.report(toy_world, final, method=args.method, out_dir=args.out, teacher=args.teacher_sampler,
-                       fusion=fusion, progress=not args.no_progress)
+            toy_report.report(toy_world, [dict(path=final, teacher=args.teacher_sampler)], out_dir=args.out,
+                              progress=not args.no_progress)
     elif ema is not None:
         final = os.path.join(args.out, "student-ema.safetensors")
     if distributed:

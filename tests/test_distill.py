@@ -494,7 +494,7 @@ def test_full_runs_every_student_into_its_own_folder(tmp_path):
     assert distill.full_runs(distill.parse_args(["--full"]))[0] == "runs/full"
     # the default command is unchanged: one TeEFusion student from the W2SD + CFG teacher into runs/toy
     args = distill.fill_defaults(distill.parse_args([]))
-    assert (args.method, args.teacher_sampler, args.out, args.steps) == ("teefusion", "w2sd", "runs/toy", 1000)
+    assert (args.method, args.teacher_sampler, args.out, args.steps) == ("teefusion", "w2sd", "runs/toy", 1500)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
