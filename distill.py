@@ -16,26 +16,18 @@ The same loop trains the paper's Table 3 ablations and the DICE baseline (--meth
 teefusion (Eq. 7, no new parameters), gonly (c + G(psi(w))), distillcfg (a new guidance MLP,
 trained with the model) and dice (a text-embedding enhancer; the MMDiT stays frozen).
 
-Run (no --teacher: the CPU toy world of toy.py, its cached teacher and its data; then toy.report
-prints the toy Table 4 and writes the sample grid into --out):
-    python distill.py                   # W2SD + CFG teacher, 1000 steps, batch 32, lr 2e-3 -> runs/toy
+Run (no --teacher: the CPU toy world of toy.py, its cached teacher and its data; then toy_report.py
+prints the toy Table 4 with 95% confidence intervals and draws the figures into --out):
+    python distill.py                   # W2SD + CFG teacher, 1500 steps, batch 32, lr 1e-3 -> runs/toy
     python distill.py --method gonly --out runs/gonly   # a Table 3 ablation (also distillcfg, dice)
     python distill.py --teacher-sampler zsampling --out runs/toy-z   # a Z-Sampling + CFG teacher
     python distill.py --teacher-sampler cfg --out runs/toy-cfg       # an Euler + CFG teacher
-    python distill.py --full --out runs/full   # every student of Tables 3 and 4 (FULL), one table
+    python distill.py --full --out runs/full   # every student of Tables 3 and 4 (FULL), one report
   --full distills, one after another, a TeEFusion student from each teacher (cfg, zsampling, w2sd)
   and, from the W2SD + CFG teacher, the ablations gonly and distillcfg and the DICE baseline, each
-  into its own --out/NAME (with the default settings above; --steps etc. apply to all), then
-  toy.report_students prints one table (the teacher rows of Table 4, then a row per student, each
-  compared with the teacher it learnt from) and writes --out/table.json and --out/samples.png.
-  --full takes about 20 minutes on 2 CPU cores (measured: 19.9 minutes for 6 x 1000 steps plus
-  the table, one process, teacher cached; the default command trains one of these six). With --resume, students already trained are reused. It refuses --teacher (real SD3), --method
-  and --teacher-sampler.
-  Measured (toy, the default W2SD + CFG teacher, lr 2e-3, one process on a shared 2-core CPU):
-  0.21 s per step (median; teacher 0.14 s: 6 forwards, student forward + backward 0.06 s), 4 min
-  for the whole command with the teacher cached; the loss (mean per 100 steps) goes 4.13, 3.27,
-  2.80, 2.55, 1.84, 1.63, 1.40, 1.23, 1.19, 1.15; the student's samples (1 NFE per step) reach
-  100% adherence like the teacher (116 NFE) at RMSE 0.257 from its images.
+  into its own --out/NAME with the same budget (--steps etc. apply to all), then one report (Table 4
+  with every student, Table 3, Fig. 5a, 5b) into --out. With --resume, finished students are reused.
+  It refuses --teacher (real SD3), --method and --teacher-sampler. Runtimes and results: README.
 
 Real scale (SD3-medium, shards from prepare.py, 8 GPUs per node, the paper's settings: a W2SD + CFG
 teacher, here with the W2SD release's pair built from a fine-tune of SD3-medium):
@@ -89,62 +81,37 @@ step, and a resume (also on another number of GPUs) continues the exact same str
 number is the whole random state. (DistributedSampler pads each epoch to a multiple of the
 world size, which would break this, so a small sampler below does its job.)
 
-Checkpoints (--out DIR; safetensors and JSON only, never pickle; every file written to a
-temporary name and renamed; the pointer DIR/checkpoints/latest is written LAST, so a kill -9
-at any moment leaves the previous checkpoint loadable):
-    DIR/checkpoints/step-0000500/student.safetensors   the MMDiT, Stability layout (save_mmdit)
-                                 fusion.safetensors    distillcfg / dice modules (if any)
-                                 ema-*.safetensors     with --ema
-                                 optimizer.safetensors AdamW moments, by parameter name
-                                 state.json            step, vars(args), optimizer settings, and
-                                                       every file of the folder with its size
+Files (--out DIR; safetensors and JSON only, never pickle; every file written atomically):
+    DIR/checkpoints/step-NNNNNNN/...  and DIR/checkpoints/latest: see training_state.py
     DIR/student.safetensors (+ fusion.safetensors; with --ema student-ema.safetensors and
-    fusion-ema.safetensors) at the end; main() returns the student's path (the EMA one with --ema);
-    DIR/diffusers/transformer with --export-diffusers (config has txt_align_guidance: true,
-    the flag the authors' released pipeline reads).
-    DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s.
+    fusion-ema.safetensors) at the end, their metadata naming the method and the teacher sampler;
+    main() returns the student's path (the EMA one with --ema); DIR/diffusers/transformer with
+    --export-diffusers (config has txt_align_guidance: true, the flag the authors' released pipeline
+    reads); DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s;
     DIR/run.lock while a run holds DIR (cli.FolderLock).
 
-Faults, and what is on disk after them:
+Faults, and what is on disk after them (the details: training_state.py and cli.py):
   * Bad input is refused before anything heavy loads: one line `error: ...` naming the argument or
-    file, exit status 2 (cli.py); a failure during the work (a non-finite loss or weight) exits 1.
-    The whole traceback with --traceback or TEEFUSION_TRACEBACK=1.
-  * One run per --out: rank 0 takes DIR/run.lock (pid, host, command) before any work and releases
-    it at exit; a second run is refused naming the holder; the lock of a process that is gone (this
-    host) is taken over with a warning. The other ranks never touch it.
-  * A checkpoint folder is COMPLETE when its state.json (written last in it) parses and every file
-    it lists is there with the size it lists. --resume continues from the checkpoint `latest` names
-    when that one is complete. When it is not (`latest` corrupt, or naming a missing or incomplete
-    folder: no kill can do that, since `latest` is written after the folder is complete, but a hand,
-    a copy or a disk can), the run falls back to the newest complete checkpoint with a warning that
-    says what was wrong: the weights it resumes are whole, the stream continues from their step
-    (see "Data and randomness"), and refusing would only stall an automatic relaunch. When no
-    complete checkpoint is left to fall back to, it refuses (exit 2): starting again from the
-    teacher would pass for a resume. Without `latest` (killed before the first checkpoint was
-    committed): the newest complete checkpoint, if any, else the teacher. --steps at or below the
-    checkpoint's step is refused, with both numbers.
-  * Rank 0 removes, at start and under the lock, the temporary files of a killed run (NAME.tmp-XXXX
-    from mmdit.atomic_write, anywhere under DIR) and lists them. Pruning keeps the newest --keep
-    complete checkpoints and deletes incomplete folders (a newer step number saves none of them).
-  * Only finite weights are written: before every checkpoint (and so before the final files, the
-    last step always checkpoints) every weight of the student, its fusion module and the EMA must be
-    finite, and so must their forward on the step's last batch (weights of 1e30 are finite and give
-    inf). A non-finite loss (checked before the optimizer step) or weight stops the run, naming the
-    step and the newest checkpoint whose tensors, read back from disk, are all finite.
+    file, exit status 2; a failure during the work (a non-finite loss or weight) exits 1. The whole
+    traceback with --traceback or TEEFUSION_TRACEBACK=1.
+  * One run per --out: rank 0 takes DIR/run.lock (pid, host, command) before any work; a second run
+    is refused naming the holder; the lock of a process gone from this host is taken over (warning).
+  * --resume continues from the checkpoint `latest` names when that one is complete; when it is not
+    (corrupt, or naming a missing or incomplete folder: no kill can do that, since `latest` is written
+    after the folder is complete, but a hand, a copy or a disk can), from the newest complete
+    checkpoint, with a warning saying what was wrong: the weights are whole and the stream continues
+    from their step, and refusing would only stall an automatic relaunch. With no complete checkpoint
+    left it refuses (exit 2): starting again from the teacher would pass for a resume. --steps at or
+    below the checkpoint's step is refused, with both numbers. Rank 0 removes (and lists) the
+    temporary files of a killed run at start; pruning keeps the newest --keep COMPLETE checkpoints.
+  * Only finite weights are written: before every checkpoint (the last step always checkpoints) the
+    weights of the student, its fusion module and the EMA, and their forward on the step's last batch,
+    must be finite. A non-finite loss or weight stops the run, naming the step and the newest
+    checkpoint whose tensors, read back from disk, are all finite.
   * Under torchrun a worker dies with its launcher (cli.die_with_launcher: parent-death signal and a
-    watchdog thread), so `kill -9` of torchrun leaves no worker training and writing into DIR; what a
-    kill leaves on disk is what the points above handle at the next --resume.
+    watchdog thread), so `kill -9` of torchrun leaves no worker training and writing into DIR.
 
-Memory, SD3-medium (2.03 B MMDiT parameters) at 1024x1024 (4096 image + 333 text tokens),
-batch 1 per GPU, --bf16 --grad-checkpointing: AN ESTIMATE, not a measurement (no GPU was
-available when this was written):
-    student fp32 master weights 8.1 GB + fp32 gradients 8.1 GB + AdamW moments 16.2 GB
-    + bf16 teacher 4.1 GB + autocast's bf16 weight copies 4.1 GB + activations with
-    checkpointing (block inputs 24 x 27 MB, one block recomputed) ~2 GB + CUDA context ~1 GB
-    = about 44 GB; --ema adds 8.1 GB; a W2SD teacher adds 2 x 4.1 GB; without
-    --grad-checkpointing add roughly 15-20 GB of saved activations (24 blocks x ~0.7 GB). DDP
-    uses gradient_as_bucket_view, so its buckets add nothing. It fits one 80 GB GPU. Writing a
-    checkpoint copies weights and moments to host memory on rank 0 (~24 GB of RAM).
+Memory per GPU, measured for one distillation step (benchmarks/bench_memory.py): README.
 
 Shape legend: B batch, C latent channels, H W latent size, L tokens, Dc context width,
 Dy pooled width, D model width.
@@ -154,8 +121,6 @@ import copy
 import json
 import math
 import os
-import re
-import shutil
 import time
 from contextlib import nullcontext
 
@@ -163,16 +128,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text embedder
-from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+import cli
 import embed
 import samplers
-import cli
-from mmdit import (STABILITY_PREFIX, _atomic_save, atomic_json, atomic_write, load_mmdit, load_mmdit_blend, save_mmdit,
-                   save_mmdit_diffusers)
+from mmdit import _atomic_save, load_mmdit, load_mmdit_blend, save_mmdit, save_mmdit_diffusers
+from training_state import (LATEST, _tensors, _trim_log, check_resume, complete_checkpoints, load_checkpoint,
+                            newest_finite_checkpoint, non_finite, remove_temporaries, replica_checksums, resume_point,
+                            save_checkpoint)
 
 METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
 # the paper's settings (Sec. 6.1: a W2SD + CFG teacher, AdamW lr 5e-6, batch 128, ~10k steps, w in
@@ -195,10 +161,6 @@ TOY_DEFAULTS = dict(steps=1500, global_batch=32, lr=1e-3, out="runs/toy", teache
 FULL = (("teefusion-cfg", "teefusion", "cfg"), ("teefusion-zsampling", "teefusion", "zsampling"),
         ("teefusion-w2sd", "teefusion", "w2sd"), ("gonly-w2sd", "gonly", "w2sd"),
         ("distillcfg-w2sd", "distillcfg", "w2sd"), ("dice-w2sd", "dice", "w2sd"))
-LATEST = "latest"  # DIR/checkpoints/latest: {"checkpoint": "step-NNNNNNN", "step": N}, written last
-STATE = "state.json"  # written last inside a checkpoint folder, listing its files
-STEP_FOLDER = re.compile(r"step-(\d+)")
-TEMPORARY = re.compile(r"\.tmp-[^.]*(\.\w+)?$")  # mmdit.atomic_write's temporary names: NAME.tmp-XXXX[.suffix]
 
 
 # -----------------------------------------------------------------------------
@@ -502,303 +464,6 @@ def _clock(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, atomic, "latest" written last
-
-
-def _tensors(module):
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def optimizer_tensors(optimizer, names):
-    """AdamW's state as flat tensors keyed by parameter name, and its settings as JSON."""
-    sd = optimizer.state_dict()
-    tensors = {}
-    for i, state in sd["state"].items():
-        for key, value in state.items():
-            tensors[f"{names[i]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-    return tensors, {"names": names, "param_groups": groups}
-
-
-def load_optimizer_tensors(optimizer, names, tensors, meta):
-    if meta["names"] != names:
-        raise ValueError("the checkpoint's optimizer holds other parameters than this run trains "
-                         f"({len(meta['names'])} vs {len(names)}): was --method changed?")
-    state = {}
-    for i, name in enumerate(names):
-        keys = [k for k in tensors if k.startswith(name + ".") and "." not in k[len(name) + 1:]]
-        if keys:
-            state[i] = {k[len(name) + 1:]: tensors[k] for k in keys}
-    groups = [{**g, "params": list(range(len(names)))} for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def replica_checksums(params, distributed, world_size):
-    """Per rank, (sum w, sum w^2) over the trained weights in float64; DDP keeps the replicas
-    bitwise equal, and a checkpoint refuses to be written when they are not."""
-    mine = torch.stack([sum(p.detach().double().sum() for p in params),
-                        sum(p.detach().double().square().sum() for p in params)])  # (2,)
-    if not distributed:
-        return [mine.tolist()]
-    every = [torch.zeros_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine)
-    if not all(torch.equal(every[0], e) for e in every):
-        raise RuntimeError(f"the DDP replicas disagree (checksums {[e.tolist() for e in every]})")
-    return [e.tolist() for e in every]
-
-
-def save_checkpoint(out, step, student, ema, optimizer, names, args, keep, replicas=None):
-    """Write DIR/checkpoints/step-N/ file by file (each atomic), state.json last (listing every
-    file and its size: the folder is complete once state.json is there), then point `latest` at
-    it, then prune (prune_checkpoints). A folder of the same name left by an earlier, killed run
-    is removed first."""
-    root = os.path.join(out, "checkpoints")
-    name = f"step-{step:07d}"
-    folder = os.path.join(root, name)
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.makedirs(folder)
-    meta = student_metadata(args, step)
-    save_mmdit(student.model, os.path.join(folder, "student.safetensors"), metadata=meta)
-    if len(student.fusion.state_dict()):
-        _atomic_save(_tensors(student.fusion), os.path.join(folder, "fusion.safetensors"), meta)
-    if ema is not None:
-        save_mmdit(ema.model, os.path.join(folder, "ema-student.safetensors"), metadata=meta)
-        if len(ema.fusion.state_dict()):
-            _atomic_save(_tensors(ema.fusion), os.path.join(folder, "ema-fusion.safetensors"), meta)
-    tensors, opt_meta = optimizer_tensors(optimizer, names)
-    _atomic_save(tensors, os.path.join(folder, "optimizer.safetensors"), {"format": "pt"})
-    files = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
-    atomic_json({"step": step, "files": files, "args": vars(args), "optimizer": opt_meta,
-                 "replica_checksums": replicas,
-                 "random_state": "counter-based: the noise of stream position p comes from a generator seeded "
-                                 "by (seed, p); the step number is the whole random state"},
-                os.path.join(folder, STATE))  # last in the folder: it makes the folder complete
-    atomic_json({"checkpoint": name, "step": step}, os.path.join(root, LATEST))  # LAST: the commit point
-    prune_checkpoints(root, step, keep)
-    return folder
-
-
-def checkpoint_state(folder):
-    """(state.json's content, None) if the folder is a complete checkpoint: state.json present and
-    parseable, its step that of the folder's name, and every file it lists present with the size it
-    lists (checkpoints written before state.json listed its files: student and optimizer present).
-    Otherwise (None, what is wrong)."""
-    path = os.path.join(folder, STATE)
-    if not os.path.isdir(folder):
-        return None, "does not exist"
-    try:
-        with open(path) as f:
-            state = json.load(f)
-        own = f"step-{state['step']:07d}" == os.path.basename(os.path.normpath(folder))
-    except FileNotFoundError:
-        return None, f"has no {STATE} (written last: the checkpoint was never finished)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"has a corrupt {STATE} ({type(e).__name__}: {e})"
-    if not own:
-        return None, f"has the {STATE} of step {state['step']}, not of its own name"
-    files = state.get("files") or dict.fromkeys(("student.safetensors", "optimizer.safetensors"))
-    for name, size in files.items():
-        file = os.path.join(folder, name)
-        if not os.path.isfile(file):
-            return None, f"lacks {name}, which {STATE} lists"
-        if size is not None and os.path.getsize(file) != size:
-            return None, f"has {name} of {os.path.getsize(file)} bytes, not the {size} that {STATE} lists"
-    return state, None
-
-
-def checkpoint_folders(root):
-    """[(step, folder)] of the step-N folders under root, newest first (by step, not by name)."""
-    found = [(int(m[1]), os.path.join(root, d)) for d in (os.listdir(root) if os.path.isdir(root) else ())
-             if (m := STEP_FOLDER.fullmatch(d)) and os.path.isdir(os.path.join(root, d))]
-    return sorted(found, reverse=True)
-
-
-def complete_checkpoints(root):
-    """[(step, folder, state)] of the complete checkpoints under root, newest first."""
-    found = [(step, folder, checkpoint_state(folder)[0]) for step, folder in checkpoint_folders(root)]
-    return [c for c in found if c[2] is not None]
-
-
-def prune_checkpoints(root, step, keep):
-    """After step `step` was written (under the lock: no other writer): keep the newest keep - 1
-    complete checkpoints of earlier steps, delete the other earlier ones and every incomplete folder
-    (what a killed run left); complete folders of later steps, left by an earlier life of the run,
-    stay until this run writes those steps again."""
-    kept = 0
-    for s, folder in checkpoint_folders(root):
-        if s == step:
-            continue
-        complete = checkpoint_state(folder)[0] is not None
-        if complete and s < step and kept < keep - 1:
-            kept += 1
-        elif not complete or s < step:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def read_pointer(root):
-    """What `latest` under root names: ((folder, state), None) if it names a complete checkpoint,
-    (None, what is wrong) if not, and (None, None) when there is no `latest`."""
-    pointer = os.path.join(root, LATEST)
-    if not os.path.exists(pointer):
-        return None, None
-    try:
-        with open(pointer) as f:
-            name = json.load(f).get("checkpoint")
-    except (OSError, ValueError, AttributeError) as e:
-        return None, f"the checkpoint pointer {pointer} is corrupt ({type(e).__name__}: {e})"
-    if not (isinstance(name, str) and STEP_FOLDER.fullmatch(name)):
-        return None, f"the checkpoint pointer {pointer} is corrupt (it names no step-N folder: {name!r})"
-    folder = os.path.join(root, name)
-    state, why = checkpoint_state(folder)
-    return ((folder, state), None) if state is not None else (None, f"{pointer} points at {folder}, which {why}")
-
-
-def latest_checkpoint(out):
-    """The folder `latest` points to if it is a complete checkpoint, else None."""
-    found, _ = read_pointer(os.path.join(out, "checkpoints"))
-    return found[0] if found else None
-
-
-def resume_point(out):
-    """The checkpoint a --resume continues from: (folder, state), or None to start from the teacher.
-    `latest` when it names a complete checkpoint. When it does not (a missing, corrupt or incomplete
-    folder, or a corrupt `latest`: nothing a kill can do, since `latest` is written last, but a
-    hand, a copy or a disk can), the newest complete checkpoint, with a warning naming what was
-    wrong; and when there is no complete checkpoint to fall back to, a refusal: the run's committed
-    state is gone, and silently starting again from the teacher would pass for a resume. No
-    `latest` at all: the newest complete checkpoint if any (a kill between a first checkpoint's
-    state.json and its pointer), else None (a kill before the first checkpoint was finished)."""
-    root = os.path.join(out, "checkpoints")
-    found, problem = read_pointer(root)
-    if found:
-        return found
-    complete = complete_checkpoints(root)
-    if complete:
-        _, folder, state = complete[0]
-        if problem:
-            cli.warn(f"{problem}: resuming from the newest complete checkpoint, {folder}")
-        return folder, state
-    if problem:
-        raise cli.InputError(f"{problem}, and {root} holds no complete checkpoint to fall back to: nothing to "
-                             f"resume (move {root} away to start again from the teacher)")
-    return None
-
-
-def remove_temporaries(out):
-    """Delete the temporary files (NAME.tmp-XXXX, see mmdit.atomic_write) that a killed run left
-    anywhere under out; only while holding out's lock, when no writer can be using them. Returns
-    their paths."""
-    removed = []
-    for folder, _, files in os.walk(out):
-        for name in files:
-            if TEMPORARY.search(name):
-                os.remove(os.path.join(folder, name))
-                removed.append(os.path.join(folder, name))
-    return sorted(removed)
-
-
-def _file_tensors(path):
-    """(name, tensor) of a safetensors file, one at a time; a clear error naming the file if it
-    cannot be read."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            for k in f.keys():
-                yield k, f.get_tensor(k)
-    except Exception as e:  # safetensors raises its own SafetensorError, and OSError
-        raise cli.InputError(f"{path} cannot be read ({cli.one_line(e)})") from e
-
-
-def _read_tensors(path):
-    return dict(_file_tensors(path))
-
-
-def _load_mmdit_tensors(model, path):
-    sd = {k[len(STABILITY_PREFIX):]: v for k, v in _read_tensors(path).items()}
-    model.load_state_dict(sd, strict=True)
-
-
-def check_resume(folder, state, args):
-    """Refuse, before anything heavy, a resume that cannot continue this run from `folder`."""
-    trained = state.get("args", {})
-    if trained.get("method") != args.method:
-        raise ValueError(f"{folder} was trained with --method {trained.get('method')}, not {args.method}")
-    if args.ema is not None and not os.path.exists(os.path.join(folder, "ema-student.safetensors")):
-        raise ValueError(f"{folder} has no EMA weights: it was trained without --ema")
-    step = state["step"]
-    if args.steps == step:
-        raise ValueError(f"{args.out} holds a finished run: its newest checkpoint is at step {step} and --steps is "
-                         f"{args.steps} (the student: {os.path.join(args.out, 'student.safetensors')}); give --steps "
-                         f"above {step} to train on")
-    if args.steps < step:
-        raise ValueError(f"--steps {args.steps} is below the step of the checkpoint to resume, {step} ({folder}): "
-                         f"give --steps above {step}, or another --out")
-
-
-def load_checkpoint(folder, state, student, ema, optimizer, names):
-    """Restore weights, EMA and optimizer state from a checkpoint folder (checked by check_resume);
-    refuses non-finite weights. Returns the step."""
-    _load_mmdit_tensors(student.model, os.path.join(folder, "student.safetensors"))
-    if len(student.fusion.state_dict()):
-        student.fusion.load_state_dict(_read_tensors(os.path.join(folder, "fusion.safetensors")))
-    if ema is not None:
-        _load_mmdit_tensors(ema.model, os.path.join(folder, "ema-student.safetensors"))
-        if len(ema.fusion.state_dict()):
-            ema.fusion.load_state_dict(_read_tensors(os.path.join(folder, "ema-fusion.safetensors")))
-    load_optimizer_tensors(optimizer, names, _read_tensors(os.path.join(folder, "optimizer.safetensors")),
-                           state["optimizer"])
-    bad = non_finite([("student", student), ("EMA", ema)])
-    if bad:
-        raise cli.InputError(f"{folder} holds non-finite weights ({bad}): delete that folder to resume from the "
-                             "checkpoint before it")
-    return state["step"]
-
-
-def non_finite(modules):
-    """The name of the first parameter or buffer with a non-finite entry among (label, module)
-    pairs (None modules skipped), or None when every one is finite."""
-    for label, module in modules:
-        for name, p in (module.state_dict().items() if module is not None else ()):
-            if p.is_floating_point() and not torch.isfinite(p).all():
-                return f"{label} {name}"
-    return None
-
-
-def newest_finite_checkpoint(out):
-    """The newest complete checkpoint under out whose every tensor (weights, EMA, fusion module,
-    AdamW moments) is finite, read from disk tensor by tensor; or None."""
-    for _, folder, state in complete_checkpoints(os.path.join(out, "checkpoints")):
-        files = [os.path.join(folder, f) for f in state.get("files") or os.listdir(folder) if f.endswith(".safetensors")]
-        try:
-            if all(torch.isfinite(v).all() for f in files for _, v in _file_tensors(f)):
-                return folder
-        except cli.InputError:
-            continue
-    return None
-
-
-def _trim_log(path, step):
-    """After a resume from `step`, drop log lines of steps that will be trained again (and a last
-    line cut short by a kill)."""
-    if not os.path.exists(path):
-        return
-    lines = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    lines.append(line)
-            except (json.JSONDecodeError, KeyError):
-                pass
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-
-    atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------
@@ -1140,7 +805,8 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
                                 f"{last_good(args.out, rank)}; lower --lr, or check the data and the teacher")
             replicas = replica_checksums(params, distributed, world_size)
             if rank == 0:
-                save_checkpoint(args.out, done, student, ema, optimizer, names, args, args.keep, replicas)
+                save_checkpoint(args.out, done, student, ema, optimizer, names, args, args.keep, replicas,
+                                student_metadata(args, done))
             if distributed:
                 dist.barrier()  # rank 0 saves, then everybody goes on
     bar.close()

@@ -33,6 +33,7 @@ import cli
 import distill
 import embed
 import samplers
+import training_state
 from mmdit import CONFIGS, MMDiT, load_mmdit, save_mmdit
 from prepare import ShardDataset
 
@@ -385,13 +386,13 @@ def test_kill_9_leaves_a_loadable_checkpoint(world, tmp_path):
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
-        while distill.latest_checkpoint(str(out)) is None and time.time() < deadline:
+        while training_state.latest_checkpoint(str(out)) is None and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.37)  # somewhere in the middle of later steps and checkpoint writes
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    folder = distill.latest_checkpoint(str(out))
+    folder = training_state.latest_checkpoint(str(out))
     assert folder is not None
     with open(os.path.join(folder, "state.json")) as f:
         step = json.load(f)["step"]
@@ -505,7 +506,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     args.data = world["poison"]
     with pytest.raises(distill.NonFinite, match="non-finite loss .* at step 3.*finite weights is .*step-0000002"):
         distill.main(args)
-    assert distill.latest_checkpoint(str(tmp_path)).endswith("step-0000002")
+    assert training_state.latest_checkpoint(str(tmp_path)).endswith("step-0000002")
     kept = load_file(tmp_path / "checkpoints" / "step-0000002" / "student.safetensors")
     assert all(torch.equal(kept[k], good[k]) for k in good)
     assert all(torch.isfinite(v).all() for v in load_mmdit(str(tmp_path / "checkpoints" / "step-0000002" /
@@ -547,7 +548,7 @@ def listing(out):
 def assert_sound(out):
     """No temporary file, no lock left behind, and every safetensors file under out finite."""
     names = listing(out)
-    assert not [n for n in names if distill.TEMPORARY.search(n) or n.endswith("run.lock")], names
+    assert not [n for n in names if training_state.TEMPORARY.search(n) or n.endswith("run.lock")], names
     for name in names:
         if name.endswith(".safetensors"):
             assert all(torch.isfinite(v).all() for v in load_file(os.path.join(out, name)).values()), name
@@ -727,9 +728,9 @@ def test_an_incomplete_checkpoint_is_never_resumed(finished, tmp_path, capsys, h
     """Complete: state.json (written last) parses and every file it lists has the size it lists."""
     out = copy_of(finished, tmp_path)
     break_latest(out, how)
-    folder, state = distill.resume_point(str(out))
+    folder, state = training_state.resume_point(str(out))
     assert folder.endswith("step-0000002") and state["step"] == 2
-    assert distill.latest_checkpoint(str(out)) is None
+    assert training_state.latest_checkpoint(str(out)) is None
     warning = capsys.readouterr().err
     assert warning.startswith("warning: ") and f"step-0000003, which {why}" in warning
 
@@ -750,7 +751,7 @@ def test_cli_removes_temporaries_and_prunes_by_completeness(world, finished, tmp
     assert "removed 3 temporary file(s) left by a killed run" in r.stdout
     assert all(str(path) in r.stdout and not path.exists() for path in leftovers)
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-0000004", "step-0000005"]
-    assert all(distill.checkpoint_state(str(out / "checkpoints" / d))[0] for d in ("step-0000004", "step-0000005"))
+    assert all(training_state.checkpoint_state(str(out / "checkpoints" / d))[0] for d in ("step-0000004", "step-0000005"))
     assert_sound(out)
 
 
@@ -769,7 +770,7 @@ def test_cli_non_finite_loss_names_the_newest_finite_checkpoint(world, finished,
     out = copy_of(finished, tmp_path)
     r = distill_cli(*tiny_argv(world, out, "--steps", "5", "--resume", data=world["poison"]))
     one_error(r, 1, "non-finite loss (nan) at step 4", "finite weights is " + str(out / "checkpoints" / "step-0000003"))
-    assert distill.latest_checkpoint(str(out)).endswith("step-0000003")
+    assert training_state.latest_checkpoint(str(out)).endswith("step-0000003")
     assert_sound(out)
 
 
@@ -777,8 +778,8 @@ def test_newest_finite_checkpoint_is_verified_not_trusted(finished, tmp_path):
     """`latest` names step 3; its student file (complete by size) holds a NaN: step 2 is named."""
     out = copy_of(finished, tmp_path)
     poison_file(out / "checkpoints" / "step-0000003" / "student.safetensors")
-    assert distill.latest_checkpoint(str(out)).endswith("step-0000003")
-    assert distill.newest_finite_checkpoint(str(out)).endswith("step-0000002")
+    assert training_state.latest_checkpoint(str(out)).endswith("step-0000003")
+    assert training_state.newest_finite_checkpoint(str(out)).endswith("step-0000002")
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
@@ -831,10 +832,10 @@ def test_torchrun_workers_die_with_their_launcher(world, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while distill.latest_checkpoint(str(out)) is None and proc.poll() is None and time.time() < deadline:
+        while training_state.latest_checkpoint(str(out)) is None and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         workers = processes_writing(out)
-        assert distill.latest_checkpoint(str(out)) and len(workers) == 2, proc.poll()
+        assert training_state.latest_checkpoint(str(out)) and len(workers) == 2, proc.poll()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
