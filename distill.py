@@ -139,8 +139,8 @@ from tqdm import tqdm
 import embed
 import samplers
 import cli
-from mmdit import (STABILITY_PREFIX, _atomic_save, atomic_json, atomic_write, load_mmdit, load_mmdit_blend, save_mmdit,
-                   save_mmdit_diffusers)
+from checkpoint import _atomic_save, atomic_json, atomic_write
+from mmdit import STABILITY_PREFIX, load_mmdit, load_mmdit_blend, save_mmdit, save_mmdit_diffusers
 
 METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
 # the paper's settings (Sec. 6.1: a W2SD + CFG teacher, AdamW lr 5e-6, batch 128, ~10k steps, w in

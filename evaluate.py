@@ -63,7 +63,7 @@ import cli
 import fid
 import metrics
 import samplers
-from mmdit import atomic_write
+from checkpoint import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 import embed
 import samplers
-from mmdit import MMDiT, MMDiTConfig, atomic_json, atomic_write, load_mmdit, save_mmdit
+from checkpoint import atomic_json, atomic_write
+from mmdit import MMDiT, MMDiTConfig, load_mmdit, save_mmdit
 
 # -----------------------------------------------------------------------------
 # The world: what can be drawn and said

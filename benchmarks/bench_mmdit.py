@@ -19,6 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
+import checkpoint  # noqa: E402
 import mmdit  # noqa: E402
 
 
@@ -63,8 +64,8 @@ def main(args):
     with torch.no_grad():  # random, non-zero weights (adaLN-zero init would make a trivial model)
         for p in ours.parameters():
             p.normal_(0, 0.02)
-    theirs = SD3Transformer2DModel(**{k: v for k, v in mmdit.diffusers_config(cfg).items() if k[0] != "_"})
-    theirs.load_state_dict(mmdit.diffusers_state_dict(ours))
+    theirs = SD3Transformer2DModel(**{k: v for k, v in checkpoint.diffusers_config(cfg).items() if k[0] != "_"})
+    theirs.load_state_dict(checkpoint.diffusers_state_dict(ours))
     ours, theirs = ours.to(device, dtype).eval(), theirs.to(device, dtype).eval()
 
     B, h = args.batch, args.res // 8
