@@ -155,13 +155,20 @@ class Embedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Conv2d(C -> D, kernel p, stride p), computed as what it is, a linear map of each p x p
+    patch, so that the tokens come out contiguous, (B, h, w, D): a conv's (B, D, h, w) output
+    would make the whole image residual stream a transposed view (every later op strided)."""
+
     def __init__(self, patch_size, in_channels, D):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, D, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        h = self.proj(x.to(self.proj.weight.dtype))  # (B, D, H/p, W/p)
-        return h.flatten(2).transpose(1, 2)  # (B, L, D), tokens row-major
+        B, C, H, W = x.shape
+        p = self.proj.kernel_size[0]
+        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+        patches = patches.reshape(B, H // p, W // p, C * p * p).to(self.proj.weight.dtype)  # (B, h, w, C*p*p)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, h, w, D)
 
 
 class Mlp(nn.Module):
@@ -188,15 +195,22 @@ class Attention(nn.Module):
             self.proj = nn.Linear(D, D)
 
     def heads(self, h):
+        """(B, L, D) -> q, k, v packed as (B, L, 3, nh, hs): one matmul, a view of its output."""
         B, L, D = h.shape
         qkv = self.qkv(h).view(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hs)
         if hasattr(self, "ln_q"):
-            q, k = self.ln_q(q), self.ln_k(k)
-        return q, k, v
+            q, k, v = qkv.unbind(2)  # each (B, L, nh, hs)
+            qkv = torch.stack([self.ln_q(q), self.ln_k(k), v], dim=2)  # (B, L, 3, nh, hs)
+        return qkv
 
 
-def attention(q, k, v):
+def attention(qkv):
+    """Softmax attention over all L tokens of a packed qkv (B, L, 3, nh, hs) -> (B, L, D).
+
+    SDPA takes (B, nh, L, hs); here q, k, v are strided views of the packed tensor, which it
+    reads without copies, and it returns its output laid out as q is, (B, L, nh, hs) in
+    memory, so going back to (B, L, D) is a view too."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hs), views
     o = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
     return o.transpose(1, 2).flatten(2)  # (B, L, D)
 
@@ -228,13 +242,14 @@ class StreamBlock(nn.Module):
         """Gated residual updates after the joint attention; x is the float32 residual stream."""
         dtype = self.attn.qkv.weight.dtype
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        x = torch.addcmul(x, gate_msa, self.attn.proj(o).float())  # x + gate * attn
+        # x + gate * attn, in float32 (addcmul promotes a bf16 branch output itself)
+        x = torch.addcmul(x, gate_msa, self.attn.proj(o))
         if self.dual:  # SD3.5-medium: image-only self-attention on the same norm1 output
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
             h2 = modulate(x_norm, shift_msa2, scale_msa2).to(dtype)
-            x = torch.addcmul(x, gate_msa2, self.attn2.proj(attention(*self.attn2.heads(h2))).float())
+            x = torch.addcmul(x, gate_msa2, self.attn2.proj(attention(self.attn2.heads(h2))))
         h = modulate(layer_norm(x), shift_mlp, scale_mlp).to(dtype)
-        return torch.addcmul(x, gate_mlp, self.mlp(h).float())
+        return torch.addcmul(x, gate_mlp, self.mlp(h))
 
 
 class JointBlock(nn.Module):
@@ -250,10 +265,10 @@ class JointBlock(nn.Module):
         dtype = xb.attn.qkv.weight.dtype
         mc, mx = cb.modulation(c), xb.modulation(c)
         x_norm = layer_norm(x)
-        qc, kc, vc = cb.attn.heads(modulate(layer_norm(context), mc[0], mc[1]).to(dtype))
-        qx, kx, vx = xb.attn.heads(modulate(x_norm, mx[0], mx[1]).to(dtype))
+        qkv_c = cb.attn.heads(modulate(layer_norm(context), mc[0], mc[1]).to(dtype))  # (B, Lc, 3, nh, hs)
+        qkv_x = xb.attn.heads(modulate(x_norm, mx[0], mx[1]).to(dtype))  # (B, Lx, 3, nh, hs)
         # Joint attention: one softmax over the text and image tokens together
-        o = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))  # (B, Lc+Lx, D)
+        o = attention(torch.cat([qkv_c, qkv_x], dim=1))  # (B, Lc+Lx, D)
         Lc = context.shape[1]
         x = xb.post_attention(x, o[:, Lc:], mx, x_norm)
         context = None if cb.pre_only else cb.post_attention(context, o[:, :Lc], mc, None)
@@ -322,10 +337,11 @@ class MMDiT(nn.Module):
             nn.init.zeros_(p.bias)
 
     def cropped_pos_embed(self, h, w):
+        """The centre h x w of the stored M x M table, (1, h, w, D), a view."""
         M = self.config.pos_embed_max_size
         top, left = (M - h) // 2, (M - w) // 2
         table = self.pos_embed.view(1, M, M, -1)  # (1, M, M, D)
-        return table[:, top:top + h, left:left + w].reshape(1, h * w, -1)  # (1, L, D)
+        return table[:, top:top + h, left:left + w]  # (1, h, w, D)
 
     def check_inputs(self, x, context, y, vec):
         cfg, p = self.config, self.config.patch_size
@@ -362,7 +378,7 @@ class MMDiT(nn.Module):
             vec = self.t_embedder(timestep_embedding(t, self.config.frequency_dim)) + self.y_embedder(y)  # (B, D)
         c = vec.to(self.t_embedder.mlp[0].weight.dtype)
         # residual streams are kept in float32 whatever the weights' dtype
-        xs = self.x_embedder(x).float() + self.cropped_pos_embed(h, w).float()  # (B, h*w, D)
+        xs = (self.x_embedder(x).float() + self.cropped_pos_embed(h, w).float()).view(B, h * w, -1)  # (B, L, D)
         ctx = self.context_embedder(context.to(self.context_embedder.weight.dtype)).float()  # (B, L, D)
         for block in self.joint_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
