@@ -234,9 +234,9 @@ class StreamBlock(nn.Module):
         self.n_mods = 2 if pre_only else (9 if dual else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, self.n_mods * D))
 
-    def modulation(self, c):
-        # (B, n_mods * D) -> n_mods tensors (B, 1, D), kept in float32
-        return self.adaLN_modulation(c).float().unsqueeze(1).chunk(self.n_mods, dim=-1)
+    def chunks(self, mod):
+        # adaLN output (B, n_mods * D) -> n_mods tensors (B, 1, D)
+        return mod.unsqueeze(1).chunk(self.n_mods, dim=-1)
 
     def post_attention(self, x, o, mods, x_norm):
         """Gated residual updates after the joint attention; x is the float32 residual stream."""
@@ -259,11 +259,12 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(*args, pre_only=index == cfg.depth - 1)
         self.x_block = StreamBlock(*args, dual=index in cfg.dual_attention_layers)
 
-    def forward(self, context, x, c):
-        """context (B, Lc, D), x (B, Lx, D): float32 residual streams; c (B, D)."""
+    def forward(self, context, x, mod_c, mod_x):
+        """context (B, Lc, D), x (B, Lx, D): float32 residual streams; mod_c, mod_x: the two
+        streams' adaLN outputs (B, n_mods * D), float32 (MMDiT.adaln)."""
         cb, xb = self.context_block, self.x_block
         dtype = xb.attn.qkv.weight.dtype
-        mc, mx = cb.modulation(c), xb.modulation(c)
+        mc, mx = cb.chunks(mod_c), xb.chunks(mod_x)
         x_norm = layer_norm(x)
         qkv_c = cb.attn.heads(modulate(layer_norm(context), mc[0], mc[1]).to(dtype))  # (B, Lc, 3, nh, hs)
         qkv_x = xb.attn.heads(modulate(x_norm, mx[0], mx[1]).to(dtype))  # (B, Lx, 3, nh, hs)
@@ -281,8 +282,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.linear = nn.Linear(D, patch_size * patch_size * out_channels)
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).float().unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+    def forward(self, x, mod):
+        shift, scale = mod.unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         return self.linear(modulate(layer_norm(x), shift, scale).to(self.linear.weight.dtype))
 
 
@@ -343,7 +344,7 @@ class MMDiT(nn.Module):
         table = self.pos_embed.view(1, M, M, -1)  # (1, M, M, D)
         return table[:, top:top + h, left:left + w]  # (1, h, w, D)
 
-    def check_inputs(self, x, context, y, vec):
+    def check_inputs(self, x, context, y, vec, adaln):
         cfg, p = self.config, self.config.patch_size
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -356,39 +357,69 @@ class MMDiT(nn.Module):
                              f"{cfg.pos_embed_max_size * p} per side")
         if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
             raise ValueError(f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
-        if vec is None and (y.ndim != 2 or y.shape[-1] != cfg.pooled_dim):
+        if adaln is not None:
+            if len(adaln) != 2 * cfg.depth + 1:
+                raise ValueError(f"adaln must be the {2 * cfg.depth + 1} tensors of MMDiT.adaln, got {len(adaln)}")
+        elif vec is not None:
+            if vec.ndim != 2 or vec.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"vec must be (B, {cfg.hidden_size}), got {tuple(vec.shape)}")
+        elif y.ndim != 2 or y.shape[-1] != cfg.pooled_dim:
             raise ValueError(f"y must be (B, {cfg.pooled_dim}), got {tuple(y.shape)}")
-        if vec is not None and (vec.ndim != 2 or vec.shape[-1] != cfg.hidden_size):
-            raise ValueError(f"vec must be (B, {cfg.hidden_size}), got {tuple(vec.shape)}")
 
-    def forward(self, x, t, context, y, vec=None):
+    def adaln(self, c):
+        """Every adaLN output of the network from the conditioning vector c (B, D), float32:
+        [text stream, image stream] of each block in turn, then the final layer's, each
+        (B, n_mods * D). They depend on c alone, not on x: computed here once per forward, SiLU(c)
+        once for all of them (each adaLN_modulation is SiLU then Linear on the same c), and a
+        sampler that knows c for every step can compute them for all its steps at once."""
+        silu_c = F.silu(c.to(self.t_embedder.mlp[0].weight.dtype))  # (B, D)
+        streams = [s for b in self.joint_blocks for s in (b.context_block, b.x_block)] + [self.final_layer]
+        return [s.adaLN_modulation[1](silu_c).float() for s in streams]
+
+    def forward(self, x, t, context, y, vec=None, adaln=None):
         """x (B, C, H, W) latent; t (B,) flow time in [0, 1]; context (B, L, Dc); y (B, Dy).
         vec (B, D), when given, replaces the conditioning vector c = G(psi(t)) + F(y).
-        Returns the velocity (B, C_out, H, W) in x's dtype."""
-        self.check_inputs(x, context, y, vec)
+        adaln, when given, is self.adaln(c) for this call's c, computed by the caller
+        (then t, y and vec are not used). Returns the velocity (B, C_out, H, W) in x's dtype."""
+        self.check_inputs(x, context, y, vec, adaln)
         B, _, H, W = x.shape
         p = self.config.patch_size
         h, w = H // p, W // p
-        if vec is None:
-            t = torch.as_tensor(t, device=x.device).reshape(-1)
-            if t.numel() not in (1, B):
-                raise ValueError(f"t must be a scalar or (B,) = ({B},), got {t.numel()} values")
-            t = t.expand(B)
-            # Eq. 6: c = G(psi(t)) + F(y)
-            vec = self.t_embedder(timestep_embedding(t, self.config.frequency_dim)) + self.y_embedder(y)  # (B, D)
-        c = vec.to(self.t_embedder.mlp[0].weight.dtype)
+        if adaln is None:
+            if vec is None:
+                t = torch.as_tensor(t, device=x.device).reshape(-1)
+                if t.numel() not in (1, B):
+                    raise ValueError(f"t must be a scalar or (B,) = ({B},), got {t.numel()} values")
+                t = t.expand(B)
+                # Eq. 6: c = G(psi(t)) + F(y)
+                vec = self.t_embedder(timestep_embedding(t, self.config.frequency_dim)) + self.y_embedder(y)  # (B, D)
+            adaln = self.adaln(vec)
         # residual streams are kept in float32 whatever the weights' dtype
-        xs = (self.x_embedder(x).float() + self.cropped_pos_embed(h, w).float()).view(B, h * w, -1)  # (B, L, D)
+        xs = (self.x_embedder(x).float() + self.cropped_pos_embed(h, w).float()).flatten(1, 2)  # (B, L, D)
         ctx = self.context_embedder(context.to(self.context_embedder.weight.dtype)).float()  # (B, L, D)
-        for block in self.joint_blocks:
+        for i, block in enumerate(self.joint_blocks):
+            mods = adaln[2 * i], adaln[2 * i + 1]
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                ctx, xs = torch.utils.checkpoint.checkpoint(block, ctx, xs, c, use_reentrant=False)
+                ctx, xs = torch.utils.checkpoint.checkpoint(block, ctx, xs, *mods, use_reentrant=False)
             else:
-                ctx, xs = block(ctx, xs, c)
-        out = self.final_layer(xs, c)  # (B, h*w, p*p*C)
+                ctx, xs = block(ctx, xs, *mods)
+        out = self.final_layer(xs, adaln[-1])  # (B, h*w, p*p*C)
         out = out.view(B, h, w, p, p, -1)  # (B, h, w, p, p, C)
         out = torch.einsum("bhwpqc->bchpwq", out).reshape(B, -1, h * p, w * p)  # (B, C, H, W)
         return out.to(x.dtype)
+
+
+def compile_mmdit(model, **options):
+    """torch.compile the MMDiT's joint blocks and final layer, in place: parameter names do not
+    change (save_mmdit still writes Stability keys), blocks of the same structure share one
+    compiled graph (so the compile time does not grow with depth), and the code that runs once
+    per forward (embeddings, adaLN, unpatchify) stays eager. options go to torch.compile.
+    The first forward of each new input shape compiles (about a minute on a CPU); on a CPU
+    the inductor backend needs a C++ compiler. Returns the model."""
+    for block in model.joint_blocks:
+        block.compile(**options)
+    model.final_layer.compile(**options)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -451,13 +482,14 @@ def _describe(cfg):
             f"dual attention layers {list(cfg.dual_attention_layers)}")
 
 
-def load_mmdit(path, device="cpu", dtype=torch.float32):
+def load_mmdit(path, device="cpu", dtype=torch.float32, compile=False):
     """Load an MMDiT from a Stability single file (with or without the
     `model.diffusion_model.` prefix; VAE and text-encoder tensors are never read), a
     diffusers transformer file or folder (sharded too), or a pipeline folder.
 
     Tensors are read one at a time (safetensors safe_open), so the memory cost is the
     MMDiT's own. Every shape is checked against the configuration inferred from the file.
+    compile: torch.compile its blocks (`compile_mmdit`).
     """
     with ExitStack() as stack:
         cfg, where, sources, shapes = _read_plan(path, stack)
@@ -479,7 +511,7 @@ def load_mmdit(path, device="cpu", dtype=torch.float32):
             t = checkpoint.read_tensor(where, sources, k, path)
             state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, assign=True)
-    return model.eval()
+    return compile_mmdit(model.eval()) if compile else model.eval()
 
 
 def load_mmdit_blend(base, finetuned, scale, device="cpu", dtype=torch.float32):

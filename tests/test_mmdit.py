@@ -190,6 +190,24 @@ def test_vec_replaces_the_conditioning_vector():
         assert not torch.allclose(model(x, t, context, y, vec=c + 1), model(x, t, context, y, vec=c))
 
 
+def test_precomputed_adaln_and_compiled_blocks_give_the_same_output():
+    """forward(adaln=model.adaln(c)) is forward(vec=c); compile_mmdit keeps the parameter names and
+    the output (traced here with the "eager" backend, which checks the graph capture in seconds;
+    the inductor backend's numbers are compared with diffusers by benchmarks/bench_mmdit.py --compile)."""
+    model = randomize_(MMDiT(CONFIGS["tiny-sd3.5-medium"])).eval()
+    x, t, context, y = inputs(model.config)
+    with torch.no_grad():
+        c = model.t_embedder(mmdit.timestep_embedding(t)) + model.y_embedder(y)
+        expected = model(x, t, context, y)
+        assert torch.equal(model(x, t * 0, context, y * 0, adaln=model.adaln(c)), expected)
+        with pytest.raises(ValueError, match="adaln must be the 7 tensors"):
+            model(x, t, context, y, adaln=model.adaln(c)[:-1])
+        keys = list(model.state_dict())
+        compiled = mmdit.compile_mmdit(model, backend="eager")
+        assert list(compiled.state_dict()) == keys
+        torch.testing.assert_close(compiled(x, t, context, y), expected, rtol=0, atol=1e-6)
+
+
 def test_timestep_embedding_closed_form_and_diffusers():
     from diffusers.models.embeddings import get_timestep_embedding
     t = torch.tensor([0.0, 0.013, 0.5, 1.0, 5.0])  # flow times, and a guidance scale
