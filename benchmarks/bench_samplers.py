@@ -18,7 +18,8 @@ Two more rows measure the student's cost outside the network: "student (per-step
 its conditioning at every step (samplers.student: G(psi(t)) and every adaLN layer, matrix-vector
 products at batch 1), where sample("student") computes it for the whole schedule at once
 (samplers.student_steps); "network alone" is the same number of forwards on a fixed conditioning
-with nothing around them. student - network alone = the sampler's own cost per step.
+with nothing around them, and "w2sd network alone" W2SD + CFG's forwards likewise (its 148 calls
+at batch 2). A method minus its network alone = the sampler's own cost per step.
 """
 
 import argparse
@@ -36,8 +37,9 @@ import mmdit  # noqa: E402
 import samplers  # noqa: E402
 
 # rows besides the five samplers: the student as samplers.student runs it (conditioning computed at
-# every step), and the network alone (the student's forwards with nothing around them)
-EXTRA = ("student (per-step z)", "network alone")
+# every step), and the network alone: the student's forwards (batch 1), then W2SD + CFG's (batch 2,
+# three per step but the last), each on a fixed conditioning with nothing around them
+EXTRA = ("student (per-step z)", "network alone", "w2sd network alone")
 
 
 def random_mmdit(cfg, seed, device, dtype):
@@ -86,11 +88,13 @@ def main(args):
             counter = samplers.NFECounter()
             v = samplers.student(model, context, y, y_null, args.w, counter)
             return samplers.euler(v, noise, samplers.flow_sigmas(steps)), counter.per_sample(1)
-        if method == EXTRA[1]:  # the network alone: one forward per step on a fixed conditioning, nothing else
+        if method in EXTRA[1:]:  # the network alone: the method's forwards on a fixed conditioning, nothing else
             counter = samplers.NFECounter()
             forward = counter.wrap(model)
-            for _ in range(steps):
-                forward(noise, t_fixed, context, y, adaln=adaln_fixed)
+            B, calls = (1, steps) if method == EXTRA[1] else (2, 3 * (steps - 1) + 1)
+            for _ in range(calls):
+                forward(noise.expand(B, -1, -1, -1), t_fixed.expand(B), context.expand(B, -1, -1), y.expand(B, -1),
+                        adaln=[m.expand(B, -1) for m in adaln_fixed])
             return noise, counter.per_sample(1)
         w = None if method == "euler" else args.w
         return samplers.sample(method, model, noise, context, y, context_null, y_null, w=w, steps=steps,
@@ -135,9 +139,11 @@ def main(args):
         if device.type == "cpu":
             row += f" {cpu[m]:>6.3f} | {cpu[m] / cpu[s]:>13.2f} |"
         print(row)
-    overhead = (wall[s] - wall[EXTRA[1]]) / args.steps * 1000
-    print(f"\nstudent: {overhead:.2f} ms per step outside the network (fastest runs: student - network alone), "
-          f"{(wall[EXTRA[0]] - wall[EXTRA[1]]) / args.steps * 1000:.2f} ms with the conditioning computed per step")
+    ms = {m: (wall[m] - wall[n]) / args.steps * 1000 for m, n in ((s, EXTRA[1]), (EXTRA[0], EXTRA[1]),
+                                                                 ("w2sd", EXTRA[2]))}
+    print(f"\nper step outside the network (fastest runs, method - its network alone): student {ms[s]:.2f} ms, "
+          f"student with the conditioning computed per step {ms[EXTRA[0]]:.2f} ms, w2sd {ms['w2sd']:.2f} ms; "
+          f"networks alone, w2sd / student: {wall[EXTRA[2]] / wall[EXTRA[1]]:.2f}")
 
 
 if __name__ == "__main__":
