@@ -103,16 +103,26 @@ at any moment leaves the previous checkpoint loadable):
     the flag the authors' released pipeline reads).
     DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s.
 
-Memory, SD3-medium (2.03 B MMDiT parameters) at 1024x1024 (4096 image + 333 text tokens),
-batch 1 per GPU, --bf16 --grad-checkpointing: AN ESTIMATE, not a measurement (no GPU was
-available when this was written):
-    student fp32 master weights 8.1 GB + fp32 gradients 8.1 GB + AdamW moments 16.2 GB
-    + bf16 teacher 4.1 GB + autocast's bf16 weight copies 4.1 GB + activations with
-    checkpointing (block inputs 24 x 27 MB, one block recomputed) ~2 GB + CUDA context ~1 GB
-    = about 44 GB; --ema adds 8.1 GB; a W2SD teacher adds 2 x 4.1 GB; without
-    --grad-checkpointing add roughly 15-20 GB of saved activations (24 blocks x ~0.7 GB). DDP
-    uses gradient_as_bucket_view, so its buckets add nothing. It fits one 80 GB GPU. Writing a
-    checkpoint copies weights and moments to host memory on rank 0 (~24 GB of RAM).
+Memory of one step, MEASURED on a CPU (no GPU was available) and extrapolated:
+`python benchmarks/bench_memory.py` (2026-11-22, this project's 2-core machine, 16.7 minutes) runs
+distill_loss + backward + AdamW (foreach, its CUDA default) with --bf16 and bf16 W2SD teacher weights
+at SD3-medium width for depths 1-4 and at SD3.5-large width (qk norm) for depths 1-2, 24-80 tokens,
+batch 1, and counts the bytes of live tensors (torch.cuda.max_memory_allocated's quantity). Per
+block it measured exactly 24 bytes per parameter at the optimizer step (fp32 weight 4, gradient 4,
+AdamW moments 8, foreach temporary 4, the two bf16 teachers 4), and per token and block 74 KB of
+saved activations (6 KB with --grad-checkpointing) at width 1536, 156 KB (10 KB) at 2432. The fit
+peak = a + b depth + c depth tokens + d tokens, per phase of the step, leaves residuals under
+0.04 MB (under 4 MB for the backward, 17 MB for the checkpointed one). Extrapolated to 1024x1024 (4096 + 333 tokens), batch 1 per GPU, with DDP
+(whose gradient buckets keep the gradients resident):
+    SD3-medium (2.03 B): 49.2 GB with --grad-checkpointing (the optimizer step peaks: weights 8.3,
+      teachers 8.3, moments 16.2, gradients 8.1, foreach temporary 8.1), 53.0 GB without (the
+      student forward peaks: 7.8 GB of activations). It fits one 80 GB GPU.
+    SD3.5-large (8.06 B): 194 GB with checkpointing, 204 without: 2.4x an 80 GB GPU. Per GPU on
+      8 GPUs: optimizer state sharded (ZeRO-1) 124, gradients too (ZeRO-2) 95, everything sharded
+      (FSDP full shard) 41 GB, the only one that fits (65 GB without checkpointing).
+Not counted (add 5-10 GB): the CUDA context, workspaces, allocator fragmentation, NCCL buffers.
+--ema adds 4 bytes per parameter. Writing a checkpoint copies weights and moments to host memory
+on rank 0 (~24 GB of RAM for SD3-medium).
 
 Shape legend: B batch, C latent channels, H W latent size, L tokens, Dc context width,
 Dy pooled width, D model width.

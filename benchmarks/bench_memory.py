@@ -3,8 +3,10 @@ Peak memory of ONE distillation step (Algorithm 1 as distill.py runs it), measur
 published widths for small depths and token counts, fitted, and extrapolated to SD3-medium and
 SD3.5-large at 1024x1024.
 
-    python benchmarks/bench_memory.py            # the grid below, each point in a fresh process (~15 min, 2 cores)
-    python benchmarks/bench_memory.py --quick    # 3 points per width and mode: a smoke test of the machinery
+    python benchmarks/bench_memory.py              # GRID: 36 points, each in a fresh process (17 min on 2 cores)
+    python benchmarks/bench_memory.py --quick      # 4 points per width, checkpointing on: the machinery (3 min)
+    python benchmarks/bench_memory.py --optimizer fused   # AdamW(fused=True) instead of distill.py's default
+    python benchmarks/bench_memory.py --json points.json; python benchmarks/bench_memory.py --load points.json
 
 The step is distill.py's own: distill.distill_loss on arguments from distill.build_parser() and
 distill.fill_defaults (SD3 defaults: the W2SD + CFG teacher, 50-step schedule) with --bf16 (the
@@ -12,8 +14,8 @@ student under bf16 autocast, fp32 master weights) and bf16 teacher weights (--te
 distill.py's default on CUDA): 6 teacher forwards without gradients (the strong and the weak model),
 the student's forward and backward, then AdamW. The optimizer is built as distill.py builds it,
 with foreach=True, its default on CUDA (foreach keeps a parameter-sized temporary list that the
-CPU's default per-tensor loop does not). Batch 1. AdamW's moments are created first (a step on zero gradients), so
-that they exist throughout the measured step, as in every step of a run but the first.
+CPU's default per-tensor loop does not). Batch 1. AdamW's moments are created first (a step on zero
+gradients), so that they exist throughout the measured step, as in every step of a run but the first.
 
 What is measured: the bytes of live tensors (weights, buffers, gradients, AdamW moments, autocast's
 bf16 weight copies, activations saved for backward, temporaries), from the PyTorch profiler's
@@ -24,7 +26,11 @@ gives the same bytes), whereas the process's peak RSS (printed beside it as a cr
 the C allocator's caching and page granularity. The peak is taken per phase of the step (teacher
 forwards; student forward; backward; optimizer step), because which phase peaks depends on the
 size: at these small token counts the optimizer step peaks (weights + gradients + moments), at
-1024x1024 without checkpointing the backward does (activations).
+1024x1024 the activations count. The backward's own peak is, at small sizes, at its end (all
+gradients allocated, activations freed); at large sizes it is at its start (activations still
+held). So the backward is also measured less the gradients accumulated so far ("backward - grads",
+marked in the profile by a hook on each parameter), which fits the start; the extrapolation adds
+one block's gradients to it (a process of its own) or all of them (DDP).
 
 The fit, per width and phase: peak = a + b * depth + c * depth * tokens + d * tokens (least
 squares). Why this model: the parameters of a joint block are the same at every depth (b: its
