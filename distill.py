@@ -96,12 +96,44 @@ at any moment leaves the previous checkpoint loadable):
                                  fusion.safetensors    distillcfg / dice modules (if any)
                                  ema-*.safetensors     with --ema
                                  optimizer.safetensors AdamW moments, by parameter name
-                                 state.json            step, vars(args), optimizer settings
+                                 state.json            step, vars(args), optimizer settings, and
+                                                       every file of the folder with its size
     DIR/student.safetensors (+ fusion.safetensors; with --ema student-ema.safetensors and
     fusion-ema.safetensors) at the end; main() returns the student's path (the EMA one with --ema);
     DIR/diffusers/transformer with --export-diffusers (config has txt_align_guidance: true,
     the flag the authors' released pipeline reads).
     DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s.
+    DIR/run.lock while a run holds DIR (cli.FolderLock).
+
+Faults, and what is on disk after them:
+  * Bad input is refused before anything heavy loads: one line `error: ...` naming the argument or
+    file, exit status 2 (cli.py); a failure during the work (a non-finite loss or weight) exits 1.
+    The whole traceback with --traceback or TEEFUSION_TRACEBACK=1.
+  * One run per --out: rank 0 takes DIR/run.lock (pid, host, command) before any work and releases
+    it at exit; a second run is refused naming the holder; the lock of a process that is gone (this
+    host) is taken over with a warning. The other ranks never touch it.
+  * A checkpoint folder is COMPLETE when its state.json (written last in it) parses and every file
+    it lists is there with the size it lists. --resume continues from the checkpoint `latest` names
+    when that one is complete. When it is not (`latest` corrupt, or naming a missing or incomplete
+    folder: no kill can do that, since `latest` is written after the folder is complete, but a hand,
+    a copy or a disk can), the run falls back to the newest complete checkpoint with a warning that
+    says what was wrong: the weights it resumes are whole, the stream continues from their step
+    (see "Data and randomness"), and refusing would only stall an automatic relaunch. When no
+    complete checkpoint is left to fall back to, it refuses (exit 2): starting again from the
+    teacher would pass for a resume. Without `latest` (killed before the first checkpoint was
+    committed): the newest complete checkpoint, if any, else the teacher. --steps at or below the
+    checkpoint's step is refused, with both numbers.
+  * Rank 0 removes, at start and under the lock, the temporary files of a killed run (NAME.tmp-XXXX
+    from checkpoint.atomic_write, anywhere under DIR) and lists them. Pruning keeps the newest --keep
+    complete checkpoints and deletes incomplete folders (a newer step number saves none of them).
+  * Only finite weights are written: before every checkpoint (and so before the final files, the
+    last step always checkpoints) every weight of the student, its fusion module and the EMA must be
+    finite, and so must their forward on the step's last batch (weights of 1e30 are finite and give
+    inf). A non-finite loss (checked before the optimizer step) or weight stops the run, naming the
+    step and the newest checkpoint whose tensors, read back from disk, are all finite.
+  * Under torchrun a worker dies with its launcher (cli.die_with_launcher: parent-death signal and a
+    watchdog thread), so `kill -9` of torchrun leaves no worker training and writing into DIR; what a
+    kill leaves on disk is what the points above handle at the next --resume.
 
 Memory of one step, MEASURED on a CPU (no GPU was available) and extrapolated:
 `python benchmarks/bench_memory.py` (2026-11-22, this project's 2-core machine, 16.7 minutes) runs
@@ -132,6 +164,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -141,7 +174,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -162,17 +194,21 @@ SD3_DEFAULTS = dict(steps=10000, global_batch=128, lr=5e-6, out="runs/distill", 
 # scale 5 = w 4); these apply to --method dice in both worlds unless given
 METHOD_DEFAULTS = {"dice": dict(lr=2e-4, w_min=embed.DICE_W, w_max=embed.DICE_W)}
 W_RANGE = dict(w_min=2.0, w_max=14.0)  # Algorithm 1's w ~ U[2, 14] (the paper's range)
-# toy lr 2e-3: at 3e-4 the fused term of Eq. 7 (with its 1/256) stayed tiny after 1000 steps and
-# the student ignored w (RMSE 0.018 between its w = 2 and w = 8 samples from the same noise,
-# the teacher's 0.335); at 2e-3 it follows w (0.216) at the same adherence
-TOY_DEFAULTS = dict(steps=1000, global_batch=32, lr=2e-3, out="runs/toy", teacher_sampler="w2sd", method="teefusion",
-                    teacher_steps=20)  # toy.report samples with 20 steps
+# the toy world: 1500 steps of batch 32 at lr 1e-3 distill a student in about 3 CPU minutes, so that the
+# whole default command (teacher, student, report) fits 10 minutes on 2 cores; measured on the DEV prompts
+# (toy_report.py --split dev): lr 1e-3 x 2000 steps gave RMSE 0.335 to the W2SD teacher, 2e-3 x 2000
+# 0.345, 2e-3 x 1000 0.371 (smaller is closer; Euler + CFG's own distance to that teacher: 0.266)
+TOY_DEFAULTS = dict(steps=1500, global_batch=32, lr=1e-3, out="runs/toy", teacher_sampler="w2sd", method="teefusion",
+                    teacher_steps=20)  # toy_report samples with 20 steps
 # --full (toy world): every student of the paper's Tables 3 and 4, as (subfolder of --out, --method,
 # --teacher-sampler); the ablations and DICE learn from the W2SD + CFG teacher, like the main student
 FULL = (("teefusion-cfg", "teefusion", "cfg"), ("teefusion-zsampling", "teefusion", "zsampling"),
         ("teefusion-w2sd", "teefusion", "w2sd"), ("gonly-w2sd", "gonly", "w2sd"),
         ("distillcfg-w2sd", "distillcfg", "w2sd"), ("dice-w2sd", "dice", "w2sd"))
-LATEST = "latest"
+LATEST = "latest"  # DIR/checkpoints/latest: {"checkpoint": "step-NNNNNNN", "step": N}, written last
+STATE = "state.json"  # written last inside a checkpoint folder, listing its files
+STEP_FOLDER = re.compile(r"step-(\d+)")
+TEMPORARY = re.compile(r"\.tmp-[^.]*(\.\w+)?$")  # checkpoint.atomic_write's temporary names: NAME.tmp-XXXX[.suffix]
 
 
 # -----------------------------------------------------------------------------
@@ -241,8 +277,9 @@ def build_parser():
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
     p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk (the newest)")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest if there is one")
+    p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept on disk (the newest)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest if there is one (or "
+                                                         "the newest complete checkpoint, with a warning)")
     p.add_argument("--export-diffusers", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4 on CUDA, 0 on CPU)")
@@ -313,13 +350,20 @@ def check_args(args, world_size=1):
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file or folder")
     if args.teacher is not None and args.data is None:
         raise ValueError("--teacher needs --data DIR (a folder written by prepare.py with text embeddings)")
+    if args.teacher is None and args.data is not None:
+        raise ValueError(f"--data {args.data}: the toy world (no --teacher) trains on its own data; --data goes "
+                         "with a real --teacher")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data}: no such folder (a folder written by prepare.py)")
     if args.export_diffusers and args.method != "teefusion":
         raise ValueError(f"--export-diffusers writes the authors' txt_align_guidance pipeline format, which only "
                          f"fits --method teefusion (got {args.method}); use the safetensors files in --out")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ValueError(f"--ema {args.ema}: the decay must be in (0, 1), e.g. 0.9999")
-    if args.steps < 0 or args.ckpt_every < 1 or args.teacher_steps < 1 or args.keep < 1:
-        raise ValueError("--steps must be >= 0, --ckpt-every, --teacher-steps and --keep >= 1")
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: nothing to train (the student would be the teacher); give at least 1")
+    if args.ckpt_every < 1 or args.teacher_steps < 1 or args.keep < 1:
+        raise ValueError("--ckpt-every, --teacher-steps and --keep must be >= 1")
     if args.tau is not None:
         try:
             args.tau = float(args.tau)
@@ -425,18 +469,15 @@ def distill_loss(student, teacher, batch, null, args, weak=None, main=None, timi
     """One micro-batch of Algorithm 1. batch: tensors on the device; null: (context_null, y_null).
     teacher: the frozen teacher (for w2sd: the strong model), weak / main: W2SD's other models.
     Returns the MSE loss (fp32 scalar). timing: a dict to which teacher/student seconds are added."""
-    x0, context, y = batch["latents"], batch["context"], batch["y"]  # (B, C, H, W), (B, L, Dc), (B, Dy)
-    t, w, eps = batch["t"], batch["w"], batch["eps"]  # (B,), (B,), (B, C, H, W)
+    context, y = batch["context"], batch["y"]  # (B, L, Dc), (B, Dy)
+    t, w = batch["t"], batch["w"]  # (B,), (B,)
     context_null, y_null = null  # (1, L, Dc), (1, Dy)
-    device = x0.device
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    device = t.device
+    amp = _autocast(device, args.bf16)
     # a bf16 teacher always runs under autocast (its inputs stay fp32, its matmuls run in bf16)
-    teacher_amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 or args.teacher_dtype == "bf16" \
-        else nullcontext()
+    teacher_amp = _autocast(device, args.bf16 or args.teacher_dtype == "bf16")
     tick = _clock(device)
-    # Algorithm 1: x_t = (1 - t) x0 + t eps
-    t_ = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    x_t = (1 - t_) * x0 + t_ * eps  # (B, C, H, W)
+    x_t = noised(batch)  # (B, C, H, W)
     # the step the sampler takes from t, on its shifted schedule (see the file docstring)
     t_next, reflect = teacher_step(t, args)  # (B,), (B,)
     # Algorithm 1: target = (1 + w) v_T(x_t, t, c) - w v_T(x_t, t, null) (Eq. 2), refined by Eq. 3-4
@@ -455,6 +496,16 @@ def distill_loss(student, teacher, batch, null, args, weak=None, main=None, timi
         timing["teacher_s"] += tock - tick
         timing["_student_start"] = tock
     return loss
+
+
+def noised(batch):
+    """Algorithm 1: x_t = (1 - t) x0 + t eps."""
+    t_ = batch["t"].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return (1 - t_) * batch["latents"] + t_ * batch["eps"]  # (B, C, H, W)
+
+
+def _autocast(device, bf16):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def _clock(device):
@@ -510,12 +561,17 @@ def replica_checksums(params, distributed, world_size):
 
 
 def save_checkpoint(out, step, student, ema, optimizer, names, args, keep, replicas=None):
-    """Write DIR/checkpoints/step-N/ file by file (each atomic), then point `latest` at it."""
+    """Write DIR/checkpoints/step-N/ file by file (each atomic), state.json last (listing every
+    file and its size: the folder is complete once state.json is there), then point `latest` at
+    it, then prune (prune_checkpoints). A folder of the same name left by an earlier, killed run
+    is removed first."""
     root = os.path.join(out, "checkpoints")
     name = f"step-{step:07d}"
     folder = os.path.join(root, name)
-    os.makedirs(folder, exist_ok=True)
-    meta = {"teefusion_method": args.method, "step": str(step)}
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.makedirs(folder)
+    meta = student_metadata(args, step)
     save_mmdit(student.model, os.path.join(folder, "student.safetensors"), metadata=meta)
     if len(student.fusion.state_dict()):
         _atomic_save(_tensors(student.fusion), os.path.join(folder, "fusion.safetensors"), meta)
@@ -525,50 +581,213 @@ def save_checkpoint(out, step, student, ema, optimizer, names, args, keep, repli
             _atomic_save(_tensors(ema.fusion), os.path.join(folder, "ema-fusion.safetensors"), meta)
     tensors, opt_meta = optimizer_tensors(optimizer, names)
     _atomic_save(tensors, os.path.join(folder, "optimizer.safetensors"), {"format": "pt"})
-    atomic_json({"step": step, "args": vars(args), "optimizer": opt_meta, "replica_checksums": replicas,
-                  "random_state": "counter-based: the noise of stream position p comes from a generator seeded "
-                                  "by (seed, p); the step number is the whole random state"},
-                 os.path.join(folder, "state.json"))
+    files = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
+    atomic_json({"step": step, "files": files, "args": vars(args), "optimizer": opt_meta,
+                 "replica_checksums": replicas,
+                 "random_state": "counter-based: the noise of stream position p comes from a generator seeded "
+                                 "by (seed, p); the step number is the whole random state"},
+                os.path.join(folder, STATE))  # last in the folder: it makes the folder complete
     atomic_json({"checkpoint": name, "step": step}, os.path.join(root, LATEST))  # LAST: the commit point
-    old = sorted(d for d in os.listdir(root) if d.startswith("step-") and d != name)
-    for d in old[:max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    prune_checkpoints(root, step, keep)
     return folder
 
 
-def latest_checkpoint(out):
-    """The folder `latest` points to, or None."""
-    pointer = os.path.join(out, "checkpoints", LATEST)
+def checkpoint_state(folder):
+    """(state.json's content, None) if the folder is a complete checkpoint: state.json present and
+    parseable, its step that of the folder's name, and every file it lists present with the size it
+    lists (checkpoints written before state.json listed its files: student and optimizer present).
+    Otherwise (None, what is wrong)."""
+    path = os.path.join(folder, STATE)
+    if not os.path.isdir(folder):
+        return None, "does not exist"
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        own = f"step-{state['step']:07d}" == os.path.basename(os.path.normpath(folder))
+    except FileNotFoundError:
+        return None, f"has no {STATE} (written last: the checkpoint was never finished)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"has a corrupt {STATE} ({type(e).__name__}: {e})"
+    if not own:
+        return None, f"has the {STATE} of step {state['step']}, not of its own name"
+    files = state.get("files") or dict.fromkeys(("student.safetensors", "optimizer.safetensors"))
+    for name, size in files.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            return None, f"lacks {name}, which {STATE} lists"
+        if size is not None and os.path.getsize(file) != size:
+            return None, f"has {name} of {os.path.getsize(file)} bytes, not the {size} that {STATE} lists"
+    return state, None
+
+
+def checkpoint_folders(root):
+    """[(step, folder)] of the step-N folders under root, newest first (by step, not by name)."""
+    found = [(int(m[1]), os.path.join(root, d)) for d in (os.listdir(root) if os.path.isdir(root) else ())
+             if (m := STEP_FOLDER.fullmatch(d)) and os.path.isdir(os.path.join(root, d))]
+    return sorted(found, reverse=True)
+
+
+def complete_checkpoints(root):
+    """[(step, folder, state)] of the complete checkpoints under root, newest first."""
+    found = [(step, folder, checkpoint_state(folder)[0]) for step, folder in checkpoint_folders(root)]
+    return [c for c in found if c[2] is not None]
+
+
+def prune_checkpoints(root, step, keep):
+    """After step `step` was written (under the lock: no other writer): keep the newest keep - 1
+    complete checkpoints of earlier steps, delete the other earlier ones and every incomplete folder
+    (what a killed run left); complete folders of later steps, left by an earlier life of the run,
+    stay until this run writes those steps again."""
+    kept = 0
+    for s, folder in checkpoint_folders(root):
+        if s == step:
+            continue
+        complete = checkpoint_state(folder)[0] is not None
+        if complete and s < step and kept < keep - 1:
+            kept += 1
+        elif not complete or s < step:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_pointer(root):
+    """What `latest` under root names: ((folder, state), None) if it names a complete checkpoint,
+    (None, what is wrong) if not, and (None, None) when there is no `latest`."""
+    pointer = os.path.join(root, LATEST)
     if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        return os.path.join(out, "checkpoints", json.load(f)["checkpoint"])
+        return None, None
+    try:
+        with open(pointer) as f:
+            name = json.load(f).get("checkpoint")
+    except (OSError, ValueError, AttributeError) as e:
+        return None, f"the checkpoint pointer {pointer} is corrupt ({type(e).__name__}: {e})"
+    if not (isinstance(name, str) and STEP_FOLDER.fullmatch(name)):
+        return None, f"the checkpoint pointer {pointer} is corrupt (it names no step-N folder: {name!r})"
+    folder = os.path.join(root, name)
+    state, why = checkpoint_state(folder)
+    return ((folder, state), None) if state is not None else (None, f"{pointer} points at {folder}, which {why}")
+
+
+def latest_checkpoint(out):
+    """The folder `latest` points to if it is a complete checkpoint, else None."""
+    found, _ = read_pointer(os.path.join(out, "checkpoints"))
+    return found[0] if found else None
+
+
+def resume_point(out):
+    """The checkpoint a --resume continues from: (folder, state), or None to start from the teacher.
+    `latest` when it names a complete checkpoint. When it does not (a missing, corrupt or incomplete
+    folder, or a corrupt `latest`: nothing a kill can do, since `latest` is written last, but a
+    hand, a copy or a disk can), the newest complete checkpoint, with a warning naming what was
+    wrong; and when there is no complete checkpoint to fall back to, a refusal: the run's committed
+    state is gone, and silently starting again from the teacher would pass for a resume. No
+    `latest` at all: the newest complete checkpoint if any (a kill between a first checkpoint's
+    state.json and its pointer), else None (a kill before the first checkpoint was finished)."""
+    root = os.path.join(out, "checkpoints")
+    found, problem = read_pointer(root)
+    if found:
+        return found
+    complete = complete_checkpoints(root)
+    if complete:
+        _, folder, state = complete[0]
+        if problem:
+            cli.warn(f"{problem}: resuming from the newest complete checkpoint, {folder}")
+        return folder, state
+    if problem:
+        raise cli.InputError(f"{problem}, and {root} holds no complete checkpoint to fall back to: nothing to "
+                             f"resume (move {root} away to start again from the teacher)")
+    return None
+
+
+def remove_temporaries(out):
+    """Delete the temporary files (NAME.tmp-XXXX, see checkpoint.atomic_write) that a killed run left
+    anywhere under out; only while holding out's lock, when no writer can be using them. Returns
+    their paths."""
+    removed = []
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if TEMPORARY.search(name):
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return sorted(removed)
+
+
+def _file_tensors(path):
+    """(name, tensor) of a safetensors file, one at a time; a clear error naming the file if it
+    cannot be read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+    except Exception as e:  # safetensors raises its own SafetensorError, and OSError
+        raise cli.InputError(f"{path} cannot be read ({cli.one_line(e)})") from e
+
+
+def _read_tensors(path):
+    return dict(_file_tensors(path))
 
 
 def _load_mmdit_tensors(model, path):
-    sd = {k[len(STABILITY_PREFIX):]: v for k, v in load_file(path).items()}
+    sd = {k[len(STABILITY_PREFIX):]: v for k, v in _read_tensors(path).items()}
     model.load_state_dict(sd, strict=True)
 
 
-def load_checkpoint(folder, student, ema, optimizer, names, args):
-    """Restore weights, EMA and optimizer state from a checkpoint folder; returns the step."""
-    with open(os.path.join(folder, "state.json")) as f:
-        state = json.load(f)
-    if state["args"]["method"] != args.method:
-        raise ValueError(f"{folder} was trained with --method {state['args']['method']}, not {args.method}")
+def check_resume(folder, state, args):
+    """Refuse, before anything heavy, a resume that cannot continue this run from `folder`."""
+    trained = state.get("args", {})
+    if trained.get("method") != args.method:
+        raise ValueError(f"{folder} was trained with --method {trained.get('method')}, not {args.method}")
+    if args.ema is not None and not os.path.exists(os.path.join(folder, "ema-student.safetensors")):
+        raise ValueError(f"{folder} has no EMA weights: it was trained without --ema")
+    step = state["step"]
+    if args.steps == step:
+        raise ValueError(f"{args.out} holds a finished run: its newest checkpoint is at step {step} and --steps is "
+                         f"{args.steps} (the student: {os.path.join(args.out, 'student.safetensors')}); give --steps "
+                         f"above {step} to train on")
+    if args.steps < step:
+        raise ValueError(f"--steps {args.steps} is below the step of the checkpoint to resume, {step} ({folder}): "
+                         f"give --steps above {step}, or another --out")
+
+
+def load_checkpoint(folder, state, student, ema, optimizer, names):
+    """Restore weights, EMA and optimizer state from a checkpoint folder (checked by check_resume);
+    refuses non-finite weights. Returns the step."""
     _load_mmdit_tensors(student.model, os.path.join(folder, "student.safetensors"))
     if len(student.fusion.state_dict()):
-        student.fusion.load_state_dict(load_file(os.path.join(folder, "fusion.safetensors")))
+        student.fusion.load_state_dict(_read_tensors(os.path.join(folder, "fusion.safetensors")))
     if ema is not None:
-        if not os.path.exists(os.path.join(folder, "ema-student.safetensors")):
-            raise ValueError(f"{folder} has no EMA weights: it was trained without --ema")
         _load_mmdit_tensors(ema.model, os.path.join(folder, "ema-student.safetensors"))
         if len(ema.fusion.state_dict()):
-            ema.fusion.load_state_dict(load_file(os.path.join(folder, "ema-fusion.safetensors")))
-    with safe_open(os.path.join(folder, "optimizer.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    load_optimizer_tensors(optimizer, names, tensors, state["optimizer"])
+            ema.fusion.load_state_dict(_read_tensors(os.path.join(folder, "ema-fusion.safetensors")))
+    load_optimizer_tensors(optimizer, names, _read_tensors(os.path.join(folder, "optimizer.safetensors")),
+                           state["optimizer"])
+    bad = non_finite([("student", student), ("EMA", ema)])
+    if bad:
+        raise cli.InputError(f"{folder} holds non-finite weights ({bad}): delete that folder to resume from the "
+                             "checkpoint before it")
     return state["step"]
+
+
+def non_finite(modules):
+    """The name of the first parameter or buffer with a non-finite entry among (label, module)
+    pairs (None modules skipped), or None when every one is finite."""
+    for label, module in modules:
+        for name, p in (module.state_dict().items() if module is not None else ()):
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                return f"{label} {name}"
+    return None
+
+
+def newest_finite_checkpoint(out):
+    """The newest complete checkpoint under out whose every tensor (weights, EMA, fusion module,
+    AdamW moments) is finite, read from disk tensor by tensor; or None."""
+    for _, folder, state in complete_checkpoints(os.path.join(out, "checkpoints")):
+        files = [os.path.join(folder, f) for f in state.get("files") or os.listdir(folder) if f.endswith(".safetensors")]
+        try:
+            if all(torch.isfinite(v).all() for f in files for _, v in _file_tensors(f)):
+                return folder
+        except cli.InputError:
+            continue
+    return None
 
 
 def _trim_log(path, step):
@@ -596,8 +815,40 @@ def _trim_log(path, step):
 # The loop
 
 
-class NonFiniteLoss(FloatingPointError):
-    pass
+class NonFinite(FloatingPointError):
+    """A non-finite loss, weight or output: the run stops (exit status 1)."""
+
+
+def weights_problem(student, ema, batch, null, args, distributed):
+    """Before a checkpoint: what is wrong with the weights, the same on every rank, or None. Every
+    parameter and buffer of the student (MMDiT and fusion module) and of the EMA must be finite, and
+    so must a forward of each on the step's last micro-batch (weights of 1e30 are finite, and give
+    inf and NaN)."""
+    problem = non_finite([("student", student), ("EMA", ema)])
+    problem = problem and f"the weights hold non-finite values ({problem})"
+    if not problem:
+        x_t = noised(batch)  # (B, C, H, W)
+        with torch.no_grad(), _autocast(x_t.device, args.bf16):
+            for label, module in (("student", student), ("EMA", ema)):
+                if module is not None and not torch.isfinite(module(x_t, batch["t"], batch["context"], batch["y"],
+                                                                    *null, batch["w"])).all():
+                    problem = f"the {label}'s weights give a non-finite output (a forward on the step's last batch)"
+                    break
+    if distributed:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, problem)
+        problem = next((p for p in every if p), None)
+    return problem
+
+
+def last_good(out, rank):
+    """The end of a non-finite message: the newest checkpoint whose tensors are finite on disk
+    (read and checked by rank 0)."""
+    if rank != 0:
+        return "rank 0 names the newest checkpoint with finite weights"
+    good = newest_finite_checkpoint(out)
+    return f"the newest checkpoint with finite weights is {good}" if good else \
+        "no checkpoint with finite weights was written yet"
 
 
 def _setup_distributed(args):
@@ -636,10 +887,6 @@ def _resolve_world(args, dataset, rank, distributed):
         dataset = dataset if dataset is not None else world.dataset(split="train")
     else:
         teacher, weak, strong = args.teacher, args.weak, args.strong or args.teacher
-        if dataset is None:
-            from prepare import ShardDataset
-
-            dataset = ShardDataset(args.data)
     sources = dict(teacher=teacher, weak=None, main=None, init=teacher)
     if args.teacher_sampler == "w2sd":
         if args.w2sd_finetuned is not None:  # the W2SD release's pair from one fine-tune of the teacher
@@ -681,21 +928,27 @@ def full_runs(args):
     return out, runs
 
 
+def student_metadata(args, step):
+    """What a student file records of its run (embed.load_student and toy_report read it)."""
+    return {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step)}
+
+
 def main_full(args):
     """--full: distill every student of FULL from the toy teacher, then print one table with the
     teacher samplers and every student (toy.report_students) and write out/table.json and
     out/samples.png. Returns {subfolder name: student path}."""
     out, runs = full_runs(args)
+    cli.output_folder(out, "--out")
     start = time.time()
     students = {}
     for (name, _, _), sub in zip(FULL, runs):
-        students[name] = main(sub)
+        students[name] = args.resume and finished_student(sub) or main(sub)
     import toy
+    import toy_report
 
     world = toy.build_world(progress=False)
-    toy.report_students(world, [dict(path=students[name], method=method, teacher=sampler)
-                                for name, method, sampler in FULL],
-                        out_dir=out, progress=not args.no_progress)
+    toy_report.report(world, [dict(path=students[name], teacher=sampler) for name, _, sampler in FULL], out_dir=out,
+                      sweep_ws=toy_report.SWEEP_WS, progress=not args.no_progress)
     print(f"--full: {len(FULL)} students and the table in {(time.time() - start) / 60:.1f} minutes; {out}")
     return students
 
@@ -710,21 +963,83 @@ def main(args, dataset=None):
             raise ValueError("--full trains on the toy world's own data: it takes no dataset")
         return main_full(args)
     fill_defaults(args)
+    micro = check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before the process group and anything heavy
+    if dataset is None and args.teacher is not None:
+        from prepare import ShardDataset
+
+        dataset = ShardDataset(args.data)  # index.json is checked here, each shard when it is first read
+        if len(dataset) == 0:
+            raise ValueError(f"--data {args.data} holds no samples (index.json lists none)")
     distributed, rank, world_size, device = _setup_distributed(args)
     threads = torch.get_num_threads()
+    lock = None
     try:
         # the toy world's tensors are tiny: one CPU thread per process is faster than several
         if args.teacher is None and device.type == "cpu":
             torch.set_num_threads(1)
-        return _main(args, dataset, distributed, rank, world_size, device)
+        lock, resume = open_run(args, rank, distributed)
+        return _main(args, dataset, resume, micro, distributed, rank, world_size, device)
     finally:
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(threads)
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _main(args, dataset, distributed, rank, world_size, device):
-    micro = check_args(args, world_size)
+def open_run(args, rank, distributed):
+    """Before anything heavy: rank 0 (or the single process) takes --out's lock (cli.FolderLock),
+    chooses the checkpoint to resume and checks it (start_point), and removes the temporary files a
+    killed run left; the other ranks never touch the lock, and receive the outcome, the checkpoint
+    or the refusal. Returns (the lock on rank 0, else None; (folder, state) or None)."""
+    lock, outcome = None, None
+    if rank == 0:
+        try:
+            lock = cli.FolderLock(args.out, "--out").acquire()
+            outcome = start_point(args)
+        except Exception as e:  # every rank raises it below
+            if lock is not None:
+                lock.release()
+                lock = None
+            outcome = e
+    if distributed:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return lock, outcome
+
+
+def start_point(args):
+    """Under --out's lock: (folder, state) of the checkpoint to resume, or None to start from the
+    teacher; refuses a run that would overwrite checkpoints without --resume, and a resume that
+    cannot continue (check_resume). Then removes the temporary files of a killed run, and says so."""
+    root = os.path.join(args.out, "checkpoints")
+    if not args.resume and (os.path.exists(os.path.join(root, LATEST)) or complete_checkpoints(root)):
+        raise ValueError(f"{args.out} already holds checkpoints ({root}): pass --resume to continue that run, "
+                         "or choose another --out")
+    point = resume_point(args.out) if args.resume else None
+    if point is not None:
+        check_resume(*point, args)
+    removed = remove_temporaries(args.out)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left by a killed run: {', '.join(removed[:10])}"
+              + (", ..." if len(removed) > 10 else ""))
+    return point
+
+
+def finished_student(args):
+    """The final student of a run in args.out that reached args.steps (the EMA weights with --ema), or None."""
+    point = resume_point(args.out)
+    final = os.path.join(args.out, "student-ema.safetensors" if args.ema is not None else "student.safetensors")
+    if point is not None and point[1]["step"] == args.steps and os.path.isfile(final):
+        print(f"--full: {args.out} is finished at step {args.steps}: reusing {final}")
+        return final
+    return None
+
+
+def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
     accum = args.global_batch // (world_size * micro)
     sources, dataset, toy_world = _resolve_world(args, dataset, rank, distributed)
     if len(dataset) == 0:
@@ -751,13 +1066,10 @@ def _main(args, dataset, distributed, rank, world_size, device):
     ema_params = [dict(ema.named_parameters())[n] for n in names] if ema is not None else []
     torch.manual_seed(args.seed * world_size + rank)  # per-rank seed (DiT); Algorithm 1's draws are counter-based
 
-    start = 0
-    ckpt = latest_checkpoint(args.out)
-    if ckpt is not None and not args.resume:
-        raise ValueError(f"{args.out} already holds checkpoints ({ckpt}): pass --resume to continue that run, "
-                         "or choose another --out")
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, student, ema, optimizer, names, args)
+    start, ckpt = 0, None
+    if resume is not None:  # chosen and checked by open_run before anything loaded
+        ckpt = resume[0]
+        start = load_checkpoint(*resume, student, ema, optimizer, names)
     log_path = os.path.join(args.out, "log.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -784,7 +1096,7 @@ def _main(args, dataset, distributed, rank, world_size, device):
                         persistent_workers=False)
     batches = iter(loader)
 
-    log = open(log_path, "a") if rank == 0 else None
+    log = None  # opened at the first record: a run refused before its first step leaves no file
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"distill {args.method}",
                disable=rank != 0 or args.no_progress)
     for step in bar:
@@ -809,10 +1121,8 @@ def _main(args, dataset, distributed, rank, world_size, device):
             loss_mean /= world_size
         loss_value = loss_mean.item()
         if not math.isfinite(loss_value):  # every rank sees the same all-reduced value and stops
-            good = latest_checkpoint(args.out)
-            raise NonFiniteLoss(f"non-finite loss ({loss_value}) at step {step + 1}: training stopped before the "
-                                f"optimizer step; the last good checkpoint is {good or 'none (none was written yet)'}"
-                                "; lower --lr, or check the data and the teacher")
+            raise NonFinite(f"non-finite loss ({loss_value}) at step {step + 1}: training stopped before the "
+                            f"optimizer step; {last_good(args.out, rank)}; lower --lr, or check the data and the teacher")
         if args.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
         # Algorithm 1: AdamW step
@@ -828,10 +1138,16 @@ def _main(args, dataset, distributed, rank, world_size, device):
             record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                       "samples_per_s": args.global_batch / dt, "teacher_s": timing["teacher_s"],
                       "student_s": timing["student_s"], "step_s": dt}
+            log = log or open(log_path, "a")
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{loss_value:.4f}", sps=f"{args.global_batch / dt:.1f}")
-        if done % args.ckpt_every == 0 or done == args.steps:
+        if done % args.ckpt_every == 0 or done == args.steps:  # the last step always checkpoints
+            # only finite weights are written: here, before every checkpoint, and so before the final files
+            problem = weights_problem(student, ema, batch, null, args, distributed)
+            if problem:
+                raise NonFinite(f"after step {done} {problem}: training stopped, nothing was written for step {done}; "
+                                f"{last_good(args.out, rank)}; lower --lr, or check the data and the teacher")
             replicas = replica_checksums(params, distributed, world_size)
             if rank == 0:
                 save_checkpoint(args.out, done, student, ema, optimizer, names, args, args.keep, replicas)
@@ -845,7 +1161,7 @@ def _main(args, dataset, distributed, rank, world_size, device):
     # the final student, beside the checkpoints
     final = os.path.join(args.out, "student.safetensors")
     if rank == 0:
-        meta = {"teefusion_method": args.method, "step": str(args.steps)}
+        meta = student_metadata(args, args.steps)
         save_mmdit(student.model, final, metadata=meta)
         if len(student.fusion.state_dict()):
             _atomic_save(_tensors(student.fusion), os.path.join(args.out, "fusion.safetensors"), meta)
@@ -859,12 +1175,11 @@ def _main(args, dataset, distributed, rank, world_size, device):
                                  extra_config={"txt_align_guidance": True})
             print(f"diffusers export: {folder}")
         print(f"student: {final}")
-        if toy_world is not None and not args.no_report:  # the toy world's Table 4 and Fig. 4 grid
-            import toy
+        if toy_world is not None and not args.no_report:  # the toy world's Table 4, figures, CIs
+            import toy_report
 
-            fusion = (ema if ema is not None else student).fusion.eval() if args.method != "teefusion" else None
-            toy.report(toy_world, final, method=args.method, out_dir=args.out, teacher=args.teacher_sampler,
-                       fusion=fusion, progress=not args.no_progress)
+            toy_report.report(toy_world, [dict(path=final, teacher=args.teacher_sampler)], out_dir=args.out,
+                              progress=not args.no_progress)
     elif ema is not None:
         final = os.path.join(args.out, "student-ema.safetensors")
     if distributed:

@@ -20,8 +20,9 @@ instead of two (CFG) or six (Z-Sampling / W2SD with CFG), and no new parameters.
 (Table 3: a new default-initialised guidance MLP, as FLUX's guidance_in), and "dice" (the DICE
 baseline: a token enhancer trained alone at one guidance, w = 4). All of them condition on
 z = G(psi(t)) + text with `text` independent of t, so samplers compute it once per image
-(`Fusion.prepare`). `TextEncoders` turns prompts into (context, y) as SD3 does (CLIP-L, CLIP-G,
-T5 through transformers).
+(`Fusion.prepare`). `load_student(path)` reads back what distill.py wrote: the MMDiT and its
+fusion, the method taken from the file's metadata (`teefusion_method`). `TextEncoders` turns
+prompts into (context, y) as SD3 does (CLIP-L, CLIP-G, T5 through transformers).
 
 psi(1000 w) is formed in float32 everywhere in this project (training and sampling); the
 authors' released pipeline forms it in the model's dtype (bf16: w = 5 becomes 4992), which
@@ -31,6 +32,7 @@ Their pipeline's `guidance_scale` is this w fed to psi directly, not diffusers' 
 Shape legend: B batch, L tokens, D model width, Dc context width, Dy pooled width.
 """
 
+import json
 import os
 import warnings
 
@@ -38,10 +40,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 
-from mmdit import Embedder, timestep_embedding  # psi lives with the network that consumes it
+from mmdit import Embedder, load_mmdit, timestep_embedding  # psi lives with the network that consumes it
 
 __all__ = ["timestep_embedding", "guidance_tensor", "timestep_term", "sd3_conditioning", "teefusion_text_term",
-           "teefusion_conditioning", "gonly_conditioning", "FUSIONS", "make_fusion", "TextEncoders"]
+           "teefusion_conditioning", "gonly_conditioning", "FUSIONS", "make_fusion", "student_files", "load_student",
+           "TextEncoders"]
 
 DICE_W = 4.0  # the one guidance DICE is trained for: diffusers' guidance_scale 5 (its release), g = 1 + w
 
@@ -243,6 +246,74 @@ def make_fusion(name, config, **kwargs):
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(FUSIONS)}")
     cls = FUSIONS[name]
     return cls(config, **kwargs) if cls in (DistillCFG, DICE) else cls(**kwargs)
+
+
+def _student_metadata(path):
+    """The method a student file says it was trained as: safetensors metadata `teefusion_method`
+    (written by distill.py), or, for a diffusers transformer folder, its config.json's
+    `txt_align_guidance: true` (the flag of the authors' released TeEFusion pipeline). None if neither."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                if json.load(f).get("txt_align_guidance"):
+                    return "teefusion"
+        path = os.path.join(path, "diffusion_pytorch_model.safetensors")
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("teefusion_method")
+
+
+def student_files(path, method=None):
+    """(method, fusion file or None) of a student written by distill.py, from file headers only.
+
+    method: one of FUSIONS, else read from the student's metadata (`_student_metadata`). The methods
+    with trained weights of their own (distillcfg, dice) keep them in a file beside the student:
+    its name with "student" replaced by "fusion" (student.safetensors -> fusion.safetensors,
+    student-ema -> fusion-ema, a checkpoint's ema-student -> ema-fusion)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"student: no file or folder {path!r}")
+    stored = _student_metadata(path)
+    if method is None and stored is None:
+        raise ValueError(f"student {path!r}: its metadata does not say how it was trained (no 'teefusion_method', "
+                         f"no txt_align_guidance in config.json); name the method, one of {sorted(FUSIONS)}")
+    if method is not None and stored is not None and method != stored:
+        raise ValueError(f"student {path!r} was trained as {stored!r} (its metadata), not {method!r}")
+    method = method or stored
+    if method not in FUSIONS:
+        raise ValueError(f"student {path!r}: unknown method {method!r}; choose one of {sorted(FUSIONS)}")
+    if FUSIONS[method] not in (DistillCFG, DICE):
+        return method, None
+    name = os.path.basename(os.path.normpath(path))
+    fusion = os.path.join(os.path.dirname(os.path.abspath(path)),
+                          name.replace("student", "fusion") if "student" in name else "fusion.safetensors")
+    if not os.path.isfile(fusion):
+        raise FileNotFoundError(f"{fusion}: the {method!r} student {path} needs its trained fusion module, "
+                                "which distill.py writes beside the student")
+    return method, fusion
+
+
+def load_student(path, method=None, device="cpu", dtype=torch.float32, w_dtype=None):
+    """A student written by distill.py (or a released TeEFusion transformer): (model, fusion).
+
+    model: the MMDiT (mmdit.load_mmdit: Stability file or diffusers folder), frozen, in `dtype`.
+    fusion: the student-input module of its method (FUSIONS, from its metadata unless `method` is
+    given; see `student_files`), with its trained weights when it has any, for samplers.student:
+    TeEFusion(w_dtype) for Eq. 7. The fusion's own weights stay in float32 (they are tiny, and
+    psi(w) is float32)."""
+    from safetensors.torch import load_file
+
+    method, fusion_file = student_files(path, method)
+    if method != "teefusion" and w_dtype not in (None, torch.float32):
+        raise ValueError(f"w_dtype (the rounding of 1000 w) applies to TeEFusion students, not {method!r}")
+    model = load_mmdit(path, device=device, dtype=dtype).eval().requires_grad_(False)
+    fusion = TeEFusion(w_dtype) if method == "teefusion" else make_fusion(method, model.config)
+    if fusion_file is not None:
+        fusion.load_state_dict(load_file(fusion_file))
+    return model, fusion.to(device).eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------

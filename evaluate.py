@@ -9,8 +9,11 @@ the speed table, the w-sweep, tables (Markdown + JSON) and figures (PNG).
     fid-stats, fid    Inception pool3 statistics of a folder; FID of two .npz    .npz, FID value
     speed             every sampler of samplers.py on the same model, noise and  Table 4's NFE and
                       prompt; the fastest of `repeats` runs counts                wall time, ratios
+    table4            generate.py for every method and student (same prompts     Table 4 (.md, .json),
+                      and seeds; resumable), then NFE, s / image, scores;        grid.png; with
+                      --w-sweep every guided row at every w                      --w-sweep Fig. 5a, 4
     w_sweep           any generate(method, w, prompts) over methods x w, scored   Fig. 5a (sweep_plot),
-                      by any metrics                                             Fig. 4 (image_grid)
+                      by any metrics, in memory                                  Fig. 4 (image_grid)
     plot-loss         loss vs step of distill.py's log                           Fig. 5b
 
 The building blocks take a generate function or folders of images, so that a protocol that
@@ -23,8 +26,6 @@ The toy world reports its own adherence and agreement scores in toy.py.
 
 ABSENT (not built; nothing here pretends to compute them):
   - a VQA model for DPG-Bench (mPLUG); `metrics.dpg_bench` takes yours, and the CLI has no dpg command;
-  - a command that loads SD3 and generates the sweep's images: `w_sweep` takes your generate function;
-    the CLI plots a sweep from its results JSON (plot-sweep);
   - numeric parity with the released checkpoints (CLIP-L, PickScore, HPS, ImageReward, the aesthetic
     MLP, the FID Inception): the tests check each formula, preprocessing and key mapping on tiny
     random models, not against the real weights (none can be downloaded here).
@@ -44,6 +45,10 @@ loads (cli.py).
     python evaluate.py fid ours.npz coco_ref.npz
     python evaluate.py speed --mmdit /weights/sd3_medium.safetensors --res 1024 --steps 50 --w 5
     python evaluate.py speed                       # a tiny random MMDiT on the CPU
+    python evaluate.py table4 --model /weights/stable-diffusion-3-medium-diffusers --prompts prompts.txt \
+        --methods cfg,zsampling,w2sd --w2sd-finetuned /weights/sd3_finetune.safetensors \
+        --student teefusion=runs/teefusion/student.safetensors --score hps=/weights/hps-v2.1 \
+        --w 5 --steps 50 --out runs/table4            # add --w-sweep 1,2,3,5,7,9 for Fig. 5a
     python evaluate.py plot-loss runs/log.jsonl --out loss.png
     python evaluate.py plot-sweep results.json --metric hps --out sweep.png
 """
@@ -56,40 +61,22 @@ import os
 import time
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 import cli
 import fid
+import generate
 import metrics
 import samplers
-from checkpoint import atomic_write
+from generate import load_prompts, write_text  # prompt files live with the generator
+from plots import image_grid, line_plot
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 # -----------------------------------------------------------------------------
 # Prompt sets from local files
-
-
-def load_prompts(path):
-    """A list of prompts from a .txt (one per line), .json (a list) or .jsonl ({"prompt": ...})."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts: no file {path!r} (expected .txt one prompt per line, a .json list, "
-                                f"or .jsonl with a 'prompt' field)")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
-        elif path.endswith(".json"):
-            data = json.load(f)
-            if not isinstance(data, list):
-                raise ValueError(f"prompts: {path!r} is not a JSON list of strings")
-            prompts = [str(p) for p in data]
-        else:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts: {path!r} holds no prompts")
-    return prompts
 
 
 HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -180,11 +167,6 @@ def folder_statistics(inception, folder, batch=50):
 # Speed: NFE and wall time per image of every sampler, same model, noise and prompt
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def speed_table(model, noise, context, y, context_null, y_null, *, w, steps, methods=None, strong=None,
                 weak=None, repeats=1, warmup_steps=2, **kwargs):
     """Rows {method, nfe, wall_s (per image), nfe_ratio, wall_ratio} (ratios to the student).
@@ -209,10 +191,10 @@ def speed_table(model, noise, context, y, context_null, y_null, *, w, steps, met
     wall, nfe = {m: math.inf for m in methods}, {}
     for _ in tqdm(range(repeats), "speed", disable=repeats < 2):
         for m in methods:
-            _sync(device)
+            generate.synchronize(device)
             t0 = time.perf_counter()
             x0, nfe[m] = run(m, steps)
-            _sync(device)
+            generate.synchronize(device)
             wall[m] = min(wall[m], (time.perf_counter() - t0) / B)
             if not torch.isfinite(x0).all():
                 raise RuntimeError(f"speed_table: {m} produced non-finite latents")
@@ -261,81 +243,16 @@ def markdown_table(rows, columns=None):
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
 def write_table(rows, stem, columns=None, title=None):
     """Writes stem.md and stem.json (the same rows); returns the Markdown text."""
     md = (f"### {title}\n\n" if title else "") + markdown_table(rows, columns)
-    _write_text(stem + ".md", md)
-    _write_text(stem + ".json", json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    write_text(stem + ".md", md)
+    write_text(stem + ".json", json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
     return md
 
 
 # -----------------------------------------------------------------------------
 # Figures with pillow: line plots (Fig. 5a, 5b) and image grids (Fig. 4)
-
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127)]
-
-
-def _ticks(lo, hi, n=5):
-    if hi == lo:
-        return [lo]
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
-def line_plot(series, path, title="", xlabel="", ylabel="", size=(640, 420)):
-    """series: {name: (xs, ys)} -> a PNG line plot with markers, axes, ticks and a legend."""
-    W, H = size
-    left, right, top, bottom = 70, 20, 30, 50
-    font = ImageFont.load_default()
-    xs = [x for s in series.values() for x in s[0]]
-    ys = [y for s in series.values() for y in s[1] if math.isfinite(y)]
-    if not xs or not ys:
-        raise ValueError("line_plot: nothing to plot")
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
-    x1 = x1 if x1 > x0 else x0 + 1
-
-    def px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (W - left - right), top + (y1 - y) / (y1 - y0) * (H - top - bottom))
-
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for tx in _ticks(x0, x1):
-        p = px(tx, y0)
-        d.line([p, (p[0], p[1] + 4)], fill="black")
-        d.text((p[0] - 8, p[1] + 6), f"{tx:g}", fill="black", font=font)
-    for ty in _ticks(y0, y1):
-        p = px(x0, ty)
-        d.line([(p[0] - 4, p[1]), p], fill="black")
-        d.line([(p[0] + 1, p[1]), (W - right - 1, p[1])], fill=(230, 230, 230))
-        d.text((4, p[1] - 6), f"{ty:.4g}", fill="black", font=font)
-    for i, (name, (sx, sy)) in enumerate(series.items()):
-        c = COLORS[i % len(COLORS)]
-        pts = [px(x, y) for x, y in zip(sx, sy) if math.isfinite(y)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        if len(pts) <= 60:
-            for p in pts:
-                d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=c)
-        d.rectangle([W - right - 150, top + 8 + 14 * i, W - right - 140, top + 18 + 14 * i], fill=c)
-        d.text((W - right - 135, top + 6 + 14 * i), str(name), fill="black", font=font)
-    d.text((left, 8), title, fill="black", font=font)
-    d.text(((W + left) // 2 - 3 * len(xlabel), H - 18), xlabel, fill="black", font=font)
-    d.text((4, top - 20), ylabel, fill="black", font=font)
-    img.save(path)
-    return img
 
 
 def read_log(path, key="loss"):
@@ -351,25 +268,6 @@ def read_log(path, key="loss"):
     return [float(r["step"]) for r in rows], [float(r[key]) for r in rows]
 
 
-def image_grid(rows, path, row_labels=(), col_labels=(), cell=256):
-    """rows: list of lists of PIL images (methods x w, Fig. 4) -> a labelled PNG grid."""
-    font = ImageFont.load_default()
-    lw = 110 if row_labels else 0
-    th = 20 if col_labels else 0
-    n_cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (lw + n_cols * cell, th + len(rows) * cell), "white")
-    d = ImageDraw.Draw(grid)
-    for j, label in enumerate(col_labels):
-        d.text((lw + j * cell + 4, 4), str(label), fill="black", font=font)
-    for i, row in enumerate(rows):
-        if i < len(row_labels):
-            d.text((4, th + i * cell + cell // 2), str(row_labels[i]), fill="black", font=font)
-        for j, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((cell, cell), Image.BICUBIC), (lw + j * cell, th + i * cell))
-    grid.save(path)
-    return grid
-
-
 def sweep_plot(results, metric, path):
     """Fig. 5a: results {method: {w: {metric: value}}} (JSON keys may be strings) -> score vs w."""
     series = {}
@@ -380,6 +278,96 @@ def sweep_plot(results, metric, path):
     if not series:
         raise KeyError(f"sweep_plot: no {metric!r} values in the results")
     return line_plot(series, path, title=f"{metric} vs guidance w", xlabel="w", ylabel=metric)
+
+
+# -----------------------------------------------------------------------------
+# Table 4 and Fig. 5a: generate.py for every method and student on the same prompts and seeds,
+# then NFE, seconds per image and scores. It lives here, with the other protocols, and calls
+# generate.check / generate.run per row: all rows are checked before anything loads, generation is
+# resumable (images already there are skipped), and the scorers load only after generation is done.
+
+W2SD_ONLY = dict(strong=None, weak=None, w2sd_finetuned=None, w2sd_main=False)
+
+
+def score_specs(specs):
+    """--score METRIC=WEIGHTS -> {metric: metrics.load_scorer arguments}, checked (nothing loads).
+    WEIGHTS: the CLIP-type folder (clip, clip-dice, pickscore, hps); CLIP_FOLDER,MLP.safetensors
+    (aesthetic); ImageReward.pt,BERT_TOKENIZER_FOLDER (imagereward)."""
+    out = {}
+    for spec in specs:
+        metric, _, weights = spec.partition("=")
+        parts = weights.split(",")
+        pair = {"aesthetic": ("clip", "aesthetic"), "imagereward": ("imagereward", "clip")}.get(metric, ("clip",))
+        if not weights or len(parts) != len(pair):
+            raise ValueError(f"--score {spec!r}: expected {metric}={','.join(n.upper() for n in pair)} (weights paths)")
+        out[metric] = dict(zip(pair, parts))
+        metrics.check_weights(metric, **out[metric])
+    return out
+
+
+def table_plans(args):
+    """[(label, w, generate.Plan)]: each method of --methods and each --student (NAME=PATH or PATH), at
+    each w of --w-sweep (else --w; euler once, without w), into --out/LABEL[/wW], every one checked."""
+    ws = [float(w) for w in args.w_sweep.split(",")] if args.w_sweep else [args.w]
+    rows = [(m, samplers.canonical(m, samplers.METHODS), None) for m in args.methods.split(",") if m]
+    for spec in args.student or []:
+        name, _, path = spec.rpartition("=")
+        rows.append((name or "student " + os.path.basename(os.path.dirname(os.path.abspath(path))), "student", path))
+    labels = [label for label, _, _ in rows]
+    if not rows or len(set(labels)) < len(labels):
+        raise ValueError(f"table4 needs --methods and/or --student rows with distinct names, got {labels}")
+    plans = []
+    for label, method, student in rows:
+        for w in [None] if method == "euler" else ws:
+            ns = argparse.Namespace(**{**vars(args), **({} if method == "w2sd" else W2SD_ONLY)})
+            ns.method, ns.student, ns.w = method, student, w
+            ns.w_rounding = args.w_rounding if method == "student" else "float32"
+            sub = f"w{w:g}" if args.w_sweep and w is not None else ""
+            ns.out = os.path.join(args.out, "".join(c if c.isalnum() or c in "-_." else "_" for c in label), sub)
+            plans.append((label, w, generate.check(ns)))
+    return plans
+
+
+def cmd_table4(args):
+    scorers = score_specs(args.score or [])
+    plans = table_plans(args)
+    records = {(label, w): generate.run(plan) for label, w, plan in plans}
+    rows = [dict(method=label, w="-" if plan.record["w"] is None else plan.record["w"], NFE=records[label, w][0]["nfe"],
+                 s_per_image=sum(r["seconds"] for r in records[label, w]) / len(records[label, w]))
+            for label, w, plan in plans]
+    device = plans[0][2].device
+    for metric, weights in scorers.items():  # one scorer in memory at a time, after generation
+        scorer = metrics.load_scorer(metric, device=device, **weights)
+        for row, (label, w, plan) in zip(rows, plans):
+            prompts = [r["prompt"] for r in records[label, w]]  # file-name order = job order
+            row[metric] = metrics.aggregate(score_folder(scorer, os.path.join(plan.args.out, "images"), prompts,
+                                                         desc=f"{metric} {label}")[1], metric)
+        del scorer
+        generate.free_memory(device)
+    first = plans[0][2]
+    title = (f"{len(first.prompts)} prompts x {first.args.n_per_prompt} images, {first.args.steps} steps, "
+             f"{first.res}px, seed {first.args.seed}")
+    print(write_table(rows, os.path.join(args.out, "table4"), title=f"Table 4: {title}"))
+    by_label = {}  # label -> {w: (plan, records)}
+    for label, w, plan in plans:
+        by_label.setdefault(label, {})[w] = (plan, records[label, w])
+
+    def pictures(plan, recs, n):  # the first image of each of the first n prompts
+        return open_images([os.path.join(plan.args.out, r["file"]) for r in recs if r["image_index"] == 0][:n])
+
+    cells = [pictures(*next(iter(ws.values())), args.grid_prompts) for ws in by_label.values()]
+    image_grid(cells, os.path.join(args.out, "grid.png"), list(by_label), first.prompts[:args.grid_prompts])
+    if args.w_sweep:  # Fig. 5a (score vs w) and Fig. 4 (methods x w, the first prompt)
+        results = {}
+        for row, (label, w, plan) in zip(rows, plans):
+            if w is not None:
+                results.setdefault(label, {})[w] = {k: row[k] for k in ("NFE", "s_per_image", *scorers)}
+        write_text(os.path.join(args.out, "sweep.json"), json.dumps(results, indent=2) + "\n")
+        for metric in scorers:
+            sweep_plot(results, metric, os.path.join(args.out, f"sweep-{metric}.png"))
+        ws = sorted({w for r in results.values() for w in r})
+        image_grid([[pictures(*by_label[label][w], 1)[0] for w in ws] for label in results],
+                   os.path.join(args.out, "sweep-grid.png"), list(results), [f"w = {w:g}" for w in ws])
 
 
 # -----------------------------------------------------------------------------
@@ -409,8 +397,8 @@ def cmd_score(args):
     result = metrics.aggregate(scores, args.metric)
     print(json.dumps({"metric": args.metric, "images": len(names), "score": result}))
     if args.out:
-        _write_text(args.out, json.dumps({"metric": args.metric, "score": result,
-                                          "per_image": dict(zip(names, scores.tolist()))}, indent=2) + "\n")
+        write_text(args.out, json.dumps({"metric": args.metric, "score": result,
+                                         "per_image": dict(zip(names, scores.tolist()))}, indent=2) + "\n")
 
 
 def cmd_fid_stats(args):
@@ -479,6 +467,8 @@ def main(args):
         cmd_fid_stats(args)
     elif args.command == "speed":
         cmd_speed(args)
+    elif args.command == "table4":
+        cmd_table4(args)
     elif args.command == "plot-loss":
         steps, values = read_log(args.log, args.key)
         line_plot({args.key: (steps, values)}, args.out, title=f"{args.key} vs step", xlabel="step", ylabel=args.key)
@@ -532,6 +522,18 @@ def build_parser():
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default=device)
     p.add_argument("--out", default="speed", help="output stem: writes STEM.md and STEM.json")
+    p = sub.add_parser("table4", help="Table 4 (Fig. 5a with --w-sweep): generate.py for every method and student "
+                       "on the same prompts and seeds; NFE, s / image and scores as Markdown + JSON; a grid")
+    generate.add_arguments(p, exclude=("--method", "--student"))
+    p.set_defaults(out="runs/table4")
+    p.add_argument("--methods", default="cfg,zsampling,w2sd", help="teacher rows, comma-separated (euler, cfg, "
+                   "zsampling, w2sd; w2sd needs --weak or --w2sd-finetuned)")
+    p.add_argument("--student", action="append", help="a student row, NAME=PATH or PATH (repeat for several)")
+    p.add_argument("--score", action="append", help="METRIC=WEIGHTS (repeat): hps=HPS_FOLDER, pickscore=FOLDER, "
+                   "clip=FOLDER, clip-dice=FOLDER, aesthetic=CLIP_FOLDER,MLP.safetensors, "
+                   "imagereward=ImageReward.pt,BERT_FOLDER")
+    p.add_argument("--w-sweep", help="comma-separated w values (Fig. 5a): every guided row at each w")
+    p.add_argument("--grid-prompts", type=int, default=8, help="prompts (columns) in OUT/grid.png")
     p = sub.add_parser("plot-loss", help="loss vs step from distill.py's log (Fig. 5b)")
     p.add_argument("log")
     p.add_argument("--key", default="loss")

@@ -36,7 +36,6 @@ Reading the shards (a map-style Dataset, so DistributedSampler can split it):
 Shape legend: N samples in a shard, R resolution, h = w = R/8, L text tokens.
 """
 
-import argparse
 import bisect
 import csv
 import glob
@@ -52,6 +51,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import cli
 from checkpoint import atomic_write
 from vae import from_uint8, load_image, load_vae
 
@@ -192,6 +192,17 @@ def _check_existing_shard(path, settings, fingerprint):
                          "since it was written); use a new --out folder, or delete the old shards")
 
 
+def check_settings(resolution, shard_size, batch_size, posterior):
+    """Refuse settings that cannot work (before any model is loaded, from the command line)."""
+    if not isinstance(resolution, int) or resolution <= 0 or resolution % 16:
+        raise ValueError(f"resolution {resolution} must be a positive multiple of 16 (the VAE divides it "
+                         "by 8 and the MMDiT's 2x2 patches by 2 more)")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be at least 1")
+    if posterior not in ("sample", "mean"):
+        raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
+
+
 def encode_batch(vae, text_encoder, images, captions, generator, dtype):
     """uint8 images (b, R, R, 3) and their captions -> {"latents": (b, 16, R/8, R/8), and with a
     text encoder "context": (b, L, Dc), "y": (b, Dy)}, on the CPU in the storage dtype."""
@@ -216,13 +227,7 @@ def prepare(samples, out, vae, resolution, root=".", text_encoder=None, shard_si
     and skips shards already on disk. Returns {"built": [...], "reused": [...], "index": the
     index dict, or None while other processes' shards are missing}.
     """
-    if not isinstance(resolution, int) or resolution <= 0 or resolution % 16:
-        raise ValueError(f"resolution {resolution} must be a positive multiple of 16 (the VAE divides it "
-                         "by 8 and the MMDiT's 2x2 patches by 2 more)")
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be at least 1")
-    if posterior not in ("sample", "mean"):
-        raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
+    check_settings(resolution, shard_size, batch_size, posterior)
     if not samples:
         raise ValueError("no samples to prepare")
     os.makedirs(out, exist_ok=True)
@@ -340,6 +345,35 @@ def write_index(out, num_shards, settings, sources):
 # Reading
 
 
+def read_index(folder):
+    """index.json of a prepared folder, checked: it parses, lists shards with their sample counts,
+    and every shard it lists (and null.safetensors, with text embeddings) exists. The shards'
+    contents are checked when each is first read (ShardDataset), not here."""
+    path = os.path.join(folder, "index.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no index.json in {folder}: run prepare.py (it writes index.json once every "
+                                "shard is done)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({e}); re-run prepare.py with the same arguments: it reuses the "
+                         "finished shards and writes index.json again") from None
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not isinstance(index.get("settings"), dict) or "text" not in index["settings"] \
+            or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("num_samples"), int)
+                       and s["num_samples"] >= 0 for s in shards):
+        raise ValueError(f"{path} is not an index written by prepare.py (it needs \"shards\": [{{\"file\", "
+                         "\"num_samples\"}, ...] and \"settings\": {\"text\"}); re-run prepare.py")
+    missing = [s["file"] for s in shards if not os.path.isfile(os.path.join(folder, s["file"]))]
+    if index["settings"]["text"] and not os.path.isfile(os.path.join(folder, "null.safetensors")):
+        missing.append("null.safetensors")
+    if missing:
+        raise FileNotFoundError(f"{path} lists {len(missing)} file(s) missing from {folder}: {', '.join(missing[:5])}"
+                                f"{', ...' if len(missing) > 5 else ''}; re-run prepare.py with the same arguments")
+    return index
+
+
 class ShardDataset(Dataset):
     """All samples of a prepared folder as one map-style dataset (DistributedSampler splits it
     by index). ds[i] = {"latents": (16, h, w), "caption": str} plus, when the shards hold text
@@ -349,12 +383,9 @@ class ShardDataset(Dataset):
     max_open = 64  # shard files kept open per process
 
     def __init__(self, folder, dtype=None):
-        index_file = os.path.join(folder, "index.json")
-        if not os.path.isfile(index_file):
-            raise FileNotFoundError(f"no index.json in {folder}: run prepare.py (it writes index.json once every "
-                                    "shard is done)")
-        with open(index_file) as f:
-            self.index = json.load(f)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: no such folder (a folder written by prepare.py)")
+        self.index = read_index(folder)
         self.folder, self.dtype = folder, dtype
         self.files = [os.path.join(folder, s["file"]) for s in self.index["shards"]]
         counts = [s["num_samples"] for s in self.index["shards"]]
@@ -366,12 +397,24 @@ class ShardDataset(Dataset):
         return self.starts[-1]
 
     def _shard(self, s):
+        """Open shard s when it is first read (a large set is never opened all at once), and check it
+        against the index: a shard that is corrupt, or holds another number of samples, is named."""
         if s not in self._open:
             if len(self._open) >= self.max_open:
                 self._open.pop(next(iter(self._open)))  # close the oldest
-            f = safe_open(self.files[s], framework="pt")
-            names = [name for name in ("latents", "context", "y") if name in f.keys()]
-            self._open[s] = (f, names, json.loads(f.metadata()["captions"]))
+            path, expected = self.files[s], self.index["shards"][s]["num_samples"]
+            try:
+                f = safe_open(path, framework="pt")
+                names = [name for name in ("latents", "context", "y") if name in f.keys()]
+                captions = json.loads((f.metadata() or {})["captions"])
+                rows = {name: f.get_slice(name).get_shape()[0] for name in names}
+            except Exception as e:  # safetensors' own SafetensorError, OSError, a missing or bad "captions"
+                raise ValueError(f"{path} is a corrupt shard ({type(e).__name__}: {e}); delete it and re-run "
+                                 "prepare.py with the same arguments to rebuild it") from e
+            if "latents" not in rows or set(rows.values()) != {expected} or len(captions) != expected:
+                raise ValueError(f"{path} holds {rows} rows and {len(captions)} captions, but index.json says "
+                                 f"{expected} samples; delete it and re-run prepare.py with the same arguments")
+            self._open[s] = (f, names, captions)
         return self._open[s]
 
     def __getitem__(self, i):
@@ -392,8 +435,13 @@ class ShardDataset(Dataset):
         """The null prompt's embedding: (context (1, L, Dc), y (1, Dy))."""
         if not self.has_text:
             raise ValueError(f"{self.folder} holds no text embeddings (prepared without --text-encoders)")
-        with safe_open(os.path.join(self.folder, "null.safetensors"), framework="pt") as f:
-            context, y = f.get_tensor("context"), f.get_tensor("y")
+        path = os.path.join(self.folder, "null.safetensors")
+        try:
+            with safe_open(path, framework="pt") as f:
+                context, y = f.get_tensor("context"), f.get_tensor("y")
+        except Exception as e:  # safetensors' own SafetensorError, OSError
+            raise ValueError(f"{path}, the null prompt's embedding, cannot be read ({type(e).__name__}: {e}); "
+                             "delete it and re-run prepare.py with the same arguments") from e
         return (context.to(self.dtype), y.to(self.dtype)) if self.dtype is not None else (context, y)
 
     def __getstate__(self):  # open files do not travel to DataLoader workers; each reopens its own
@@ -408,15 +456,20 @@ def main(args):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets these
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     precision = DTYPES[args.precision or ("bf16" if device.startswith("cuda") else "fp32")]
+    # everything that can be checked is checked before the VAE and the text encoders load
+    check_settings(args.resolution, args.shard_size, args.batch_size, args.posterior)
+    if not os.path.exists(args.vae):
+        raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
+    if args.text_encoders and not os.path.isdir(args.text_encoders):
+        raise FileNotFoundError(f"--text-encoders folder not found: {args.text_encoders}")
     root, samples = find_samples(args.images, args.captions)
+    cli.output_folder(args.out, "--out")
     if rank == 0:
         print(f"{len(samples)} images with captions from {args.captions or args.images}; "
               f"{math.ceil(len(samples) / args.shard_size)} shards of up to {args.shard_size} -> {args.out}")
     vae = load_vae(args.vae, device=device, dtype=precision)
     text_encoder = None
     if args.text_encoders:
-        if not os.path.isdir(args.text_encoders):
-            raise FileNotFoundError(f"--text-encoders folder not found: {args.text_encoders}")
         try:
             from embed import TextEncoders  # imported here: prepare.py works (latents only) without embed.py
         except ImportError as e:
@@ -447,7 +500,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Images + captions -> latent (+ text embedding) shards.")
+    parser = cli.parser("Images + captions -> latent (+ text embedding) shards.")
     parser.add_argument("--images", help="folder of images, each with a .txt caption beside it "
                                          "(or the root of the relative paths in --captions)")
     parser.add_argument("--captions", help=".jsonl or .csv with path + caption per row")
@@ -468,4 +521,4 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers reading images")
     parser.add_argument("--device", help="default cuda:LOCAL_RANK when CUDA is available, else cpu")
-    main(parser.parse_args())
+    cli.run(main, parser)

@@ -2,39 +2,44 @@
 The toy world: a tiny text-to-image task that runs the whole TeEFusion paper on a laptop CPU.
 
 SD3 cannot run on most readers' machines. This file builds a world small enough to train in
-minutes that goes through the SAME code as SD3 (DESIGN.md, "Two worlds, one code path"):
+minutes that goes through the SAME code as SD3 (DESIGN.md, "Two worlds, one code path"), and
+hard enough that the paper's claims can show or fail to show in it:
 
-    images     16x16 RGB pictures of one coloured shape on black, in one quadrant, used
+    images     8x16 RGB pictures of TWO coloured shapes on black, one in each 8x8 cell, used
                directly as the "latents" (C = 3, identity VAE), in [-1, 1]
-    captions   "a red plus in row two column one": 7 colours x 4 shapes x 4 quadrants = 112
-               prompts; 16 of them (and every image seed of the test split) are never seen in
-               training. 20% of training captions describe another picture (web-like caption
-               noise, CAPTION_NOISE): the reason guidance matters, as on real data
+    captions   "a red plus left of a blue square": 6 colours x 4 shapes per object, "left of" /
+               "right of", 1,104 prompts of 552 scenes. Attribute binding is the task: which colour
+               and which shape go where. 100 scenes (200 prompts) are held out for the report
+               (TEST) and 50 more for checking the world while building it (DEV); every colour,
+               shape and relation, and every single object on either side, still appears in
+               training: only these combinations do not.
+               20% of training captions describe another picture (web-like caption noise,
+               CAPTION_NOISE): the reason guidance matters, as on real data
     text       embed.TextEncoders (SD3's class) over two tiny random CLIPTextModelWithProjection
                models with a word-level tokenizer made on the spot (no downloads, no T5)
     teacher    mmdit.MMDiT at a tiny size, flow matching with caption dropout to the null prompt
                (the encoded empty string) so classifier-free guidance applies; an early
                checkpoint of the same run is W2SD's weak model
-    score      an exact adherence score from the pixels: the shape (foreground: pixels brighter
-               than half) must be in the named quadrant (nearest template the world can draw)
-               and of the named colour (exactly the lit channels of the palette colour); 100%
-               on real samples (tested). Shapes are read but not scored (see `adherence`)
+    scores     read from the pixels (`scores`), per image:
+               adherence  1 when both objects have the prompt's colour AND shape in their places
+                          (each cell's shape: the nearest one the world can draw)
+               clean      1 when both cells hold a drawing within 4 pixels of a shape the world
+                          can draw (the drawing's quality, whatever the prompt)
+               fidelity   graded: the best intersection over union, over every way the prompt
+                          can be drawn, of the pixels whose colour is right (0 to 1)
+               all three are exact (1) on the world's own renders (tested)
 
 distill.py with no --teacher calls `build_world` and `world.dataset("train")`, distills a student,
-then calls `report`, which prints the paper's Table 4 on held-out prompts and seeds and writes a
-methods x w grid (the paper's Fig. 4):
+then toy_report.py prints the paper's tables with 95% confidence intervals and draws its figures:
 
-    python distill.py                  # teacher (cached in cache/toy) + student + table
-    python toy.py                      # the world alone: build (or reuse) the teacher, print
-                                       # adherence of the teacher samplers, write a grid
-    python toy.py --student runs/toy/student.safetensors   # the table for a trained student
-    python distill.py --full --out runs/full   # a student from each teacher + Table 3 + DICE:
-                                       # `report_students` prints one table with all of them
+    python distill.py                  # teacher (cached in cache/toy) + student + report
+    python toy.py                      # the world alone: build (or reuse) the teacher
+    python toy_report.py --split dev   # the teacher samplers' scores on the DEV prompts
+    python distill.py --full --out runs/full   # every student of Tables 3 and 4
 
 Shape legend: B batch, C channels, H W pixels, L tokens, Dc token width, Dy pooled width.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -48,8 +53,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import cli
 import embed
-import samplers
 from checkpoint import atomic_json, atomic_write
 from mmdit import MMDiT, MMDiTConfig, load_mmdit, save_mmdit
 
@@ -57,126 +62,170 @@ from mmdit import MMDiT, MMDiTConfig, load_mmdit, save_mmdit
 # The world: what can be drawn and said
 
 COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1),
-           "yellow": (1, 1, 0), "magenta": (1, 0, 1), "cyan": (0, 1, 1), "white": (1, 1, 1)}
+           "yellow": (1, 1, 0), "magenta": (1, 0, 1), "cyan": (0, 1, 1)}
 SHAPES = ("square", "plus", "bar", "column")
-SIZE, GRID = 16, 2  # H = W = 16 pixels, a GRID x GRID board of 8x8-pixel cells
-NUMBERS = ("one", "two", "three", "four")
-POSITIONS = tuple(f"row {r} column {c}" for r in NUMBERS[:GRID] for c in NUMBERS[:GRID])  # (row, col) = divmod(i, GRID)
-CELL = SIZE // GRID
-RADII = (3,)  # half-size of the shape in pixels: a 6x6 square
-JITTER = (0, 1, 2)  # where the shape sits inside its cell, in pixels, on each axis
+RELATIONS = ("left of", "right of")  # where object A stands with respect to object B
+H, W, CELL = 8, 16, 8  # two 8x8 cells side by side
+R = 3  # half-size of a shape in pixels: a 6x6 square
+JITTER = (0, 1)  # where the shape sits inside its cell, in pixels, on each axis
 SHADE = (0.75, 1.0)  # a lit channel takes a value in this range (in [0, 1] image units)
-# Caption noise, as in web data: this fraction of TRAINING images shows some other training prompt
-# than its caption says. So the true conditional p(x | c) puts only ~60% of its mass on images
-# that match c; sampling it faithfully (unguided) gives ~60% adherence, and guidance, which
-# sharpens p(x | c) by p(c | x)^w (Eq. 2), is what recovers the rest (the paper's premise).
+# Caption noise, as in web data: this fraction of TRAINING images shows another training prompt than
+# its caption says. The true conditional p(x | c) then puts only part of its mass on images that match
+# c; guidance, which sharpens p(x | c) by p(c | x)^w (Eq. 2), is what recovers the rest.
 CAPTION_NOISE = 0.2
-WORDS = ["a", "in", "row", "column", *NUMBERS, *COLOURS, *SHAPES]
+WORDS = ["a", "left", "right", "of", *COLOURS, *SHAPES]
 PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32)  # (6, 3)
+N_TEST, N_DEV = 200, 100
+MIN_PIXELS, CLEAN = 4, 4  # a cell holds an object from 4 lit pixels; a clean drawing is <= 4 pixels off
 
 
-def caption(colour, shape, position):
-    """Indices -> the caption, e.g. caption(0, 1, 0) == "a red plus at the top left"."""
-    return f"a {list(COLOURS)[colour]} {SHAPES[shape]} in {POSITIONS[position]}"
+def caption(cA, sA, rel, cB, sB):
+    """Indices -> the caption, e.g. caption(0, 1, 0, 2, 0) == "a red plus left of a blue square"."""
+    names = list(COLOURS)
+    return f"a {names[cA]} {SHAPES[sA]} {RELATIONS[rel]} a {names[cB]} {SHAPES[sB]}"
 
 
-ALL_PROMPTS = [(c, s, p) for c in range(len(COLOURS)) for s in range(len(SHAPES)) for p in range(len(POSITIONS))]
-# 16 held-out prompts: a Latin-square choice so every colour, shape and position still appears in
-# training, only these combinations of them do not (so the test also checks composition)
-TEST_PROMPTS = [(c, s, p) for (c, s, p) in ALL_PROMPTS if (c + s + p) % len(COLOURS) == 0]
-TRAIN_PROMPTS = [k for k in ALL_PROMPTS if k not in TEST_PROMPTS]
+OBJECTS = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))]
+ALL_PROMPTS = [(a[0], a[1], r, b[0], b[1]) for a in OBJECTS for b in OBJECTS for r in range(len(RELATIONS))
+               if a != b]
+# Held out by SCENE (the left and the right object): "A left of B" and "B right of A" are one picture, so a
+# scene and both its captions go to the same split, and no held-out picture is ever seen in training.
+SCENES = [(a, b) for a in OBJECTS for b in OBJECTS if a != b]  # (left object, right object)
+_order = torch.randperm(len(SCENES), generator=torch.Generator().manual_seed(20250724)).tolist()
 
 
-def shape_masks(shape, cy, cx, r, size=SIZE):
-    """Binary masks of shapes. shape, cy, cx, r: (B,) tensors (pixel units; the centre of pixel
-    i is at i + 0.5). Returns (B, H, W) bool."""
-    p = torch.arange(size, dtype=torch.float32) + 0.5  # (W,)
-    dy = p.view(1, -1, 1) - cy.float().view(-1, 1, 1)  # (B, H, 1)
-    dx = p.view(1, 1, -1) - cx.float().view(-1, 1, 1)  # (B, 1, W)
-    r = r.float().view(-1, 1, 1)  # (B, 1, 1)
-    inside_y, inside_x = dy.abs() <= r, dx.abs() <= r  # (B, H, 1), (B, 1, W)
-    bar = (dy.abs() <= 1) & inside_x  # a horizontal bar 2 pixels thick, (B, H, W)
-    column = inside_y & (dx.abs() <= 1)  # a vertical one, (B, H, W)
-    masks = torch.stack([inside_y & inside_x, bar | column, bar, column])  # (len(SHAPES), B, H, W)
-    return masks.gather(0, shape.view(1, -1, 1, 1).expand(1, *bar.shape))[0]  # (B, H, W)
+def _prompts_of(scenes):
+    return sorted(p for (left, right) in scenes for p in ((*left, 0, *right), (*right, 1, *left)))
+
+
+TEST_PROMPTS = _prompts_of(SCENES[i] for i in _order[:N_TEST // 2])  # the report's; never used while building
+DEV_PROMPTS = _prompts_of(SCENES[i] for i in _order[N_TEST // 2:(N_TEST + N_DEV) // 2])
+TRAIN_PROMPTS = _prompts_of(SCENES[i] for i in _order[(N_TEST + N_DEV) // 2:])
+SPLITS = {"train": TRAIN_PROMPTS, "dev": DEV_PROMPTS, "test": TEST_PROMPTS}
+
+
+def shape_masks(shape, cy, cx, r=R, h=H, w=W):
+    """Binary masks of shapes. shape, cy, cx: (B,) tensors (pixel units; the centre of pixel i is
+    at i + 0.5). Returns (B, h, w) bool."""
+    dy = (torch.arange(h, dtype=torch.float32) + 0.5).view(1, -1, 1) - cy.float().view(-1, 1, 1)  # (B, h, 1)
+    dx = (torch.arange(w, dtype=torch.float32) + 0.5).view(1, 1, -1) - cx.float().view(-1, 1, 1)  # (B, 1, w)
+    inside_y, inside_x = dy.abs() <= r, dx.abs() <= r
+    bar = (dy.abs() <= 1) & inside_x  # a horizontal bar 2 pixels thick, (B, h, w)
+    column = inside_y & (dx.abs() <= 1)  # a vertical one
+    masks = torch.stack([inside_y & inside_x, bar | column, bar, column])  # (len(SHAPES), B, h, w)
+    return masks.gather(0, shape.view(1, -1, 1, 1).expand(1, *bar.shape))[0]  # (B, h, w)
+
+
+def columns(prompts):
+    """The cells (0 left, 1 right) of objects A and B: (B,), (B,)."""
+    col_a = (prompts[:, 2] == RELATIONS.index("right of")).long()  # "A right of B": A on the right
+    return col_a, 1 - col_a
 
 
 def noisy_images(prompts, pool, generator):
-    """The prompts the training images actually show: each of prompts (B, 3) is replaced by a
-    random one of pool (P, 3) with probability CAPTION_NOISE. Returns (B, 3)."""
+    """The prompts the training images actually show: each of prompts (B, 5) is replaced by a
+    random one of pool (P, 5) with probability CAPTION_NOISE. Returns (B, 5)."""
     swap = torch.rand(prompts.shape[0], generator=generator) < CAPTION_NOISE  # (B,)
-    other = pool[torch.randint(len(pool), (prompts.shape[0],), generator=generator)]  # (B, 3)
+    other = pool[torch.randint(len(pool), (prompts.shape[0],), generator=generator)]  # (B, 5)
     return torch.where(swap.unsqueeze(1), other, prompts)
 
 
 def render(prompts, generator):
-    """Draw one image per (colour, shape, position) triple. prompts: (B, 3) long tensor.
-    The centre jitter, size and shade are random (from `generator`). Returns x0 (B, 3, H, W) in
-    [-1, 1]: the world's "latents"."""
+    """Draw one image per prompt (cA, sA, relation, cB, sB): prompts (B, 5) long. Where each shape
+    sits in its cell and the shade of each lit channel are random (from `generator`).
+    Returns x0 (B, 3, H, W) in [-1, 1]: the world's "latents"."""
     B = prompts.shape[0]
-    colour, shape, position = prompts.unbind(1)  # (B,) each
-    row, col = position // GRID, position % GRID
-    jy = torch.tensor(JITTER)[torch.randint(len(JITTER), (B,), generator=generator)]  # (B,)
-    jx = torch.tensor(JITTER)[torch.randint(len(JITTER), (B,), generator=generator)]  # (B,)
-    r = torch.tensor(RADII)[torch.randint(len(RADII), (B,), generator=generator)]  # (B,)
-    mask = shape_masks(shape, row * CELL + r + jy, col * CELL + r + jx, r)  # (B, H, W)
-    shade = SHADE[0] + (SHADE[1] - SHADE[0]) * torch.rand(B, 3, generator=generator)  # (B, 3)
-    rgb = PALETTE[colour] * shade  # (B, 3)
-    img = mask.unsqueeze(1) * rgb.view(B, 3, 1, 1)  # (B, 3, H, W) in [0, 1]
+    img = torch.zeros(B, 3, H, W)
+    for colour, shape, col in zip(prompts[:, [0, 3]].T, prompts[:, [1, 4]].T, columns(prompts)):
+        jy = torch.tensor(JITTER)[torch.randint(len(JITTER), (B,), generator=generator)]  # (B,)
+        jx = torch.tensor(JITTER)[torch.randint(len(JITTER), (B,), generator=generator)]
+        mask = shape_masks(shape, R + jy, col * CELL + R + jx)  # (B, H, W)
+        shade = SHADE[0] + (SHADE[1] - SHADE[0]) * torch.rand(B, 3, generator=generator)  # (B, 3)
+        img = img + mask.unsqueeze(1) * (PALETTE[colour] * shade).view(B, 3, 1, 1)
     return img * 2 - 1
 
 
 # -----------------------------------------------------------------------------
-# The exact adherence score
+# Reading an image back, and the scores
 
 
-def _templates():
-    """Every mask the world can draw: (K, H, W) bool, with its shape and position (K,) each."""
-    keys = [(s, p, jy, jx, r) for s in range(len(SHAPES)) for p in range(len(POSITIONS))
-            for jy in range(len(JITTER)) for jx in range(len(JITTER)) for r in range(len(RADII))]
-    k = torch.tensor(keys)  # (K, 5)
-    r = torch.tensor([RADII[i] for i in k[:, 4]])  # (K,)
-    cy = (k[:, 1] // GRID) * CELL + r + torch.tensor(JITTER)[k[:, 2]]
-    cx = (k[:, 1] % GRID) * CELL + r + torch.tensor(JITTER)[k[:, 3]]
-    return shape_masks(k[:, 0], cy, cx, r), k[:, 0], k[:, 1]
+def _cell_templates():
+    """Every drawing a cell can hold: (K, CELL, CELL) bool, with its shape (K,)."""
+    keys = torch.tensor([(s, jy, jx) for s in range(len(SHAPES)) for jy in JITTER for jx in JITTER])  # (K, 3)
+    return shape_masks(keys[:, 0], R + keys[:, 1], R + keys[:, 2], h=CELL, w=CELL), keys[:, 0]
 
 
-TEMPLATES = _templates()
+CELL_TEMPLATES = _cell_templates()
 
 
+def pixel_colours(x):
+    """x (B, 3, H, W) in [-1, 1] -> (B, H, W) long: -1 background (brightest channel below half),
+    else the palette colour whose lit channels are those above half the brightest (-2: none)."""
+    img = ((x.float() + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
+    lit = img > 0.5 * img.amax(1, keepdim=True)  # (B, 3, H, W)
+    match = (lit.unsqueeze(1) == PALETTE.bool().view(1, -1, 3, 1, 1)).all(2)  # (B, 6, H, W)
+    colour = torch.where(match.any(1), match.float().argmax(1), -2)  # (B, H, W)
+    return torch.where(img.amax(1) > 0.5, colour, -1)
 
 
 def read_image(x):
-    """What an image shows, read from its pixels. x (B, 3, H, W) in [-1, 1].
-    Foreground = pixels whose brightest channel is above half; shape and position come from the
-    nearest template (Hamming distance over the foreground mask), colour from the mean of the
-    foreground pixels (the channels above half of its brightest one must be exactly those of a
-palette colour: white or a muddy mix is no colour). Returns (B, 3) long: colour, shape, position
-    (-1 everywhere for an empty image)."""
+    """What each cell of an image shows: (B, 2, 4) long, per cell [lit pixels, colour, shape,
+    pixels off the nearest drawable shape]. The colour is that of the mean lit pixel (-1 if it
+    is no palette colour), the shape that of the nearest template (Hamming distance)."""
     img = ((x.float() + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
-    mask = img.amax(1) > 0.5  # (B, H, W)
-    masks, t_shape, t_pos = TEMPLATES
-    dist = (mask.flatten(1).unsqueeze(1) != masks.flatten(1).unsqueeze(0)).sum(-1)  # (B, K)
-    best = dist.argmin(1)  # (B,)
-    n = mask.sum((1, 2)).clamp(min=1)  # (B,)
-    mean_rgb = (img * mask.unsqueeze(1)).sum((2, 3)) / n.unsqueeze(1)  # (B, 3)
-    lit = mean_rgb > 0.5 * mean_rgb.amax(1, keepdim=True)  # which channels are on, shade-free, (B, 3)
-    match = (lit.unsqueeze(1) == PALETTE.bool().unsqueeze(0)).all(-1)  # (B, 6)
-    colour = torch.where(match.any(1), match.float().argmax(1), -1)  # (B,); white, grey, ...: -1
-    out = torch.stack([colour, t_shape[best], t_pos[best]], 1)  # (B, 3)
-    out[mask.flatten(1).sum(1) == 0] = -1
-    return out
+    fg = img.amax(1) > 0.5  # (B, H, W)
+    templates, template_shape = CELL_TEMPLATES
+    out = []
+    for col in range(W // CELL):
+        mask = fg[:, :, col * CELL:(col + 1) * CELL]  # (B, CELL, CELL)
+        n = mask.flatten(1).sum(1)  # (B,)
+        dist = (mask.flatten(1).unsqueeze(1) != templates.flatten(1).unsqueeze(0)).sum(-1)  # (B, K)
+        off, best = dist.min(1)  # (B,)
+        mean = (img[..., col * CELL:(col + 1) * CELL] * mask.unsqueeze(1)).sum((2, 3)) / n.clamp(min=1).unsqueeze(1)
+        lit = mean > 0.5 * mean.amax(1, keepdim=True)  # (B, 3)
+        match = (lit.unsqueeze(1) == PALETTE.bool().unsqueeze(0)).all(-1)  # (B, 6)
+        colour = torch.where(match.any(1), match.float().argmax(1), -1)
+        out.append(torch.stack([n, colour, template_shape[best], off], 1))  # (B, 4)
+    return torch.stack(out, 1)  # (B, 2, 4)
 
 
-SCORED = (0, 2)  # colour and position; shape (column 1) is read and reported, not scored (see `adherence`)
+def scores(x, prompts):
+    """Per image, as floats (B,) each: "adherence", "clean" and "fidelity" (see the docstring).
+    x (B, 3, H, W); prompts (B, 5)."""
+    prompts = prompts.to(x.device)
+    cells = read_image(x)  # (B, 2, 4)
+    rows = torch.arange(len(x))
+    right, clean = [], []
+    for (c, s), col in zip(((0, 1), (3, 4)), columns(prompts)):
+        n, colour, shape, off = cells[rows, col].unbind(1)  # (B,) each
+        drawn = n >= MIN_PIXELS
+        right.append(drawn & (colour == prompts[:, c]) & (shape == prompts[:, s]))
+    clean = (cells[:, :, 0] >= MIN_PIXELS) & (cells[:, :, 3] <= CLEAN)  # (B, 2)
+    return {"adherence": (right[0] & right[1]).float(), "clean": clean.all(1).float(),
+            "fidelity": fidelity(x, prompts)}
 
 
-def adherence(x, prompts, scored=SCORED):
-    """Per image: 1.0 when its colour and position match the prompt, else 0.0. x (B, 3, H, W);
-    prompts (B, 3). Returns (B,) float. The shape is left out by default: a teacher trained
-    for three CPU minutes draws the right colour in the right place but rounds its shapes off
-    (pass scored=(0, 1, 2) to ask for all three). Returns (B,) float."""
-    return (read_image(x)[:, scored] == prompts.to(x.device)[:, scored]).all(1).float()
+def fidelity(x, prompts):
+    """The best IoU, over the ways the prompt can be drawn (every placement in the cells), between
+    the pixels the image shows in a colour and the ideal drawing's, counting a pixel as shared
+    only when both show it in the same colour. (B,) in [0, 1]; 1 for the world's own renders."""
+    shown = pixel_colours(x)  # (B, H, W)
+    B = len(x)
+    best = torch.zeros(B, device=x.device)
+    col_a, col_b = columns(prompts)
+    places = [(jy, jx) for jy in JITTER for jx in JITTER]
+    draw = {}
+    for obj, (c, s, col) in enumerate(((0, 1, col_a), (3, 4, col_b))):
+        for jy, jx in places:
+            mask = shape_masks(prompts[:, s].cpu(), torch.full((B,), R + jy), col.cpu() * CELL + R + jx).to(x.device)
+            draw[obj, jy, jx] = torch.where(mask, prompts[:, c].view(-1, 1, 1), -1)  # (B, H, W)
+    for pa in places:
+        for pb in places:
+            ideal = torch.maximum(draw[(0, *pa)], draw[(1, *pb)])  # cells never overlap
+            both = ((shown == ideal) & (ideal >= 0)).flatten(1).sum(1)
+            either = ((shown != -1) | (ideal >= 0)).flatten(1).sum(1)
+            best = torch.maximum(best, both / either)
+    return best
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +258,7 @@ def tiny_clip(hidden, seed):
     return CLIPTextModelWithProjection(cfg).eval()
 
 
-TOKENS = 12  # CLIP context length: "<s> a magenta column in row two column one </s>" is 10
+TOKENS = 12  # CLIP context length: "<s> a magenta column right of a yellow square </s>" is 10
 CLIP_WIDTHS = (32, 32)  # "CLIP-L" and "CLIP-G": context width Dc = pooled width Dy = 64
 
 
@@ -237,27 +286,26 @@ def encoder_state(encoders):
 
 
 TEACHER_CONFIG = MMDiTConfig(depth=2, hidden_size=64, num_heads=4, patch_size=2, in_channels=3, out_channels=3,
-                             context_dim=sum(CLIP_WIDTHS), pooled_dim=sum(CLIP_WIDTHS),
-                             pos_embed_max_size=SIZE // 2)
+                             context_dim=sum(CLIP_WIDTHS), pooled_dim=sum(CLIP_WIDTHS), pos_embed_max_size=W // 2)
 
 
 @dataclass
 class TrainSettings:
-    steps: int = 3000
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 1e-3
-    weak_step: int = 600  # the step whose checkpoint is W2SD's weak model
+    weak_step: int = 1200  # the step whose checkpoint is W2SD's weak model
     p_null: float = 0.15  # caption dropout to the null prompt (so CFG applies)
     seed: int = 0
 
     def key(self):
-        world = dict(COLOURS=COLOURS, SHAPES=SHAPES, POSITIONS=POSITIONS, SIZE=SIZE, JITTER=JITTER, RADII=RADII,
-                     SHADE=SHADE, GRID=GRID, CAPTION_NOISE=CAPTION_NOISE, TOKENS=TOKENS, CLIP_WIDTHS=CLIP_WIDTHS, TEST=TEST_PROMPTS,
+        world = dict(COLOURS=COLOURS, SHAPES=SHAPES, RELATIONS=RELATIONS, H=H, W=W, R=R, JITTER=JITTER, SHADE=SHADE,
+                     CAPTION_NOISE=CAPTION_NOISE, TOKENS=TOKENS, CLIP_WIDTHS=CLIP_WIDTHS, TRAIN=TRAIN_PROMPTS,
                      config=repr(TEACHER_CONFIG))
         return hashlib.sha1(json.dumps([world, vars(self)], sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def train_teacher(encoders, settings, out_dir, progress=True, log=None):
+def train_teacher(encoders, settings, out_dir, progress=True):
     """Flow matching (x_t = (1 - t) x0 + t eps, target v = eps - x0) on the training prompts,
     each caption replaced by the null prompt with probability p_null. Saves weak.safetensors at
     settings.weak_step and teacher.safetensors at the end (save_mmdit); returns the loss curve."""
@@ -266,7 +314,7 @@ def train_teacher(encoders, settings, out_dir, progress=True, log=None):
     model = MMDiT(TEACHER_CONFIG).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))  # warm-up
-    prompts = torch.tensor(TRAIN_PROMPTS)  # (P, 3)
+    prompts = torch.tensor(TRAIN_PROMPTS)  # (P, 5)
     context_all, y_all = encoders.encode([caption(*k) for k in TRAIN_PROMPTS])  # (P, L, Dc), (P, Dy)
     context_null, y_null = encoders.encode_null()  # (1, L, Dc), (1, Dy)
     losses = []
@@ -302,15 +350,16 @@ class ToyDataset(Dataset):
     """The interface of prepare.ShardDataset: ds[i] = {"latents": (3, H, W), "context": (L, Dc),
     "y": (Dy,), "caption": str}, and .null() -> (context_null (1, L, Dc), y_null (1, Dy)).
     Item i is drawn from seed (split base + i), so it is the same on every rank and every epoch.
-    "train" uses the training prompts; "test" the held-out prompts and other seeds."""
+    "train" uses the training prompts (with caption noise drawn from them alone); "dev" and "test"
+    the held-out prompts, clean, with other seeds."""
 
-    SEED_BASE = {"train": 0, "test": 10**9}
+    SEED_BASE = {"train": 0, "dev": 10**9, "test": 2 * 10**9}
 
     def __init__(self, encoders, split="train", size=None):
-        if split not in self.SEED_BASE:
-            raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
         self.split = split
-        self.prompts = torch.tensor(TRAIN_PROMPTS if split == "train" else TEST_PROMPTS)  # (P, 3)
+        self.prompts = torch.tensor(SPLITS[split])  # (P, 5)
         self.size = size if size is not None else (100_000 if split == "train" else 1_000)
         self.context, self.y = encoders.encode([caption(*k.tolist()) for k in self.prompts])  # (P, L, Dc), (P, Dy)
         self._null = encoders.encode_null()
@@ -318,16 +367,13 @@ class ToyDataset(Dataset):
     def __len__(self):
         return self.size
 
-    def prompt(self, i):
-        return self.prompts[i % len(self.prompts)]  # (3,)
-
     def __getitem__(self, i):
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for {self.size} samples")
         g = torch.Generator().manual_seed(self.SEED_BASE[self.split] + i)
         k = i % len(self.prompts)
-        shown = self.prompts[k:k + 1]  # (1, 3)
-        if self.split == "train":  # web-like caption noise (CAPTION_NOISE); the test split is clean
+        shown = self.prompts[k:k + 1]  # (1, 5)
+        if self.split == "train":  # web-like caption noise (CAPTION_NOISE); the held-out splits are clean
             shown = noisy_images(shown, self.prompts, g)
         x0 = render(shown, g)[0]  # (3, H, W)
         return {"latents": x0, "context": self.context[k], "y": self.y[k], "caption": caption(*self.prompts[k].tolist())}
@@ -403,198 +449,15 @@ def _build_world(cache_dir, device, progress, settings):
     return ToyWorld(encoders, cache_dir, curve, device)
 
 
-# -----------------------------------------------------------------------------
-# Evaluation: the paper's Table 4 and Fig. 4 on held-out prompts and seeds
-
-ROWS = (("unguided (Euler)", "euler"), ("Euler + CFG", "cfg"), ("Z-Sampling + CFG", "zsampling"),
-        ("W2SD + CFG", "w2sd"), ("student", "student"))
-
-
-def test_batch(world, n):
-    """n held-out (prompt, seed) pairs: prompts (n, 3), context (n, L, Dc), y (n, Dy), noise
-    (n, 3, H, W) from seeds never used in training."""
-    ds = world.dataset("test", size=n)
-    idx = torch.arange(n) % len(ds.prompts)
-    g = torch.Generator().manual_seed(ToyDataset.SEED_BASE["test"] + 7)
-    noise = torch.randn(n, 3, SIZE, SIZE, generator=g)  # (n, 3, H, W)
-    return ds.prompts[idx], ds.context[idx], ds.y[idx], noise
-
-
-def run_sampler(method, world, models, noise, context, y, w, steps, fusion=None):
-    """One sampler of samplers.sample on the toy models; returns (x0, NFE per image, seconds)."""
-    context_null, y_null = world.encoders.encode_null()
-    kw = dict(strong=models["strong"], weak=models["weak"]) if method == "w2sd" else {}
-    if method == "student":
-        kw["fusion"] = fusion
-    model = models["student" if method == "student" else "teacher"]
-    start = time.perf_counter()
-    x0, nfe = samplers.sample(method, model, noise, context, y, context_null, y_null,
-                              w=None if method == "euler" else w, steps=steps, **kw)
-    return x0, nfe, time.perf_counter() - start
-
-
-def image_grid(rows, path, scale=4, pad=2):
-    """rows: list of lists of (B, 3, H, W) tensors in [-1, 1]; each cell tiles its B images in a
-    row. Writes a PNG (nearest-neighbour upscaled)."""
-    from PIL import Image
-
-    cells = [[torch.cat(list(((x.clamp(-1, 1) + 1) / 2)), dim=2) for x in row] for row in rows]  # (3, H, B*W)
-    h, w = cells[0][0].shape[1:]
-    canvas = torch.ones(3, len(rows) * (h + pad) + pad, len(rows[0]) * (w + pad) + pad)  # white gutters
-    for i, row in enumerate(cells):
-        for j, cell in enumerate(row):
-            canvas[:, pad + i * (h + pad):pad + i * (h + pad) + h, pad + j * (w + pad):pad + j * (w + pad) + w] = cell
-    img = Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img.save(path)
-    return path
-
-
-def report(world, student_path=None, method="teefusion", out_dir="runs/toy", steps=20, w=4.0, n_prompts=96,
-           teacher="w2sd", grid_w=(0.0, 2.0, 4.0, 8.0), fusion=None, progress=True):
-    """Evaluate every sampler (and the student at student_path, if given) on n_prompts held-out
-    (prompt, seed) pairs; print the paper's Table 4 and write the Fig. 4 grid (methods x w) to
-    out_dir/samples.png. method: the student's conditioning ("teefusion", Eq. 7, or another
-    embed.FUSIONS name with its trained `fusion` module); teacher: the sampler the student was
-    distilled from (its agreement column is the RMSE to that teacher's images from the same noise
-    and prompt). Returns {"rows": {name: {...}}, "w": w, "steps": steps, ...}."""
-    if method != "teefusion" and fusion is None:
-        raise ValueError(f"the {method!r} student needs its trained fusion module (fusion=...)")
-    with one_thread():
-        student = None
-        if student_path is not None:
-            student = load_mmdit(student_path, device=world.device).eval().requires_grad_(False)
-        rows = [(name, m, None) for name, m in ROWS if m != "student"]
-        if student is not None:
-            rows.append(("student", "student", dict(model=student, fusion=fusion, method=method,
-                                                    teacher=samplers.canonical(teacher, samplers.TEACHERS))))
-        results, grid_path = _evaluate(world, rows, out_dir, steps, w, n_prompts, teacher, grid_w, progress)
-    table = format_table(results, w, steps, n_prompts, teacher)
-    return _write_report(results, table, rows, grid_path, out_dir, w, steps, n_prompts, teacher, grid_w)
-
-
-# the students of `distill.py --full`, by their embed.FUSIONS name: how the table names them
-METHOD_NAMES = {"teefusion": "TeEFusion", "gonly": "G only", "distillcfg": "DistillCFG", "dice": "DICE"}
-TEACHER_NAMES = {m: name for name, m in ROWS if m in samplers.TEACHERS}  # "w2sd" -> "W2SD + CFG"
-
-
-def load_student(path, method="teefusion", device="cpu"):
-    """A student written by distill.py: its MMDiT (save_mmdit) and, for the methods that are not
-    plain Eq. 7, its student-input module embed.make_fusion(method, config) with the weights of
-    fusion.safetensors beside it (fusion-ema.safetensors beside student-ema.safetensors).
-    Returns (model, fusion); fusion is None for "teefusion"."""
-    model = load_mmdit(path, device=device).eval().requires_grad_(False)
-    if method == "teefusion":
-        return model, None
-    fusion = embed.make_fusion(method, model.config)
-    if len(fusion.state_dict()):  # gonly has no weights; distillcfg and dice do
-        ema = os.path.basename(path).startswith("student-ema")
-        fusion_path = os.path.join(os.path.dirname(path), "fusion-ema.safetensors" if ema else "fusion.safetensors")
-        if not os.path.isfile(fusion_path):
-            raise FileNotFoundError(f"{fusion_path}: the {method!r} student {path} needs its trained fusion module, "
-                                    "which distill.py writes beside the student")
-        fusion.load_state_dict(load_file(fusion_path))
-    return model, fusion.to(device).eval().requires_grad_(False)
-
-
-def report_students(world, students, out_dir="runs/toy-full", steps=20, w=4.0, n_prompts=96, teacher="w2sd",
-                    grid_w=(0.0, 2.0, 4.0, 8.0), progress=True):
-    """The combined table of `distill.py --full`: the Table 4 teacher rows (their agreement column
-    against `teacher`), then one row per student, each compared with the teacher IT was distilled
-    from. students: a list of dicts with "path" (a student .safetensors), "method" (an embed.FUSIONS
-    name), "teacher" (a samplers.TEACHERS name) and optionally "label" (default "DICE <- W2SD + CFG"
-    style). distillcfg / dice students are sampled with their fusion module (see `load_student`).
-    Prints the table, writes out_dir/table.json and the methods x w grid out_dir/samples.png;
-    returns {"rows": {label: {...}}, ...} like `report`."""
-    with one_thread():
-        rows = [(name, m, None) for name, m in ROWS if m != "student"]
-        for s in students:
-            t = samplers.canonical(s["teacher"], samplers.TEACHERS)
-            model, fusion = load_student(s["path"], s["method"], world.device)
-            label = s.get("label") or f"{METHOD_NAMES.get(s['method'], s['method'])} <- {TEACHER_NAMES[t]}"
-            if label in {r[0] for r in rows}:
-                raise ValueError(f"two rows named {label!r}: give the students distinct labels")
-            rows.append((label, "student", dict(model=model, fusion=fusion, teacher=t, method=s["method"],
-                                                path=s["path"])))
-        results, grid_path = _evaluate(world, rows, out_dir, steps, w, n_prompts, teacher, grid_w, progress)
-    table = format_students_table(results, w, steps, n_prompts)
-    return _write_report(results, table, rows, grid_path, out_dir, w, steps, n_prompts, teacher, grid_w)
-
-
-def _evaluate(world, rows, out_dir, steps, w, n_prompts, teacher, grid_w, progress):
-    """rows: (name, sampler, student) with student None for the teacher samplers, else a dict with
-    its model, fusion, method and the teacher it was distilled from. Returns (results, grid path)."""
-    models = {k: world.load(k) for k in ("teacher", "strong", "weak")}
-    prompts, context, y, noise = test_batch(world, n_prompts)
-
-    def run(m, s, *a):  # a student row runs samplers.sample("student", ..., fusion=its fusion)
-        return run_sampler(m, world, {**models, "student": s["model"]} if s else models, *a,
-                           fusion=s["fusion"] if s else None)
-
-    for _, m, s in rows:  # warm-up (first calls allocate and pick kernels), so timings compare like with like
-        run(m, s, noise[:2], context[:2], y[:2], w, 2)
-    images, results = {}, {}
-    for name, m, s in tqdm(rows, desc="toy report", disable=not progress):
-        x0, nfe, seconds = run(m, s, noise, context, y, w, steps)
-        images[name] = x0
-        results[name] = dict(method=m, nfe=float(nfe), seconds_per_image=seconds / n_prompts,
-                             adherence=100 * adherence(x0, prompts).mean().item(),
-                             teacher=s["teacher"] if s else samplers.canonical(teacher, samplers.TEACHERS))
-        if s:
-            results[name].update(student_method=s["method"], **({"path": s["path"]} if "path" in s else {}))
-    by_sampler = {m: images[name] for name, m, s in rows if s is None}
-    for name, r in results.items():
-        r["rmse_to_teacher"] = (images[name] - by_sampler[r["teacher"]]).pow(2).mean().sqrt().item()
-    # Fig. 4: a row per method, a column per w, the same 6 prompts and noises in every cell
-    k = min(6, n_prompts)
-    grid = [[run(m, s, noise[:k], context[:k], y[:k], gw, steps)[0] for gw in grid_w] for _, m, s in rows]
-    return results, image_grid(grid, os.path.join(out_dir, "samples.png"))
-
-
-def _write_report(results, table, rows, grid_path, out_dir, w, steps, n_prompts, teacher, grid_w):
-    print(table)
-    print(f"sample grid (rows: {', '.join(r[0] for r in rows)}; columns: w = {', '.join(map(str, grid_w))}): "
-          f"{grid_path}")
-    out = dict(rows=results, w=w, steps=steps, n_prompts=n_prompts, teacher=teacher, grid=grid_path, table=table)
-    atomic_json({k: v for k, v in out.items() if k != "table"}, os.path.join(out_dir, "table.json"))
-    return out
-
-
-def format_students_table(results, w, steps, n):
-    """`format_table` with a column naming each row's teacher (students have different ones)."""
-    width = max(18, *map(len, results))
-    head = (f"{'method':<{width}} {'NFE':>5} {'ms / image':>11} {'adherence %':>12} {'teacher':>10} "
-            f"{'RMSE to teacher':>16}")
-    lines = [f"Toy Table 4 with every student (--full): {n} held-out prompts x seeds, {steps} steps, w = {w}",
-             head, "-" * len(head)]
-    for name, r in results.items():
-        lines.append(f"{name:<{width}} {r['nfe']:>5.0f} {1000 * r['seconds_per_image']:>11.2f} "
-                     f"{r['adherence']:>12.1f} {r['teacher']:>10} {r['rmse_to_teacher']:>16.3f}")
-    return "\n".join(lines)
-
-
-def format_table(results, w, steps, n, teacher):
-    head = f"{'method':<18} {'NFE':>5} {'ms / image':>11} {'adherence %':>12} {'RMSE to ' + teacher:>14}"
-    lines = [f"Toy Table 4: {n} held-out prompts x seeds, {steps} steps, w = {w}", head, "-" * len(head)]
-    for name, r in results.items():
-        lines.append(f"{name:<18} {r['nfe']:>5.0f} {1000 * r['seconds_per_image']:>11.2f} {r['adherence']:>12.1f} "
-                     f"{r['rmse_to_teacher']:>14.3f}")
-    return "\n".join(lines)
-
-
 def main(args):
     world = build_world(args.cache_dir)
-    report(world, args.student, out_dir=args.out_dir, steps=args.steps, w=args.w, n_prompts=args.n_prompts)
+    info = os.path.join(world.cache_dir, "world.json")
+    print(f"toy world in {world.cache_dir}: teacher {world.teacher_path}, W2SD's weak model {world.weak_path}, "
+          f"text encoders and {info}; {len(TRAIN_PROMPTS)} training prompts, {len(DEV_PROMPTS)} DEV and "
+          f"{len(TEST_PROMPTS)} TEST prompts held out. Scores: python toy_report.py --split dev")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Build the toy world (or reuse its cached teacher) and print "
-                                                 "the paper's Table 4 on held-out prompts.")
+    parser = cli.parser("Build the toy world (or reuse its cached teacher).")
     parser.add_argument("--cache-dir", default="cache/toy")
-    parser.add_argument("--student", default=None, help="a student checkpoint from distill.py (adds its row)")
-    parser.add_argument("--out-dir", default="runs/toy")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--w", type=float, default=4.0)
-    parser.add_argument("--n-prompts", type=int, default=96)
-    main(parser.parse_args())
+    cli.run(main, parser)

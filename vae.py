@@ -29,7 +29,6 @@ Round-trip one image and print the reconstruction PSNR (a quick check of a check
 Shape legend: B batch, C channels, H x W pixels, h x w latent pixels.
 """
 
-import argparse
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 
+import cli
 from checkpoint import listing
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -507,11 +507,27 @@ def load_vae(path, device="cpu", dtype=torch.float32):
 
 
 def main(args):
+    # everything that can be checked is checked before the VAE loads
+    if args.size <= 0 or args.size % 8:
+        raise ValueError(f"--size {args.size} must be a positive multiple of 8 (the VAE's downsampling)")
+    if os.path.isdir(args.out):
+        raise IsADirectoryError(f"--out {args.out} is a folder: give an image file name, e.g. roundtrip.png")
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out}: not an image file name PIL can write (e.g. .png, .jpg)")
+    cli.output_folder(os.path.dirname(os.path.abspath(args.out)), "the folder of --out")
+    if not os.path.exists(args.vae):
+        raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
+    try:
+        image = load_image(args.image, args.size)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--image {args.image}: no such file") from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ValueError(f"--image {args.image} cannot be read as an image ({type(e).__name__}: {e})") from e
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     vae = load_vae(args.vae, device=args.device, dtype=dtype)
     n_params = sum(p.numel() for p in vae.parameters())
     print(f"loaded {args.vae}: {vae.config} ({n_params / 1e6:.1f}M parameters, {dtype})")
-    x = from_pil(load_image(args.image, args.size))  # (1, 3, size, size)
+    x = from_pil(image)  # (1, 3, size, size)
     z = vae.encode(x)  # (1, 16, size/8, size/8)
     print(f"latents {tuple(z.shape)}: mean {z.mean():.3f} std {z.std():.3f} (roughly 0 and 1 for SD3 latents)")
     x_rec = vae.decode(z)  # (1, 3, size, size)
@@ -523,7 +539,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Round-trip an image through the SD3 VAE.")
+    parser = cli.parser("Round-trip an image through the SD3 VAE.")
     parser.add_argument("--vae", required=True,
                         help="Stability single file, VAE .safetensors, or diffusers vae/ folder")
     parser.add_argument("--image", required=True, help="an image file")
@@ -531,4 +547,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="roundtrip.png")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    main(parser.parse_args())
+    cli.run(main, parser)

@@ -6,21 +6,30 @@ dataset written in prepare.py's shard format, on CPU:
     global batch;
   - stop at K and resume to 2K equals 2K in one go (losses and weights, bitwise); a half-written
     checkpoint (kill -9) is ignored;
-  - the loss falls on a small problem; each refused argument, with its message.
+  - the loss falls on a small problem; each refused argument, with its message;
+  - faults at the command line (python distill.py): bad input and impossible resumes refused with
+    one `error:` line before anything heavy; a broken `latest` falls back to the newest complete
+    checkpoint; leftovers of a kill removed; pruning by completeness; non-finite weights never
+    written; a corrupt shard named; one run per --out; torchrun's workers die with it.
 
     python -m pytest -q tests/test_distill.py
 """
 
+import concurrent.futures
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import cli
 import distill
 import embed
 import samplers
@@ -485,7 +494,7 @@ def test_full_runs_every_student_into_its_own_folder(tmp_path):
     assert distill.full_runs(distill.parse_args(["--full"]))[0] == "runs/full"
     # the default command is unchanged: one TeEFusion student from the W2SD + CFG teacher into runs/toy
     args = distill.fill_defaults(distill.parse_args([]))
-    assert (args.method, args.teacher_sampler, args.out, args.steps) == ("teefusion", "w2sd", "runs/toy", 1000)
+    assert (args.method, args.teacher_sampler, args.out, args.steps) == ("teefusion", "w2sd", "runs/toy", 1500)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
@@ -494,10 +503,362 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     good = load_file(tmp_path / "checkpoints" / "step-0000002" / "student.safetensors")
     args = args_for(world, tmp_path, *common, "--steps", "4", "--resume")
     args.data = world["poison"]
-    with pytest.raises(distill.NonFiniteLoss, match="non-finite loss .* at step 3.*step-0000002"):
+    with pytest.raises(distill.NonFinite, match="non-finite loss .* at step 3.*finite weights is .*step-0000002"):
         distill.main(args)
     assert distill.latest_checkpoint(str(tmp_path)).endswith("step-0000002")
     kept = load_file(tmp_path / "checkpoints" / "step-0000002" / "student.safetensors")
     assert all(torch.equal(kept[k], good[k]) for k in good)
     assert all(torch.isfinite(v).all() for v in load_mmdit(str(tmp_path / "checkpoints" / "step-0000002" /
                                                                "student.safetensors")).state_dict().values())
+
+
+# -----------------------------------------------------------------------------
+# Faults and bad input at the command line: one `error:` line naming the thing, its exit status,
+# and nothing new, half-written or non-finite in --out
+
+
+def distill_cli(*argv, timeout=120):
+    return subprocess.run([sys.executable, "distill.py", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def tiny_argv(world, out, *extra, data=None):
+    return ["--teacher", world["teacher"], "--data", data or world["data"], "--out", str(out), "--no-progress",
+            "--device", "cpu", "--teacher-sampler", "cfg", "--global-batch", "2", *extra]
+
+
+def one_error(result, status, *names):
+    """The command exited with `status` after ONE stderr line `error: ...` naming every one of names."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == status and len(lines) == 1 and lines[0].startswith("error: "), \
+        (result.returncode, result.stderr[-3000:])
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def listing(out):
+    """Every file under out with its size and modification time."""
+    return {os.path.relpath(os.path.join(d, f), out): (os.stat(os.path.join(d, f)).st_size,
+                                                       os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(out) for f in files}
+
+
+def assert_sound(out):
+    """No temporary file, no lock left behind, and every safetensors file under out finite."""
+    names = listing(out)
+    assert not [n for n in names if distill.TEMPORARY.search(n) or n.endswith("run.lock")], names
+    for name in names:
+        if name.endswith(".safetensors"):
+            assert all(torch.isfinite(v).all() for v in load_file(os.path.join(out, name)).values()), name
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    """A finished 3-step run with a complete checkpoint at every step (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    distill.main(args_for(world, out, "--steps", "3", "--global-batch", "2", "--ckpt-every", "1", "--keep", "3"))
+    return out
+
+
+def copy_of(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    return out
+
+
+def unwritable(tmp_path):
+    """A folder this process cannot create: under a read-only folder, or for root (who writes anywhere
+    else) in sysfs."""
+    if os.geteuid() == 0:
+        return "/sys/teefusion-test-out"
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return str(locked / "out")
+
+
+def bad_input(world, tmp, case):
+    """A command line that must be refused before any network loads: (argv, --out, the names its one
+    error line must hold)."""
+    out, data, teacher, extra = tmp / "out", world["data"], world["teacher"], []
+    if case == "w-min":
+        extra, names = ["--w-min", "9", "--w-max", "3"], ["--w-min 9 is larger than --w-max 3"]
+    elif case == "steps-0":
+        extra, names = ["--steps", "0"], ["--steps 0", "nothing to train"]
+    elif case == "out-is-a-file":
+        out.write_text("not a folder")
+        names = [f"--out {out} is a file"]
+    elif case == "out-unwritable":
+        out = unwritable(tmp)
+        names = [f"--out {out}"]
+    elif case == "no-data":
+        data, names = str(tmp / "nowhere"), ["--data", "nowhere: no such folder"]
+    elif case == "no-index":
+        (tmp / "empty").mkdir()
+        data, names = str(tmp / "empty"), ["no index.json in", "empty"]
+    elif case == "corrupt-index":
+        (tmp / "bad").mkdir()
+        (tmp / "bad" / "index.json").write_text('{"shards": [')
+        data, names = str(tmp / "bad"), [os.path.join(tmp / "bad", "index.json"), "is corrupt"]
+    elif case == "missing-shard":
+        make_shards(tmp / "bad")
+        os.remove(tmp / "bad" / "shard-00000.safetensors")
+        data, names = str(tmp / "bad"), ["index.json lists 1 file(s) missing", "shard-00000.safetensors"]
+    else:  # a pickle teacher: refused by the loader, after --out is locked, before anything is written
+        teacher = str(tmp / "teacher.ckpt")
+        shutil.copy(world["teacher"], teacher)
+        names = ["teacher.ckpt", "refusing a pickle checkpoint"]
+    argv = tiny_argv(world, out, "--steps", "2", *extra, data=data)
+    argv[argv.index("--teacher") + 1] = teacher
+    return argv, out, names
+
+
+BAD_INPUT = ["w-min", "steps-0", "out-is-a-file", "out-unwritable", "no-data", "no-index", "corrupt-index",
+             "missing-shard", "pickle-teacher"]
+
+
+def break_latest(out, how):
+    root = out / "checkpoints"
+    if how == "corrupt-latest":
+        (root / "latest").write_text('{"checkpoint": "step-00')
+    elif how == "missing-folder":
+        shutil.rmtree(root / "step-0000003")
+    elif how == "incomplete-folder":
+        os.remove(root / "step-0000003" / "state.json")
+    elif how == "truncated-file":
+        with open(root / "step-0000003" / "student.safetensors", "r+b") as f:
+            f.truncate(100)
+    elif how == "corrupt-state":
+        (root / "step-0000003" / "state.json").write_text("{")
+
+
+def poison_file(path):
+    """Overwrite the first tensor of a safetensors file with NaN: the same size, so complete by
+    state.json's listing, and non-finite in content."""
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors[next(iter(tensors))].fill_(float("nan"))
+    save_file(tensors, str(path), meta)
+
+
+RESUME = {
+    "steps-below": ["--steps 1 is below the step of the checkpoint to resume, 3", "step-0000003"],
+    "steps-equal": ["holds a finished run", "step 3 and --steps is 3"],
+    "no-resume": ["already holds checkpoints", "pass --resume"],
+    "corrupt-latest": ["checkpoints/latest is corrupt", "no complete checkpoint to fall back to"],
+    "missing-folder": ["latest points at", "step-0000003, which does not exist"],
+    "corrupt-state": ["step-0000003, which has a corrupt state.json"],
+    "non-finite-weights": ["step-0000003 holds non-finite weights", "student"],
+}
+
+
+def bad_resume(world, finished, tmp, case):
+    """A copy of the finished run, and a command line that cannot continue it: (argv, --out, names)."""
+    out = copy_of(finished, tmp)
+    steps = {"steps-below": "1", "steps-equal": "3"}.get(case, "4")
+    if case in ("corrupt-latest", "missing-folder", "corrupt-state"):  # and nothing complete to fall back to
+        for old in ("step-0000001", "step-0000002"):
+            shutil.rmtree(out / "checkpoints" / old)
+        break_latest(out, case)
+        if case == "corrupt-latest":
+            break_latest(out, "incomplete-folder")
+    if case == "non-finite-weights":
+        poison_file(out / "checkpoints" / "step-0000003" / "student.safetensors")
+    resume = [] if case == "no-resume" else ["--resume"]
+    return tiny_argv(world, out, "--steps", steps, "--ckpt-every", "1", *resume), out, RESUME[case]
+
+
+@pytest.fixture(scope="module")
+def refusals(world, finished, tmp_path_factory):
+    """Every refused command line of the two tests below, run two at a time (each `python distill.py`
+    spends about 1.5 s of CPU importing torch): {case: (result, --out, names, --out's files before)}."""
+    cases = {case: bad_input(world, tmp_path_factory.mktemp(case), case) for case in BAD_INPUT}
+    cases.update({case: bad_resume(world, finished, tmp_path_factory.mktemp(case), case) for case in RESUME})
+    before = {case: listing(out) if os.path.isdir(out) else None for case, (_, out, _) in cases.items()}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = dict(zip(cases, pool.map(lambda argv: distill_cli(*argv), [argv for argv, _, _ in cases.values()])))
+    return {case: (results[case], out, names, before[case]) for case, (_, out, names) in cases.items()}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_cli_refuses_bad_input_before_anything_heavy(refusals, case):
+    """Exit 2 and one line naming the argument or file, before any network loads (nothing on stdout,
+    where the run's banner comes once they are loaded; the pickle teacher is refused by the loader),
+    and no new file or folder in --out."""
+    r, out, names, before = refusals[case]
+    one_error(r, 2, *names)
+    assert r.stdout == "" or case == "pickle-teacher", r.stdout
+    assert (listing(out) if os.path.isdir(out) else None) == before
+
+
+@pytest.mark.parametrize("case", list(RESUME))
+def test_cli_refuses_a_resume_that_cannot_continue(refusals, case):
+    """Exit 2, one line with both step numbers or the file that is wrong, before any network loads
+    (but the checkpoint's weights, checked as they load); --out unchanged. A broken `latest` falls
+    back to a complete checkpoint when there is one (next test): here there is none."""
+    r, out, names, before = refusals[case]
+    one_error(r, 2, *names)
+    assert r.stdout == "" or case == "non-finite-weights", r.stdout
+    assert listing(out) == before
+
+
+@pytest.mark.parametrize("how, step", [("corrupt-latest", 3), ("missing-folder", 2)])
+def test_cli_resumes_from_the_newest_complete_checkpoint_when_latest_is_broken(world, finished, tmp_path, how, step):
+    """The documented choice: a warning naming what is wrong, then the newest complete checkpoint."""
+    out = copy_of(finished, tmp_path)
+    break_latest(out, how)
+    r = distill_cli(*tiny_argv(world, out, "--steps", "4", "--ckpt-every", "1", "--resume", "--keep", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = r.stderr.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "checkpoints/latest" in warnings[0]
+    assert warnings[0].endswith("resuming from the newest complete checkpoint, " +
+                                str(out / "checkpoints" / f"step-{step:07d}")), warnings[0]
+    assert f"resuming at step {step}" in r.stdout
+    assert [rec["step"] for rec in read_log(out)] == [1, 2, 3, 4]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-0000003", "step-0000004"]
+    assert_sound(out)
+
+
+@pytest.mark.parametrize("how, why", [("incomplete-folder", "has no state.json"),
+                                      ("truncated-file", "has student.safetensors of 100 bytes"),
+                                      ("corrupt-state", "has a corrupt state.json")])
+def test_an_incomplete_checkpoint_is_never_resumed(finished, tmp_path, capsys, how, why):
+    """Complete: state.json (written last) parses and every file it lists has the size it lists."""
+    out = copy_of(finished, tmp_path)
+    break_latest(out, how)
+    folder, state = distill.resume_point(str(out))
+    assert folder.endswith("step-0000002") and state["step"] == 2
+    assert distill.latest_checkpoint(str(out)) is None
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning: ") and f"step-0000003, which {why}" in warning
+
+
+def test_cli_removes_temporaries_and_prunes_by_completeness(world, finished, tmp_path):
+    """Leftovers of a kill (NAME.tmp-XXXX anywhere under --out) are removed at start and listed;
+    pruning keeps the newest COMPLETE checkpoints: an incomplete folder of a later step (named
+    newest) is deleted, never kept in place of a complete one."""
+    out = copy_of(finished, tmp_path)
+    leftovers = [out / "student.safetensors.tmp-k9x2ab_1", out / "checkpoints" / "latest.tmp-0q1w2e3r",
+                 out / "checkpoints" / "step-0000003" / "optimizer.safetensors.tmp-zz8y7x6w"]
+    for path in leftovers:
+        path.write_bytes(b"\0" * 1000)
+    (out / "checkpoints" / "step-0000009").mkdir()  # a folder a killed run began, never finished
+    shutil.copy(out / "checkpoints" / "step-0000003" / "student.safetensors", out / "checkpoints" / "step-0000009")
+    r = distill_cli(*tiny_argv(world, out, "--steps", "5", "--ckpt-every", "1", "--resume", "--keep", "2"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    assert "removed 3 temporary file(s) left by a killed run" in r.stdout
+    assert all(str(path) in r.stdout and not path.exists() for path in leftovers)
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-0000004", "step-0000005"]
+    assert all(distill.checkpoint_state(str(out / "checkpoints" / d))[0] for d in ("step-0000004", "step-0000005"))
+    assert_sound(out)
+
+
+def test_cli_stops_on_non_finite_weights_and_writes_nothing_of_them(world, tmp_path):
+    """lr 1e30: after step 1 the weights are finite (about 1e30) and useless (their forward is inf /
+    NaN). Nothing is written for that step; exit 1, one line naming the step."""
+    out = tmp_path / "run"
+    r = distill_cli(*tiny_argv(world, out, "--steps", "3", "--ckpt-every", "1", "--lr", "1e30"))
+    one_error(r, 1, "after step 1 the student's weights give a non-finite output", "nothing was written for step 1",
+              "no checkpoint with finite weights was written yet")
+    assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "student.safetensors")
+    assert_sound(out)
+
+
+def test_cli_non_finite_loss_names_the_newest_finite_checkpoint(world, finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    r = distill_cli(*tiny_argv(world, out, "--steps", "5", "--resume", data=world["poison"]))
+    one_error(r, 1, "non-finite loss (nan) at step 4", "finite weights is " + str(out / "checkpoints" / "step-0000003"))
+    assert distill.latest_checkpoint(str(out)).endswith("step-0000003")
+    assert_sound(out)
+
+
+def test_newest_finite_checkpoint_is_verified_not_trusted(finished, tmp_path):
+    """`latest` names step 3; its student file (complete by size) holds a NaN: step 2 is named."""
+    out = copy_of(finished, tmp_path)
+    poison_file(out / "checkpoints" / "step-0000003" / "student.safetensors")
+    assert distill.latest_checkpoint(str(out)).endswith("step-0000003")
+    assert distill.newest_finite_checkpoint(str(out)).endswith("step-0000002")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_cli_names_a_corrupt_shard(world, tmp_path, workers):
+    """The index is fine, the shard is cut short: found when first read (also in a DataLoader worker),
+    named with its path; --out, created by the run, is removed again."""
+    data = tmp_path / "data"
+    make_shards(data)
+    shard = data / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    out = tmp_path / "out"
+    r = distill_cli(*tiny_argv(world, out, "--steps", "2", "--workers", workers, data=str(data)))
+    line = one_error(r, 2, f"{shard} is a corrupt shard", "SafetensorError")
+    assert ("DataLoader worker process 0" in line) == (workers == "1")
+    assert not out.exists()
+
+
+def test_cli_one_run_per_out(world, tmp_path):
+    """A live holder (here: this test's own process) refuses a second run, naming its pid and host; the
+    lock of a process that is gone is taken over with a warning, and released at the end."""
+    out = tmp_path / "run"
+    out.mkdir()
+    host = socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "process_start": cli._process_start(os.getpid()),
+          "started": "2026-11-22 10:00:00", "command": "distill.py --out run"}
+    (out / cli.LOCK_NAME).write_text(json.dumps(me))
+    r = distill_cli(*tiny_argv(world, out, "--steps", "1"))
+    one_error(r, 2, f"--out {out} is in use by another run", f"pid {os.getpid()} on host {host}")
+    assert os.listdir(out) == [cli.LOCK_NAME] and r.stdout == ""
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / cli.LOCK_NAME).write_text(json.dumps(dict(me, pid=gone.pid, process_start=None)))
+    r = distill_cli(*tiny_argv(world, out, "--steps", "1"))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith(f"warning: --out {out}: taking over the lock of a run that is gone (pid {gone.pid}")
+    assert not (out / cli.LOCK_NAME).exists()
+
+
+def test_torchrun_workers_die_with_their_launcher(world, tmp_path):
+    """SIGKILL torchrun's whole process group after the first checkpoint (torchrun starts each worker in
+    a session of its own, so the kill does not reach them): no worker survives it by more than a few
+    seconds, and nothing in --out changes afterwards."""
+    import time
+
+    out = tmp_path / "run"
+    argv = tiny_argv(world, out, "--steps", "100000", "--ckpt-every", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "distill.py", *argv], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while distill.latest_checkpoint(str(out)) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        workers = processes_writing(out)
+        assert distill.latest_checkpoint(str(out)) and len(workers) == 2, proc.poll()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = time.time()
+    while processes_writing(out) and time.time() < killed + 5:
+        time.sleep(0.05)
+    assert not processes_writing(out), f"orphaned workers {processes_writing(out)}"
+    before = listing(out)
+    time.sleep(1.5)
+    assert listing(out) == before
+
+
+def processes_writing(out):
+    """The live (not zombie) distill.py workers whose command line names out, from /proc."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(out).encode() in argv and b"distill.py" in argv and b"torch.distributed.run" not in argv \
+                and state != "Z":
+            found.append(int(pid))
+    return found

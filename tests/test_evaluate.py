@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import plots
 import fid
 import metrics
 import mmdit
@@ -66,9 +67,9 @@ def test_tables_plots_and_grid(tmp_path):
     assert evaluate.read_log(str(tmp_path / "log.csv")) == ([0.0, 10.0], [1.0, 0.5])
     with pytest.raises(KeyError, match="score"):
         evaluate.read_log(str(log), key="score")
-    img = evaluate.line_plot({"loss": (steps, loss)}, str(tmp_path / "loss.png"), xlabel="step", ylabel="loss")
+    img = plots.line_plot({"loss": (steps, loss)}, str(tmp_path / "loss.png"), xlabel="step", ylabel="loss")
     assert Image.open(tmp_path / "loss.png").size == (640, 420)
-    assert evaluate.COLORS[0] in {c for _, c in img.getcolors(1 << 20)}  # the curve is drawn
+    assert plots.COLORS[0] in {c for _, c in img.getcolors(1 << 20)}  # the curve is drawn
     # Fig. 5a from a results JSON (string keys for w)
     results = {"cfg": {"2": {"hps": 28.0}, "5": {"hps": 30.0}}, "student": {"2": {"hps": 27.0}, "5": {"hps": 29.0}}}
     evaluate.sweep_plot(results, "hps", str(tmp_path / "sweep.png"))
@@ -76,9 +77,11 @@ def test_tables_plots_and_grid(tmp_path):
         evaluate.sweep_plot(results, "clip", str(tmp_path / "x.png"))
     # Fig. 4: methods x w
     cells = [[Image.new("RGB", (16, 16), (i * 80, j * 80, 0)) for j in range(3)] for i in range(2)]
-    grid = evaluate.image_grid(cells, str(tmp_path / "grid.png"), ["cfg", "student"], [2, 5, 8], cell=32)
-    assert grid.size == (110 + 3 * 32, 20 + 2 * 32)
-    assert grid.getpixel((110 + 32 + 5, 20 + 32 + 5)) == (80, 80, 0)
+    grid = plots.image_grid(cells, str(tmp_path / "grid.png"), ["cfg", "student"], [2, 5, 8], cell=32)
+    assert grid.size == (110 + 3 * (32 + 2), 20 + 2 * (32 + 2))  # 2-pixel white gutters
+    assert grid.getpixel((110 + 34 + 5, 20 + 34 + 5)) == (80, 80, 0)
+    wide = plots.image_grid([[Image.new("RGB", (16, 8), (9, 9, 9))]], str(tmp_path / "wide.png"), cell=64)
+    assert wide.size == (64 + 2, 32 + 2) and wide.getpixel((63, 31)) == (9, 9, 9)  # the aspect ratio is kept
 
 
 def test_prompt_files(tmp_path):
@@ -218,5 +221,5 @@ def test_w_sweep_and_grid(tmp_path):
     assert results["cfg"][5.0]["clip"] == pytest.approx(20.0) and results["student"][2.0]["clip"] == 0.0
     evaluate.sweep_plot(results, "clip", str(tmp_path / "sweep.png"))
     rows = [[vae.to_pil(imgs[m][w][:1])[0] for w in (2.0, 5.0)] for m in ("cfg", "student")]
-    grid = evaluate.image_grid(rows, str(tmp_path / "grid.png"), ["cfg", "student"], ["w=2", "w=5"], cell=16)
-    assert grid.getpixel((110 + 16 + 8, 20 + 8)) == (128, 128, 128)  # cfg at w = 5: level 0.5
+    grid = plots.image_grid(rows, str(tmp_path / "grid.png"), ["cfg", "student"], ["w=2", "w=5"], cell=16)
+    assert grid.getpixel((110 + 18 + 8, 20 + 8)) == (128, 128, 128)  # cfg at w = 5: level 0.5

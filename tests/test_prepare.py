@@ -250,3 +250,58 @@ def test_command_line(images, tmp_path, vae):
     assert len(ds) == 7 and len(ds.index["shards"]) == 3 and ds[0]["latents"].dtype == torch.float32
     with pytest.raises(ValueError, match="no text embeddings"):
         ds.null()
+
+
+def test_shard_dataset_checks_the_index_up_front_and_each_shard_when_read(images, tmp_path, vae):
+    """index.json is parsed and every file it lists must exist, at construction; a shard's content is
+    checked only when it is first read (a large set is never opened all at once), and a corrupt one is
+    named with its path."""
+    out = tmp_path / "out"
+    run(images, out, vae, text_encoder=FakeTextEncoder())
+    ShardDataset(str(out))[0]
+
+    index = (out / "index.json").read_text()
+    (out / "index.json").write_text(index[:len(index) // 2])
+    with pytest.raises(ValueError, match=f"{out / 'index.json'} is corrupt"):
+        ShardDataset(str(out))
+    (out / "index.json").write_text('{"shards": "none"}')
+    with pytest.raises(ValueError, match="index.json is not an index written by prepare.py"):
+        ShardDataset(str(out))
+    (out / "index.json").write_text(index)
+
+    (out / "null.safetensors").rename(out / "null.moved")
+    with pytest.raises(FileNotFoundError, match=r"index.json lists 1 file\(s\) missing .*null.safetensors"):
+        ShardDataset(str(out))
+    (out / "null.moved").rename(out / "null.safetensors")
+
+    shard = out / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    ds = ShardDataset(str(out))  # not opened yet
+    assert ds[0]["caption"] and ds[1]["caption"]  # shard 0 is fine
+    with pytest.raises(ValueError, match=f"{shard} is a corrupt shard .*SafetensorError"):
+        ds[2]
+    rows = ds.index["shards"][1]["num_samples"]
+    save_file({"latents": torch.zeros(rows + 1, 16, 4, 4)}, str(shard), {"captions": json.dumps(["x"] * (rows + 1))})
+    with pytest.raises(ValueError, match=f"{shard} holds .* rows and {rows + 1} captions, but index.json says {rows}"):
+        ShardDataset(str(out))[2]
+
+
+@pytest.mark.parametrize("case", ["resolution", "out-is-a-file", "no-vae"])
+def test_command_line_refuses_bad_input_before_loading(images, tmp_path, case):
+    """python prepare.py: one `error:` line naming the argument, exit 2, before the VAE loads."""
+    vae_file, out, extra = tmp_path / "vae.safetensors", tmp_path / "out", []
+    vae_file.write_bytes(b"never read")
+    if case == "resolution":
+        extra, names = ["--resolution", "40"], ["resolution 40 must be a positive multiple of 16"]
+    elif case == "out-is-a-file":
+        out.write_text("a file")
+        names = [f"--out {out} is a file"]
+    else:
+        vae_file, names = tmp_path / "missing", [f"--vae {tmp_path / 'missing'}: no such file"]
+    r = subprocess.run([sys.executable, "prepare.py", "--images", str(images), "--out", str(out), "--vae",
+                        str(vae_file), "--device", "cpu", *extra], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert all(name in lines[0] for name in names), lines[0]
+    assert r.stdout == "" and (out.is_file() or not out.exists())

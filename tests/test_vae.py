@@ -6,6 +6,9 @@ oracle) at a tiny SD3-shaped config, both checkpoint layouts, and the refusal of
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -265,3 +268,27 @@ def test_load_image_resize_crop_rotation_alpha(tmp_path):
     rgba.save(tmp_path / "transparent.png")
     image = load_image(tmp_path / "transparent.png", size=16)
     assert image.mode == "RGB" and image.size == (16, 16) and np.asarray(image).min() == 255  # over white
+
+
+@pytest.mark.parametrize("case", ["not-an-image", "out-extension", "no-vae"])
+def test_command_line_refuses_bad_input_before_loading(tmp_path, case):
+    """python vae.py: one `error:` line naming the argument, exit 2, before the VAE loads (nothing
+    printed on stdout) and before any work whose result could not be written."""
+    vae_file, image, out = tmp_path / "vae.safetensors", tmp_path / "photo.png", tmp_path / "roundtrip.png"
+    vae_file.write_bytes(b"never read")
+    Image.new("RGB", (16, 16)).save(image)
+    if case == "not-an-image":
+        image = tmp_path / "notes.png"
+        image.write_text("not a picture")
+        names = [f"--image {image} cannot be read as an image"]
+    elif case == "out-extension":
+        out, names = tmp_path / "roundtrip.xyz", ["--out", "roundtrip.xyz: not an image file name"]
+    else:
+        vae_file, names = tmp_path / "missing.safetensors", [f"--vae {tmp_path / 'missing.safetensors'}: no such"]
+    r = subprocess.run([sys.executable, "vae.py", "--vae", str(vae_file), "--image", str(image), "--out", str(out),
+                        "--size", "16", "--device", "cpu"], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert all(name in lines[0] for name in names), lines[0]
+    assert r.stdout == "" and not out.exists()

@@ -1,0 +1,569 @@
+"""
+Text to image: prompts -> PNGs with any sampler of the paper, on SD3 or on the toy world.
+
+    python generate.py --model /w/stable-diffusion-3-medium-diffusers --method cfg --w 5 --steps 50 \\
+        --prompt "a photo of a cat" --n-per-prompt 4 --out runs/gen/cfg
+    python generate.py --model /w/sd3_medium.safetensors --text-encoders /w/stable-diffusion-3-medium-diffusers \\
+        --method student --student runs/teefusion/student.safetensors --w 5 --prompts prompts.txt --out runs/gen/st
+    python generate.py --toy --method student --student runs/toy/student.safetensors \\
+        --prompt "a red plus left of a blue square"        # after `python distill.py`; -> runs/generate
+
+Methods (samplers.py). --w is the paper's w everywhere (Eq. 2: (1 + w) v(c) - w v(null)), so diffusers'
+guidance_scale is g = 1 + w. The authors' released TeEFusion pipeline is the exception: its
+`guidance_scale` IS the paper's w (fed to psi directly), so `--method student --w 5` matches its
+guidance_scale=5, and `--w-rounding model` forms 1000 w in the model dtype as it does (bf16: 4992).
+
+    euler      the unguided teacher (diffusers' guidance_scale 1: the conditional model alone); no --w
+    cfg        Euler + CFG (Eq. 2)
+    zsampling  Z-Sampling + CFG (Eq. 3-4), reflection settings --preset flow (default) | sdxl
+    w2sd       W2SD + CFG: denoise with a strong model, invert with a weak one, move with the strong one
+               (Eq. 4), or with main = base + 0.8 delta (--w2sd-main). The pair: --strong/--weak, or as
+               the W2SD release, --w2sd-finetuned F: delta = F - base, strong / weak = base +- 1.5 delta
+    student    a student written by distill.py (--student; its method from the file's metadata,
+               embed.load_student): ONE forward per step with z of Eq. 7
+
+The negative prompt (default: the empty string, the paper's null prompt) is the null branch of CFG and
+of the reflection samplers; for the student it is y_null of Eq. 7 (its pooled vector only).
+
+Noise, as DESIGN.md fixes it: image k of a prompt starts from torch.randn(1, 16, H/8, W/8,
+generator=torch.Generator("cpu").manual_seed(seed + k)) in float32, moved to the device. That is what
+diffusers' StableDiffusion3Pipeline draws with generator=torch.Generator("cpu").manual_seed(seed + k), so
+a seed gives the same image in both (tests/test_generate.py: within 1e-4 at a tiny size), and the same
+image on CPU and GPU up to the dtype.
+
+Order of work, so that SD3-medium with T5 fits a 24 GB GPU in bf16 (an ESTIMATE, no GPU was at hand:
+`python benchmarks/memory_generate.py` gives 11.6 GB while the text encoders run, then 6.4 GB for one
+MMDiT and the VAE, 14.5 GB for W2SD with --w2sd-main; 17.5 GB and 25.6 GB if all were held at once):
+    1. the text encoders encode every prompt that still needs an image, and the negative prompt; they
+       are freed, the embeddings wait on the CPU (2.7 MB per prompt in bf16 with T5's 256 tokens);
+    2. the MMDiT(s) and the VAE load; per batch of --batch images: noise, samplers.sample, VAE decode,
+       PNGs written atomically (a temporary file renamed: a killed run leaves no half image);
+    3. OUT/index.jsonl and the contact sheet OUT/contact.png, rebuilt from the PNGs.
+
+Output: OUT/images/PPPPP-KK.png (prompt P, image K, seed + K) with the prompt, negative prompt, method,
+w, steps, seed, NFE, model file name, seconds per image (sampling + decoding) in its PNG text metadata.
+Images already there are skipped (re-running a killed job continues it) if made with the same settings
+(else: an error). --toy: the toy world of toy.py (its cached teacher, W2SD pair and text encoders;
+images are its 16 x 16 latents, saved 8x larger with nearest neighbour).
+
+Shape legend: B batch, C latent channels, h w latent size, L tokens, Dc context width, Dy pooled width.
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
+
+import cli
+import embed
+import mmdit
+import samplers
+import vae
+from checkpoint import atomic_write  # the project's one atomic-write mechanism
+from plots import image_grid
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CLIP_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+T5_PARTS = ("text_encoder_3", "tokenizer_3")
+DEFAULT_W = 5.0  # the released student's inference setting (SPEC.md section 5)
+TOY_VIEW = 8  # toy images are saved this many times larger (nearest neighbour)
+SHEET = (8, 8)  # the contact sheet: at most this many prompts x images per prompt
+ENCODE_CHUNK = 16  # prompts through the text encoders at once
+# the fields of a PNG's record that must match for an existing image to count as done
+SETTINGS = ("prompt", "negative_prompt", "method", "w", "steps", "seed", "model", "student", "student_method",
+            "res", "dtype", "preset", "w_rounding", "no_t5", "w2sd")
+
+
+# -----------------------------------------------------------------------------
+# Prompts and pictures
+
+
+def load_prompts(path):
+    """A list of prompts from a .txt (one per line), .json (a list) or .jsonl ({"prompt": ...})."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts: no file {path!r} (expected .txt one prompt per line, a .json list, "
+                                f"or .jsonl with a 'prompt' field)")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+        elif path.endswith(".json"):
+            data = json.load(f)
+            if not isinstance(data, list):
+                raise ValueError(f"prompts: {path!r} is not a JSON list of strings")
+            prompts = [str(p) for p in data]
+        else:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts: {path!r} holds no prompts")
+    return prompts
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def save_png(image, path, record):
+    """A PIL image with `record` in its text metadata (each field, and all of it as JSON under
+    "teefusion"), written atomically."""
+    info = PngInfo()
+    for k, v in record.items():
+        info.add_text(k, "" if v is None else str(v))
+    info.add_text("teefusion", json.dumps(record))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_record(path):
+    with Image.open(path) as im:
+        text = im.info.get("teefusion")
+    if text is None:
+        raise ValueError(f"{path}: a PNG without generate.py's metadata; use another --out")
+    return json.loads(text)
+
+
+# -----------------------------------------------------------------------------
+# Arguments, and every check that can be made before anything heavy loads
+
+
+def add_arguments(parser, exclude=()):
+    """The generation arguments (shared with `evaluate.py table4`, which leaves out `exclude`)."""
+    def add(*names, **kw):
+        if names[0] not in exclude:
+            parser.add_argument(*names, **kw)
+
+    add("--model", help="SD3 MMDiT: a diffusers pipeline folder (its text encoders and VAE are the defaults), "
+        "a transformer folder or a Stability single file (whose first_stage_model.* VAE is the default)")
+    add("--text-encoders", help="a folder in the diffusers layout: text_encoder, tokenizer, text_encoder_2, "
+        "tokenizer_2 (CLIP-L, CLIP-G), text_encoder_3, tokenizer_3 (T5) (default: --model's)")
+    add("--vae", help="SD3 VAE: a Stability file, VAE file or diffusers vae/ folder (default: --model's)")
+    add("--toy", action="store_true", help="the toy world of toy.py instead of SD3 (built, or reused, in "
+        "--toy-cache): its teacher, W2SD pair and text encoders; no --model")
+    add("--toy-cache", default="cache/toy", help="where the toy world is cached (default cache/toy)")
+    add("--method", default="cfg", choices=samplers.METHODS, help="the sampler (default cfg)")
+    add("--w", type=float, help=f"the paper's guidance w >= 0 (Eq. 2; diffusers' guidance_scale is 1 + w; the "
+        f"released TeEFusion pipeline's guidance_scale is w itself); default {DEFAULT_W}; none for euler")
+    add("--steps", type=int, default=50, help="sampling steps (default 50, the released student's)")
+    add("--prompt", action="append", help="a prompt (repeat for several)")
+    add("--prompts", help="a prompt file: .txt one per line, .json list, .jsonl with a 'prompt' field")
+    add("--negative-prompt", default="", help="the null branch of CFG and of the reflection samplers; for the "
+        "student, y_null of Eq. 7 (its pooled vector only). Default: the empty string (the paper's null prompt)")
+    add("--seed", type=int, default=0, help="image k of every prompt uses seed + k (as diffusers' generator)")
+    add("--n-per-prompt", type=int, default=1, help="images per prompt")
+    add("--res", type=int, help="image side in pixels, a multiple of 16 (default 1024; the toy world has its own)")
+    add("--out", default="runs/generate", help="output folder: OUT/images/*.png, OUT/index.jsonl, OUT/contact.png "
+        "(default runs/generate)")
+    add("--student", help="--method student: the student's MMDiT as distill.py writes it (fusion.safetensors "
+        "beside it for distillcfg / dice), or a diffusers transformer folder with txt_align_guidance")
+    add("--student-method", choices=sorted(embed.FUSIONS), help="the student's method, for files whose "
+        "metadata does not say it (default: the metadata's teefusion_method)")
+    add("--w-rounding", choices=("float32", "model"), default="float32", help="student only: form 1000 w in "
+        "float32 (this project's students) or in the model dtype, as the authors' released pipeline does "
+        "(to reproduce images of their released bf16 weights)")
+    add("--strong", help="w2sd: the strong model (default: --model's transformer)")
+    add("--weak", help="w2sd: the weak model")
+    add("--w2sd-finetuned", help="w2sd: a fine-tune of --model's transformer; the pair is built from "
+        "delta = fine-tune - base (W2SD's release): strong = base + 1.5 delta, weak = base - 1.5 delta")
+    add("--strong-scale", type=float, default=1.5, help="w2sd with --w2sd-finetuned: strong = base + s delta")
+    add("--weak-scale", type=float, default=-1.5, help="w2sd with --w2sd-finetuned: weak = base + s delta")
+    add("--w2sd-main", action="store_true", help="w2sd: move after the reflection with a main model (the W2SD "
+        "release: base + 0.8 delta with --w2sd-finetuned, else --model) instead of the strong one (Eq. 4)")
+    add("--main-scale", type=float, default=0.8, help="w2sd with --w2sd-finetuned --w2sd-main")
+    add("--preset", choices=sorted(samplers.PRESETS), default="flow", help="zsampling / w2sd reflection "
+        "settings: flow (the Z-Sampling authors' SD3.5 code, default) or sdxl")
+    add("--no-t5", action="store_true", help="run without T5 (its tokens are zeros, as SD3 allows)")
+    add("--dtype", choices=sorted(DTYPES), help="bf16 (default on CUDA) | fp16 | fp32 (default on CPU); "
+        "T5 never runs in fp16 (bf16 instead), the VAE runs in fp32 under fp16")
+    add("--device", help="cuda or cpu (default: cuda when available)")
+    add("--batch", type=int, default=1, help="images sampled at once (default 1)")
+
+
+def build_parser():
+    parser = cli.parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+@dataclass
+class Plan:
+    """Everything checked and resolved before anything heavy loads."""
+    args: argparse.Namespace
+    prompts: list
+    jobs: list  # (prompt index, image index k) of every image of the run
+    done: dict  # job -> record of the images already there
+    res: int
+    device: torch.device
+    dtype: torch.dtype
+    record: dict  # the settings every image of the run carries
+    text_encoders: str = None
+    vae: str = None
+    student_method: str = None
+    world: object = field(default=None, repr=False)
+
+
+def _need(path, flag):
+    if path is not None and not os.path.exists(path):
+        raise FileNotFoundError(f"{flag}: no file or folder {path!r}")
+
+
+def _holds_vae(path):
+    """Does a safetensors file hold a VAE (Stability single file: first_stage_model.*)? Header only."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return any(k.startswith("first_stage_model.") for k in f.keys())
+
+
+def _sources(a):
+    """(text-encoder folder, VAE path) from --text-encoders / --vae, else from what --model holds."""
+    pipeline = os.path.isdir(a.model) and os.path.isdir(os.path.join(a.model, "transformer"))
+    encoders = a.text_encoders or (a.model if pipeline else None)
+    if encoders is None:
+        raise FileNotFoundError(f"--text-encoders: --model {a.model!r} holds no text encoders (a transformer folder "
+                                "or a single file); pass a folder in the diffusers layout")
+    for part in CLIP_PARTS + (() if a.no_t5 else T5_PARTS):
+        if not os.path.isdir(os.path.join(encoders, part)):
+            hint = " (or --no-t5 to run without T5)" if part in T5_PARTS else ""
+            raise FileNotFoundError(f"--text-encoders: no folder {os.path.join(encoders, part)!r}{hint}")
+    vae_path = a.vae
+    if vae_path is None:
+        if pipeline and os.path.isdir(os.path.join(a.model, "vae")):
+            vae_path = os.path.join(a.model, "vae")
+        elif os.path.isfile(a.model) and _holds_vae(a.model):
+            vae_path = a.model
+        else:
+            raise FileNotFoundError(f"--vae: --model {a.model!r} holds no VAE (no vae/ folder, no "
+                                    "first_stage_model.* tensors); pass --vae")
+    _need(vae_path, "--vae")
+    return encoders, vae_path
+
+
+def _check_res(res, configs):
+    for flag, cfg in configs:
+        p = cfg.patch_size
+        if res % (8 * p):
+            raise ValueError(f"--res {res} is not a multiple of {8 * p} (the VAE's 8 x the MMDiT's {p} x {p} patches)")
+        if res // (8 * p) > cfg.pos_embed_max_size:
+            raise ValueError(f"--res {res} is beyond the position table of {flag} ({cfg.pos_embed_max_size} patches "
+                             f"per side): at most {cfg.pos_embed_max_size * 8 * p}")
+
+
+def _check_writable(out):
+    try:
+        os.makedirs(os.path.join(out, "images"), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise PermissionError(f"--out: cannot write to {out!r}: {e.strerror or e}") from None
+
+
+def _name(path):
+    return os.path.basename(os.path.normpath(path)) if path else None
+
+
+def _check_method(a, toy_world):
+    """The method's own flags; returns the w the images are made at (None for euler)."""
+    if a.method == "euler" and a.w is not None:
+        raise ValueError("--w: euler is the unguided sampler (diffusers' guidance_scale 1) and takes no --w")
+    w = None if a.method == "euler" else (DEFAULT_W if a.w is None else a.w)
+    if w is not None and not (math.isfinite(w) and w >= 0):
+        raise ValueError(f"--w {w}: the paper's guidance must be finite and >= 0 (Eq. 2: (1 + w) v(c) - w v(null); "
+                         "diffusers' guidance_scale is 1 + w)")
+    if (a.method == "student") != (a.student is not None):
+        raise ValueError("--method student needs --student PATH" if a.student is None
+                         else f"--student is for --method student, not {a.method}")
+    if a.w_rounding == "model" and a.method != "student":
+        raise ValueError("--w-rounding applies to --method student")
+    pair = [f for f in ("strong", "weak", "w2sd_finetuned") if getattr(a, f)] + (["w2sd_main"] if a.w2sd_main else [])
+    if a.method != "w2sd" and pair:
+        raise ValueError(f"--{pair[0].replace('_', '-')} is for --method w2sd")
+    if a.method == "w2sd" and a.w2sd_finetuned and (a.strong or a.weak):
+        raise ValueError("w2sd: give --w2sd-finetuned or --strong/--weak, not both")
+    if a.method == "w2sd" and not (a.weak or a.w2sd_finetuned or toy_world):
+        raise ValueError("w2sd needs a model pair: --weak PATH (and --strong, default --model) or --w2sd-finetuned")
+    return w
+
+
+def _check_models(a, toy_world):
+    """Every checkpoint and folder, from headers only: (image side, text-encoder folder, VAE path)."""
+    for flag in ("student", "strong", "weak", "w2sd_finetuned"):
+        _need(getattr(a, flag), "--" + flag.replace("_", "-"))
+    if toy_world:
+        given = [f for f in ("model", "text_encoders", "vae", "res") if getattr(a, f) is not None]
+        if given or a.no_t5:
+            raise ValueError(f"--{(given or ['no-t5'])[0].replace('_', '-')}: the toy world brings its own models, "
+                             "text encoders and image size")
+        import toy  # only here: the SD3 path does not need the toy world
+        return toy.W, None, None
+    if a.model is None:
+        raise ValueError("--model is required (an SD3 checkpoint), or --toy for the toy world")
+    _need(a.model, "--model")
+    text_encoders, vae_path = _sources(a)
+    base = mmdit.read_config(a.model)
+    configs = [("--model", base)] + [("--" + f.replace("_", "-"), mmdit.read_config(getattr(a, f)))
+                                     for f in ("student", "strong", "weak", "w2sd_finetuned") if getattr(a, f)]
+    for flag, cfg in configs[1:]:
+        if (cfg.in_channels, cfg.context_dim, cfg.pooled_dim) != (base.in_channels, base.context_dim, base.pooled_dim):
+            raise ValueError(f"{flag} does not take --model's inputs: {cfg.in_channels} latent channels, context "
+                             f"{cfg.context_dim}, pooled {cfg.pooled_dim} vs {base.in_channels}, "
+                             f"{base.context_dim}, {base.pooled_dim}")
+    res = 1024 if a.res is None else a.res
+    _check_res(res, configs)
+    return res, text_encoders, vae_path
+
+
+def check(args, world=None):
+    """Check every argument (files, folders, sizes, the checkpoint headers, --out, the images already
+    there) and return a Plan; loads no model. world: a toy.ToyWorld already built (for Python callers;
+    --toy builds or reuses one when the images are made)."""
+    a = argparse.Namespace(**vars(args))
+    if (a.prompt is None) == (a.prompts is None):
+        raise ValueError("give --prompt (one or more) or --prompts FILE, not both" if a.prompt
+                         else "no prompt: give --prompt TEXT or --prompts FILE")
+    prompts = list(a.prompt) if a.prompt is not None else load_prompts(a.prompts)
+    if any(not p.strip() for p in prompts):
+        raise ValueError("--prompt: an empty prompt")
+    for flag in ("steps", "n_per_prompt", "batch"):
+        if getattr(a, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)} must be at least 1")
+    if a.seed < 0:
+        raise ValueError(f"--seed {a.seed} must be >= 0")
+    toy_world = a.toy or world is not None
+    w = _check_method(a, toy_world)
+    res, text_encoders, vae_path = _check_models(a, toy_world)
+    student_method = embed.student_files(a.student, a.student_method)[0] if a.student else None
+    if a.w_rounding == "model" and student_method != "teefusion":
+        raise ValueError(f"--w-rounding model applies to TeEFusion students, not {student_method!r}")
+    if student_method == "dice":
+        w = embed.DICE_W  # DICE samples at the one guidance it was trained for
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    _check_writable(a.out)
+    record = dict(negative_prompt=a.negative_prompt, method=a.method, w=w, steps=a.steps,
+                  model="toy world" if toy_world else _name(a.model), student=_name(a.student),
+                  student_method=student_method, res=res, dtype=str(dtype).split(".")[-1],
+                  preset=a.preset if a.method in ("zsampling", "w2sd") else None,
+                  w_rounding=a.w_rounding if a.method == "student" else None, no_t5=a.no_t5,
+                  w2sd=_w2sd_description(a) if a.method == "w2sd" else None)
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(a.n_per_prompt)]
+    plan = Plan(a, prompts, jobs, {}, res, device, dtype, record, text_encoders, vae_path, student_method, world)
+    for job in jobs:  # images already made: skipped if they were made with these settings
+        path = image_path(plan, job)
+        if os.path.isfile(path):
+            old, new = read_record(path), expected(plan, job)
+            bad = [k for k in SETTINGS if old.get(k) != new.get(k)]
+            if bad:
+                raise FileExistsError(f"{path} was made with {bad[0]}={old.get(bad[0])!r}, not {new.get(bad[0])!r}: "
+                                      "give another --out for other settings")
+            plan.done[job] = old
+    return plan
+
+
+def _w2sd_description(a):
+    main = f", main {a.main_scale:+g}" if a.w2sd_main else ""
+    if a.w2sd_finetuned:
+        return f"finetune {_name(a.w2sd_finetuned)} strong {a.strong_scale:+g}, weak {a.weak_scale:+g}{main}"
+    toy = "the toy world's"  # without --model: the toy world's teacher (strong, main) and weak model
+    return f"strong {_name(a.strong or a.model) or toy}, weak {_name(a.weak) or toy}{main and ', main --model'}"
+
+
+def image_path(plan, job):
+    i, k = job
+    return os.path.join(plan.args.out, "images", f"{i:05d}-{k:02d}.png")
+
+
+def expected(plan, job):
+    i, k = job
+    return dict(file=os.path.join("images", os.path.basename(image_path(plan, job))), prompt=plan.prompts[i],
+                prompt_index=i, image_index=k, seed=plan.args.seed + k, **plan.record)
+
+
+# -----------------------------------------------------------------------------
+# The heavy part: text encoders, then MMDiT(s) and VAE
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def synchronize(device):
+    """Wait for the device's queued work (CUDA runs asynchronously), so that wall times are true."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def encode(plan, indices):
+    """The prompts' (context (P, L, Dc), y (P, Dy)) and the negative prompt's (1, L, Dc), (1, Dy), on
+    the CPU. The text encoders (SD3's, from disk) are freed before returning."""
+    a = plan.args
+    if plan.world is not None:
+        encoders = plan.world.encoders
+    else:
+        context_dim = mmdit.read_config(a.model).context_dim
+        encoders = embed.TextEncoders.from_pretrained(plan.text_encoders, plan.device, plan.dtype, use_t5=not a.no_t5,
+                                                      context_dim=context_dim)
+    chunks = [encoders.encode([plan.prompts[i] for i in indices[j:j + ENCODE_CHUNK]])
+              for j in range(0, len(indices), ENCODE_CHUNK)]
+    context = torch.cat([c.cpu() for c, _ in chunks])  # (P, L, Dc)
+    y = torch.cat([y.cpu() for _, y in chunks])  # (P, Dy)
+    context_null, y_null = encoders.encode_null() if a.negative_prompt == "" else encoders.encode([a.negative_prompt])
+    null = context_null.cpu(), y_null.cpu()  # (1, L, Dc), (1, Dy)
+    del encoders, chunks
+    free_memory(plan.device)
+    return context, y, null
+
+
+def load_models(plan):
+    """{model, weak, main, fusion} for samplers.sample, on the device in the run's dtype."""
+    a, dev, dt = plan.args, plan.device, plan.dtype
+    world = plan.world
+    base = world.teacher_path if world is not None else a.model
+
+    def load(path):
+        return mmdit.load_mmdit(path, dev, dt).requires_grad_(False)
+
+    def blend(scale):
+        return mmdit.load_mmdit_blend(base, a.w2sd_finetuned, scale, dev, dt).requires_grad_(False)
+
+    m = dict(model=None, weak=None, main=None, fusion=None)
+    if a.method == "student":
+        w_dtype = dt if a.w_rounding == "model" else None
+        m["model"], m["fusion"] = embed.load_student(a.student, plan.student_method, dev, dt, w_dtype=w_dtype)
+    elif a.method == "w2sd" and a.w2sd_finetuned:
+        m["model"], m["weak"] = blend(a.strong_scale), blend(a.weak_scale)
+        m["main"] = blend(a.main_scale) if a.w2sd_main else None
+    elif a.method == "w2sd":
+        m["model"] = load(a.strong or (world.strong_path if world is not None else a.model))
+        m["weak"] = load(a.weak or world.weak_path)
+        m["main"] = load(base) if a.w2sd_main else None
+    else:
+        m["model"] = load(base)
+    return m
+
+
+def iter_images(plan, jobs):
+    """Yield (jobs of a batch, images (B, 3, H, W) float32 in [-1, 1] on the CPU, NFE per image, seconds
+    per image), --batch jobs at a time: the text encoders run first and are freed, then the MMDiT(s)
+    and the VAE load."""
+    a, device = plan.args, plan.device
+    indices = sorted({i for i, _ in jobs})
+    row = {i: r for r, i in enumerate(indices)}
+    context, y, (context_null, y_null) = encode(plan, indices)
+    models = load_models(plan)
+    cfg = models["model"].config
+    if plan.world is not None:  # the toy world: the images are the latents (identity VAE), H x W pixels
+        import toy
+        hw, decode = (toy.H, toy.W), (lambda x: x)
+    else:
+        decoder = vae.load_vae(plan.vae, device, torch.float32 if plan.dtype == torch.float16 else plan.dtype)
+        hw, decode = (plan.res // decoder.config.downsample,) * 2, decoder.decode
+    ctx_null, yn = context_null.to(device), y_null.to(device)
+    for b in range(0, len(jobs), a.batch):
+        batch = jobs[b:b + a.batch]
+        # image k of a prompt starts from seed + k, drawn on the CPU in float32 (diffusers' convention)
+        noise = torch.cat([torch.randn(1, cfg.in_channels, *hw, generator=torch.Generator("cpu").manual_seed(
+            a.seed + k)) for _, k in batch]).to(device)  # (B, C, h, w)
+        rows = torch.tensor([row[i] for i, _ in batch])
+        ctx, yy = context[rows].to(device), y[rows].to(device)  # (B, L, Dc), (B, Dy)
+        synchronize(device)
+        start = time.perf_counter()
+        x0, nfe = samplers.sample(a.method, models["model"], noise, ctx, yy, ctx_null, yn, w=plan.record["w"],
+                                  steps=a.steps, preset=a.preset, weak=models["weak"], main=models["main"],
+                                  fusion=models["fusion"])
+        images = decode(x0)  # (B, 3, H, W)
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / len(batch)
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(f"non-finite image for prompt {batch[0][0]} in {plan.dtype}; try --dtype fp32")
+        yield batch, images.float().cpu(), nfe, seconds
+    del models
+    free_memory(device)
+
+
+def run(plan, progress=True):
+    """Make the images of a checked plan that are not there yet; write OUT/index.jsonl and the contact
+    sheet. Returns the records of all its images, in job order."""
+    a = plan.args
+    missing = [job for job in plan.jobs if job not in plan.done]
+    records = dict(plan.done)
+    if missing:
+        if a.toy and plan.world is None:
+            import toy
+            plan.world = toy.build_world(cache_dir=a.toy_cache, progress=progress)
+        threads = torch.get_num_threads()
+        if plan.world is not None:  # the toy's tensors are tiny: a second CPU thread costs more than it brings
+            torch.set_num_threads(1)
+        try:
+            bar = tqdm(total=len(missing), unit="image", desc=f"generate {a.method}", disable=not progress)
+            for batch, images, nfe, seconds in iter_images(plan, missing):
+                for job, pil in zip(batch, vae.to_pil(images)):
+                    if plan.world is not None:
+                        pil = pil.resize((pil.width * TOY_VIEW, pil.height * TOY_VIEW), Image.NEAREST)
+                    records[job] = dict(expected(plan, job), nfe=nfe, seconds=round(seconds, 6))
+                    save_png(pil, image_path(plan, job), records[job])
+                bar.update(len(batch))
+            bar.close()
+        finally:
+            torch.set_num_threads(threads)
+    records = [records[job] for job in plan.jobs]
+    write_text(os.path.join(a.out, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    contact_sheet(plan, records)
+    return records
+
+
+def contact_sheet(plan, records):
+    """OUT/contact.png: the first prompts (rows, labelled with the prompt) x their images (seeds)."""
+    n_prompts, n_images = SHEET
+    rows, labels = [], []
+    for r in records:
+        if r["prompt_index"] < n_prompts and r["image_index"] < n_images:
+            if r["image_index"] == 0:
+                rows.append([])
+                labels.append(r["prompt"])
+            with Image.open(os.path.join(plan.args.out, r["file"])) as im:
+                rows[-1].append(im.convert("RGB"))
+    cell = min(256, max(rows[0][0].size))
+    seeds = [f"seed {plan.args.seed + k}" for k in range(min(n_images, plan.args.n_per_prompt))]
+    w = "" if plan.record["w"] is None else f", w {plan.record['w']:g}"
+    seeds[0] = f"{plan.args.method}{w}: {seeds[0]}"
+    image_grid(rows, os.path.join(plan.args.out, "contact.png"), labels, seeds, cell,
+               Image.NEAREST if plan.world is not None else Image.BICUBIC)
+
+
+def generate(prompts, out, world=None, progress=True, **options):
+    """Python entry: generate(["a photo of a cat"], "out/cfg", model="/w/sd3", method="cfg", w=5.0, ...).
+    options: the command-line arguments by their dest names (n_per_prompt=4, negative_prompt=...).
+    world: a toy.ToyWorld already built (instead of toy=True). Returns the records of the images."""
+    args = build_parser().parse_args([])
+    for k, v in options.items():
+        if not hasattr(args, k) or k in ("prompt", "prompts", "out"):
+            raise TypeError(f"generate() got an unexpected option {k!r}")
+        setattr(args, k, v)
+    args.prompt, args.out = [prompts] if isinstance(prompts, str) else list(prompts), out
+    return run(check(args, world), progress)
+
+
+def main(args):
+    plan = check(args)
+    records = run(plan)
+    made = len(plan.jobs) - len(plan.done)
+    print(f"{made} images made, {len(plan.done)} already there: {os.path.join(plan.args.out, 'images')} "
+          f"(index.jsonl, contact.png beside it); NFE {records[0]['nfe']} per image")
+    return records
+
+
+if __name__ == "__main__":
+    cli.run(main, build_parser())

@@ -1,0 +1,317 @@
+"""
+generate.py against diffusers' StableDiffusion3Pipeline (test-only oracle) on a tiny random SD3 pipeline
+built here (tiny SD3Transformer2DModel, a tiny AutoencoderKL with SD3's 16 latent channels and scale /
+shift, tiny CLIP-L, CLIP-G and T5 with word tokenizers), the same seeds giving the same images; the
+same model as a Stability single file; a student through generate against samplers.sample("student")
+decoded (TeEFusion, and DistillCFG with its fusion file); the toy world through the same
+command; resuming; the PNG metadata; bad input (one `error:` line, exit 2, nothing heavy loaded);
+evaluate.py's table4 protocol end to end with a tiny random CLIP scorer.
+
+    python -m pytest -q tests/test_generate.py -s     # -s prints the parity numbers
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from safetensors.torch import save_file
+
+import cli
+import embed
+import evaluate
+import generate
+import mmdit
+import samplers
+import toy
+import vae
+
+diffusers = pytest.importorskip("diffusers")
+from test_embed import tiny_clip, tiny_t5, word_tokenizer  # noqa: E402  (tiny text encoders, built on the spot)
+from test_vae import make_reference  # noqa: E402  (a tiny AutoencoderKL shaped like SD3's)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red cat on the left", "the big blue square right of a small green circle"]
+STEPS, RES, N = 4, 64, 2
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_vae_config):
+    """(diffusers StableDiffusion3Pipeline, the folder it was saved to with save_pretrained)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                        caption_projection_dim=16, pooled_projection_dim=40, out_channels=16,
+                                        pos_embed_max_size=8).eval()  # images up to 8 * 2 * 8 = 128 px
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=make_reference(tiny_vae_config), text_encoder=tiny_clip(16, 0),
+        tokenizer=word_tokenizer("<s>", "</s>", "</s>", 77), text_encoder_2=tiny_clip(24, 1),
+        tokenizer_2=word_tokenizer("<s>", "</s>", "!", 77), text_encoder_3=tiny_t5(2),
+        tokenizer_3=word_tokenizer(None, "</s>", "<pad>", 256))
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("sd3") / "pipeline"
+    pipe.save_pretrained(folder)
+    return pipe, str(folder)
+
+
+@pytest.fixture(scope="module")
+def single_file(pipeline):
+    """The pipeline's MMDiT and VAE as one Stability single file (model.diffusion_model.*, first_stage_model.*)."""
+    _, folder = pipeline
+    model = mmdit.load_mmdit(folder)
+    tensors = {"model.diffusion_model." + k: v for k, v in model.state_dict().items()}
+    tensors.update({"first_stage_model." + k: v for k, v in vae.load_vae(folder).state_dict().items()})
+    path = os.path.join(os.path.dirname(folder), "sd3_tiny.safetensors")
+    # the head count (2 heads of 8) cannot be read off the shapes, whose rule is SD3's 64 per head: say it
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path,
+              {"mmdit_config": json.dumps(dataclasses.asdict(model.config))})
+    return path
+
+
+def run_main(argv, world=None):
+    """generate.py's command line in this process (cli.run: errors become SystemExit)."""
+    args = generate.build_parser().parse_args([str(a) for a in argv])
+    return generate.run(generate.check(args, world), progress=False)
+
+
+def png_floats(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255  # (H, W, 3) in [0, 1]
+
+
+@pytest.mark.parametrize("method, w, negative", [("euler", None, None), ("cfg", 2.0, None), ("cfg", 4.0, "dog")])
+def test_same_seeds_same_images_as_diffusers(pipeline, tmp_path, method, w, negative):
+    pipe, folder = pipeline
+    out = tmp_path / "out"
+    argv = ["--model", folder, "--method", method, "--steps", STEPS, "--res", RES, "--n-per-prompt", N,
+            "--seed", 3, "--out", out, "--batch", 3] + sum((["--prompt", p] for p in PROMPTS), [])
+    argv += ["--w", w] if w is not None else []
+    argv += ["--negative-prompt", negative] if negative else []
+    args = generate.build_parser().parse_args([str(a) for a in argv])
+    plan = generate.check(args)
+    ours = {job: x for batch, images, _, _ in generate.iter_images(plan, plan.jobs) for job, x in zip(batch, images)}
+    records = generate.run(plan, progress=False)
+    worst, levels = 0.0, 0
+    for i, prompt in enumerate(PROMPTS):
+        # diffusers' guidance_scale is 1 + w; at 1 it skips the null branch (the unguided teacher)
+        ref = pipe(prompt=prompt, negative_prompt=negative, num_inference_steps=STEPS, height=RES, width=RES,
+                   guidance_scale=1.0 if w is None else samplers.w_to_guidance_scale(w), num_images_per_prompt=N,
+                   generator=[torch.Generator("cpu").manual_seed(3 + k) for k in range(N)], output_type="np").images
+        for k in range(N):
+            x = ((ours[i, k] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, 3) in [0, 1]
+            worst = max(worst, float(np.abs(x - ref[k]).max()))
+            png = np.asarray(Image.open(out / "images" / f"{i:05d}-{k:02d}.png"), dtype=np.int16)
+            levels = max(levels, int(np.abs(png - (ref[k] * 255).round().astype(np.int16)).max()))
+    print(f"\n{method} w={w}: max |ours - diffusers| {worst:.2e} (float), {levels} uint8 levels")
+    assert worst <= 1e-4 and levels <= 1
+    seeds = [png_floats(out / "images" / f"00000-0{k}.png") for k in range(2)]
+    assert np.abs(seeds[0] - seeds[1]).max() > 0.05  # the images are not all alike
+    assert [r["nfe"] for r in records] == [STEPS * (1 if method == "euler" else 2)] * len(records)
+
+
+def test_stability_single_file_with_text_encoders_from_a_folder(pipeline, single_file, tmp_path):
+    """--model a Stability single file: its VAE (first_stage_model.*) is the default, the text encoders
+    come from --text-encoders; the same images as from the pipeline folder."""
+    _, folder = pipeline
+    common = ["--method", "cfg", "--w", 2, "--steps", 2, "--res", RES, "--prompt", PROMPTS[0]]
+    a = run_main(["--model", folder, "--out", tmp_path / "a"] + common)
+    b = run_main(["--model", single_file, "--text-encoders", folder, "--out", tmp_path / "b"] + common)
+    assert np.array_equal(png_floats(tmp_path / "a" / a[0]["file"]), png_floats(tmp_path / "b" / b[0]["file"]))
+    assert b[0]["model"] == "sd3_tiny.safetensors"
+
+
+def test_student_equals_samplers_student_decoded(pipeline, tmp_path):
+    """A student exported as distill.py writes it (its method in the metadata), through generate, against
+    samplers.sample("student") on the same encodings and noise, decoded by vae.py; also DistillCFG with
+    its fusion.safetensors beside the student."""
+    _, folder = pipeline
+    model = mmdit.load_mmdit(folder)
+    for method in ("teefusion", "distillcfg"):
+        run_dir = tmp_path / method
+        run_dir.mkdir()
+        mmdit.save_mmdit(model, str(run_dir / "student.safetensors"), {"teefusion_method": method})
+        torch.manual_seed(1)
+        fusion = embed.make_fusion(method, model.config)
+        if method == "distillcfg":
+            save_file({k: v.contiguous() for k, v in fusion.state_dict().items()},
+                      str(run_dir / "fusion.safetensors"), {"teefusion_method": method})
+        run_main(["--model", folder, "--method", "student", "--student", run_dir / "student.safetensors",
+                  "--w", 3, "--steps", STEPS, "--res", RES, "--prompt", PROMPTS[1], "--negative-prompt", "photo",
+                  "--seed", 5, "--out", run_dir / "out"])
+        encoders = embed.TextEncoders.from_pretrained(folder, context_dim=model.config.context_dim)
+        context, y = encoders.encode([PROMPTS[1]])
+        context_null, y_null = encoders.encode(["photo"])
+        noise = torch.randn(1, 16, RES // 8, RES // 8, generator=torch.Generator("cpu").manual_seed(5))
+        x0, nfe = samplers.sample("student", model, noise, context, y, context_null, y_null, w=3.0, steps=STEPS,
+                                  fusion=fusion)
+        ref = vae.to_uint8(vae.load_vae(folder).decode(x0))[0].numpy().astype(np.int16)  # (H, W, 3)
+        png = np.asarray(Image.open(run_dir / "out" / "images" / "00000-00.png"), dtype=np.int16)
+        print(f"\nstudent ({method}) vs samplers.sample decoded: {np.abs(png - ref).max()} uint8 levels")
+        assert np.abs(png - ref).max() <= 1 and nfe == STEPS
+    model2, fusion2 = embed.load_student(str(run_dir / "student.safetensors"))  # the method from the metadata
+    assert isinstance(fusion2, embed.DistillCFG) and torch.equal(fusion2.guidance_in.mlp[0].weight,
+                                                                 fusion.guidance_in.mlp[0].weight)
+    with pytest.raises(ValueError, match="trained as 'distillcfg'"):
+        embed.student_files(str(run_dir / "student.safetensors"), "teefusion")
+    os.remove(run_dir / "fusion.safetensors")
+    with pytest.raises(FileNotFoundError, match="fusion.safetensors"):
+        embed.load_student(str(run_dir / "student.safetensors"))
+
+
+def test_resume_metadata_index_and_sheet(pipeline, tmp_path):
+    _, folder = pipeline
+    out = tmp_path / "out"
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    argv = ["--model", folder, "--method", "zsampling", "--w", 2, "--steps", 3, "--res", RES, "--n-per-prompt", 2,
+            "--prompts", tmp_path / "p.jsonl", "--out", out]
+    first = run_main(argv)
+    files = sorted(os.listdir(out / "images"))
+    assert files == ["00000-00.png", "00000-01.png", "00001-00.png", "00001-01.png"]
+    info = Image.open(out / "images" / "00001-01.png").info  # the PNG's own text metadata
+    assert info["prompt"] == PROMPTS[1] and info["negative_prompt"] == "" and info["method"] == "zsampling"
+    assert (info["w"], info["steps"], info["seed"], info["nfe"]) == ("2.0", "3", "1", str(6 * 2 + 2))
+    assert info["model"] == "pipeline" and float(info["seconds"]) > 0
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert index == first and index[3]["file"] == os.path.join("images", "00001-01.png")
+    sheet = Image.open(out / "contact.png")
+    assert sheet.size == (110 + 2 * (RES + 2), 20 + 2 * (RES + 2))  # 2 prompts x 2 seeds, labelled, 2 px gutters
+    stamps = {f: os.stat(out / "images" / f).st_mtime_ns for f in files}
+    time.sleep(0.01)
+    assert run_main(argv) == first  # nothing new: every image was there
+    assert {f: os.stat(out / "images" / f).st_mtime_ns for f in files} == stamps
+    before = png_floats(out / "images" / "00001-00.png")
+    os.remove(out / "images" / "00001-00.png")
+    again = run_main(argv)
+    assert {f: os.stat(out / "images" / f).st_mtime_ns for f in files if f != "00001-00.png"} == \
+        {f: s for f, s in stamps.items() if f != "00001-00.png"}  # only the deleted one was made again
+    assert np.array_equal(png_floats(out / "images" / "00001-00.png"), before) and again[2]["seed"] == 0
+    assert not [f for f in os.listdir(out / "images") if ".tmp-" in f]  # no temporary files left
+    with pytest.raises(FileExistsError, match="00000-00.png was made with w=2.0, not 3.0"):
+        run_main(argv[:4] + ["--w", 3] + argv[6:])
+
+
+def test_toy_world_through_the_same_command(tmp_path, monkeypatch):
+    world = toy.build_world(cache_dir=str(tmp_path / "cache"), progress=False,
+                            settings=toy.TrainSettings(steps=30, weak_step=10))
+    student = str(tmp_path / "student.safetensors")
+    mmdit.save_mmdit(mmdit.load_mmdit(world.teacher_path), student, {"teefusion_method": "teefusion"})
+    monkeypatch.setattr(toy, "build_world", lambda **kw: world)  # the command line's --toy, on this small world
+    prompt = "a red plus left of a blue square"
+    args = generate.build_parser().parse_args(["--toy", "--prompt", prompt, "--method", "student", "--student",
+                                               student, "--steps", "6", "--w", "4", "--out", str(tmp_path / "out")])
+    records = generate.main(args)
+    png = np.asarray(Image.open(tmp_path / "out" / "images" / "00000-00.png"))
+    assert png.shape == (toy.H * generate.TOY_VIEW, toy.W * generate.TOY_VIEW, 3) and records[0]["nfe"] == 6
+    context, y = world.encoders.encode([prompt])
+    context_null, y_null = world.encoders.encode_null()
+    noise = torch.randn(1, 3, toy.H, toy.W, generator=torch.Generator("cpu").manual_seed(0))
+    x0, _ = samplers.sample("student", mmdit.load_mmdit(student), noise, context, y, context_null, y_null, w=4.0,
+                            steps=6)
+    ref = vae.to_uint8(x0)[0].numpy().repeat(generate.TOY_VIEW, 0).repeat(generate.TOY_VIEW, 1)  # nearest x8
+    assert np.abs(png.astype(int) - ref.astype(int)).max() <= 1
+    w2sd = generate.generate([prompt], str(tmp_path / "w2sd"), world=world, method="w2sd", steps=3, progress=False)
+    assert w2sd[0]["nfe"] == 6 * 2 + 2 and "toy world" in w2sd[0]["w2sd"]
+
+
+# ---- bad input: one `error:` line naming the thing, exit status 2, before anything heavy loads ----
+
+BAD = [
+    (["--model", "{broken}", "--prompt", "a cat"], "{broken}/tokenizer_2"),  # the pipeline without tokenizer_2
+    (["--model", "{folder}/transformer", "--text-encoders", "{folder}", "--prompt", "a cat"], "--vae"),
+    (["--model", "{folder}", "--vae", "{root}/nowhere", "--prompt", "a cat"], "nowhere"),
+    (["--model", "{root}/no_model", "--prompt", "a cat"], "no_model"),
+    (["--model", "{folder}", "--prompts", "{root}/empty.txt"], "empty.txt"),
+    (["--model", "{folder}", "--prompt", "a cat", "--res", "72"], "--res 72"),
+    (["--model", "{folder}", "--prompt", "a cat", "--res", "256"], "position table"),
+    (["--model", "{folder}", "--prompt", "a cat", "--method", "dpm"], "--method"),
+    (["--model", "{folder}", "--prompt", "a cat", "--method", "student"], "--student"),
+    (["--model", "{folder}", "--prompt", "a cat", "--method", "w2sd"], "--weak"),
+    (["--model", "{folder}", "--prompt", "a cat", "--w", "-1"], "--w -1"),
+    (["--model", "{folder}", "--prompt", "a cat", "--out", "{root}/empty.txt/out"], "empty.txt/out"),
+    (["--toy", "--model", "{folder}", "--prompt", "a cat"], "--model"),
+    (["--model", "{single}", "--prompt", "a cat"], "--text-encoders"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_runs(pipeline, single_file, tmp_path_factory):
+    """Every BAD command line run as `python generate.py ...`, all at once (they are independent)."""
+    _, folder = pipeline
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.txt").write_text("\n \n")
+    broken = root / "broken"
+    shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("tokenizer_2"))
+    argvs = [[a.format(folder=folder, root=root, broken=broken, single=single_file) for a in argv]
+             + ([] if "--res" in argv else ["--res", "64"]) + ([] if "--out" in argv else ["--out", str(root / "o")])
+             for argv, _ in BAD]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "generate.py"), *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) for argv in argvs]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return root, broken, argvs, [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_input_one_error_line_exit_2(bad_runs, case, monkeypatch, capsys):
+    root, broken, argvs, results = bad_runs
+    named = BAD[case][1].format(root=root, broken=broken)
+    status, stdout, stderr = results[case]
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], stderr
+    assert stdout == ""
+
+    def heavy(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    # in this process, with every loader replaced by one that fails: the same error, nothing loaded
+    for owner, name in ((mmdit, "load_mmdit"), (mmdit, "load_mmdit_blend"), (vae, "load_vae"),
+                        (embed.TextEncoders, "from_pretrained"), (embed, "load_student"), (toy, "build_world")):
+        monkeypatch.setattr(owner, name, heavy)
+    with pytest.raises(SystemExit) as e:
+        cli.run(generate.main, generate.build_parser(), argvs[case])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0]
+
+
+# ---- evaluate.py table4: every method and student on the same prompts and seeds, scored ----
+
+
+def test_table4_end_to_end(pipeline, clip_folder, tmp_path, capsys):
+    _, folder = pipeline
+    student = tmp_path / "student.safetensors"
+    mmdit.save_mmdit(mmdit.load_mmdit(folder), str(student), {"teefusion_method": "teefusion"})
+    out = tmp_path / "t4"
+    argv = ["table4", "--model", folder, "--methods", "euler,cfg", "--student", f"teefusion={student}",
+            "--prompt", "a red cat", "--prompt", "the blue dog", "--steps", "2", "--res", "32", "--w", "3",
+            "--score", f"clip={clip_folder}", "--out", str(out)]
+    cli.run(evaluate.main, evaluate.build_parser(), argv)
+    table = json.loads((out / "table4.json").read_text())
+    rows = {r["method"]: r for r in table["rows"]}
+    assert list(rows) == ["euler", "cfg", "teefusion"] and table["title"].startswith("Table 4: 2 prompts x 1 images")
+    assert (rows["euler"]["NFE"], rows["cfg"]["NFE"], rows["teefusion"]["NFE"]) == (2, 4, 2)
+    assert rows["euler"]["w"] == "-" and rows["cfg"]["w"] == 3.0 and all(r["s_per_image"] > 0 for r in rows.values())
+    # the score column is the mean CLIP score of the row's images, scored independently here
+    scorer = evaluate.metrics.load_scorer("clip", clip=clip_folder)
+    pics = evaluate.open_images([str(out / "cfg" / "images" / f"0000{i}-00.png") for i in range(2)])
+    assert rows["cfg"]["clip"] == pytest.approx(max(0.0, float(scorer(pics, ["a red cat", "the blue dog"]).mean())))
+    assert "| teefusion |" in (out / "table4.md").read_text()
+    assert Image.open(out / "grid.png").size == (110 + 2 * 258, 20 + 3 * 258)  # methods x prompts, labelled
+    # the sweep (Fig. 5a): every guided row at each w, in its own folder; w = 3 gives the same images
+    cli.run(evaluate.main, evaluate.build_parser(), argv[:-2] + ["--w-sweep", "1,3", "--out", str(out / "sweep")])
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert set(sweep) == {"cfg", "teefusion"} and set(sweep["cfg"]) == {"1.0", "3.0"}
+    assert sweep["cfg"]["3.0"]["clip"] == pytest.approx(rows["cfg"]["clip"])
+    assert os.path.isfile(out / "sweep" / "sweep-clip.png") and os.path.isfile(out / "sweep" / "sweep-grid.png")
+    bad = argv[:-2] + ["--methods", "cfg,w2sd", "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as e:  # a bad row is refused before anything runs
+        cli.run(evaluate.main, evaluate.build_parser(), bad)
+    assert e.value.code == 2 and "w2sd needs a model pair" in capsys.readouterr().err

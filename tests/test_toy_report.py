@@ -1,0 +1,135 @@
+"""Tests for toy_report.py: the bootstrap confidence intervals against closed forms, paired
+comparisons, and the whole report on a tiny toy world with students saved as distill.py saves
+them (tables, comparisons, figures, every row sampled with its own fusion and compared with its
+own teacher)."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import embed
+import samplers
+import toy
+import toy_report
+from mmdit import load_mmdit, save_mmdit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with toy.one_thread():
+        yield
+
+
+def test_bootstrap_matches_the_normal_interval_and_resamples_prompts_not_images():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(400, generator=g, dtype=torch.float64) * 2 + 5
+    mean, lo, hi = toy_report.bootstrap(values, torch.arange(400))
+    half = 1.96 * values.std().item() / math.sqrt(400)  # the normal approximation, for independent values
+    assert mean == pytest.approx(values.mean().item())
+    assert lo == pytest.approx(mean - half, abs=0.15 * half) and hi == pytest.approx(mean + half, abs=0.15 * half)
+    # 4 images per prompt with the same value: the prompts are the independent units, so the interval is
+    # that of the 400 prompt values, not 2x narrower as 1,600 independent images would give
+    same = toy_report.bootstrap(values.repeat(4), torch.arange(400).repeat(4))
+    assert same[1] == pytest.approx(lo, abs=0.05 * half) and same[2] == pytest.approx(hi, abs=0.05 * half)
+    assert toy_report.bootstrap(torch.full((50,), 3.0), torch.arange(50)) == (3.0, 3.0, 3.0)
+
+
+def test_paired_comparisons():
+    g = torch.Generator().manual_seed(1)
+    groups = torch.arange(200).repeat(2)
+    base = torch.rand(400, generator=g)
+    better = base + 0.05 + 0.01 * torch.randn(400, generator=g)  # a small shift, the same images
+    c = toy_report.paired(better, base, groups)
+    assert c["significant"] and c["lo"] > 0 and c["diff"] == pytest.approx(0.05, abs=0.01)
+    noise = base + 0.01 * torch.randn(400, generator=g)
+    assert not toy_report.paired(noise, base, groups)["significant"]
+    assert toy_report.paired(base, better, groups)["hi"] < 0
+    x, y = torch.zeros(3, 3, 2, 2), torch.ones(3, 3, 2, 2)
+    assert torch.equal(toy_report.rmse(x, y), torch.ones(3))
+
+
+TINY = toy.TrainSettings(steps=20, batch_size=8, weak_step=10)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return toy.build_world(str(tmp_path_factory.mktemp("toy")), progress=False, settings=TINY)
+
+
+def save_student(world, folder, method, teacher, seed):
+    """A "student" as distill.py writes one: the teacher's weights perturbed, its method and teacher in
+    the metadata, a fusion.safetensors for the methods with weights, and a short log.jsonl."""
+    os.makedirs(folder, exist_ok=True)
+    model = load_mmdit(world.teacher_path)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = save_mmdit(model, str(folder / "student.safetensors"),
+                      {"teefusion_method": method, "teefusion_teacher": teacher, "step": "60"})
+    fusion = embed.make_fusion(method, world.config)
+    if len(fusion.state_dict()):
+        save_file({k: v.contiguous() for k, v in fusion.state_dict().items()}, str(folder / "fusion.safetensors"))
+    with open(folder / "log.jsonl", "w") as f:
+        f.writelines(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 61))
+    return path
+
+
+def test_report_on_a_tiny_world(world, tmp_path, capsys):
+    students = [dict(path=save_student(world, tmp_path / m, m, "w2sd", i)) for i, m in
+                enumerate(("teefusion", "gonly", "distillcfg"))]
+    students.append(dict(path=save_student(world, tmp_path / "cfg", "teefusion", "cfg", 9), label="from CFG"))
+    out = toy_report.report(world, students, out_dir=str(tmp_path / "report"), w=2.0, steps=2, n_seeds=1,
+                            split="dev", sweep_ws=(1.0, 4.0), progress=False)
+    rows = {r["label"]: r for r in out["rows"]}
+    labels = ["TeEFusion <- W2SD + CFG", "G only <- W2SD + CFG", "DistillCFG <- W2SD + CFG", "from CFG"]
+    assert list(rows) == [name for name, _ in toy_report.TEACHER_ROWS] + labels
+    assert [rows[n]["nfe"] for n, _ in toy_report.TEACHER_ROWS] == [2, 4, 8, 8]  # 6 (N - 1) + 2 for reflection
+    assert all(rows[n]["nfe"] == 2 and rows[n]["nfe_ratio"] == 1 for n in labels)
+    assert out["n_images"] == len(toy.DEV_PROMPTS)
+    for r in rows.values():
+        for key in toy_report.SCORES:
+            mean, lo, hi = r[key]
+            assert lo <= mean <= hi and 0 <= lo and hi <= (100 if key != "fidelity" else 1)
+        assert r["closest_cfg_w"] in toy_report.CFG_WS and r["ms_per_image"] > 0
+    assert rows["Euler + CFG"]["rmse_to_cfg"] == (0.0, 0.0, 0.0) and rows["Euler + CFG"]["closest_cfg_w"] == 2.0
+
+    # each student row: its images and its RMSE to ITS teacher, recomputed here
+    ev = toy_report.Evaluation(world, "dev", 1, 2)
+    model, fusion = embed.load_student(students[3]["path"])
+    x_s, _ = ev.sample("student", 2.0, dict(model=model, fusion=fusion))
+    x_t, _ = ev.sample("cfg", 2.0)
+    assert rows["from CFG"]["rmse_to_teacher"][0] == pytest.approx(toy_report.rmse(x_s, x_t).mean().item(), rel=1e-5)
+    x_w, _ = ev.sample("w2sd", 2.0)
+    model, fusion = embed.load_student(students[2]["path"])
+    x_d, _ = ev.sample("student", 2.0, dict(model=model, fusion=fusion))
+    assert rows[labels[2]]["rmse_to_teacher"][0] == pytest.approx(toy_report.rmse(x_d, x_w).mean().item(), rel=1e-5)
+    assert rows[labels[2]]["adherence"][0] == pytest.approx(100 * toy.scores(x_d, ev.prompts)["adherence"].mean().item())
+
+    # comparisons: the claims, paired; Table 3 against the TeEFusion student of the same teacher
+    claims = {c["claim"] for c in out["comparisons"]}
+    assert "Z-Sampling + CFG vs Euler + CFG" in claims and f"{labels[0]} vs its teacher" in claims
+    assert f"RMSE to W2SD + CFG: {labels[0]} minus Euler + CFG" in claims
+    assert not any(c["claim"].startswith("RMSE to Euler + CFG") for c in out["comparisons"])  # CFG's own student
+    assert {c["a"] for c in out["table3"]} == {labels[1], labels[2]} and {c["b"] for c in out["table3"]} == {labels[0]}
+    for name in ("samples.png", "sweep-adherence.png", "sweep-fidelity.png", "follows-w.png", "loss.png",
+                 "report.md", "report.json"):
+        assert os.path.isfile(tmp_path / "report" / name), name
+    grid = Image.open(tmp_path / "report" / "samples.png")
+    assert grid.height >= 20 + len(rows) * 8 * toy.H  # labelled; a toy pixel drawn 8 x 8
+    assert set(out["follows_w"]) == {"W2SD + CFG", labels[0]}
+    printed = capsys.readouterr().out
+    assert all(n in printed for n in labels) and "significant" in printed and "Table 3" in printed
+
+
+def test_a_student_without_its_teacher_is_refused(world, tmp_path):
+    path = save_mmdit(load_mmdit(world.teacher_path), str(tmp_path / "s.safetensors"), {"teefusion_method": "teefusion"})
+    with pytest.raises(ValueError, match="which teacher"):
+        toy_report.load_students([dict(path=path)])
+    assert toy_report.load_students([dict(path=path, teacher="zigzag")])[0]["teacher"] == "zsampling"
+    assert samplers.canonical("zigzag", samplers.TEACHERS) == "zsampling"
