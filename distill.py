@@ -135,7 +135,8 @@ from tqdm import tqdm
 import cli
 import embed
 import samplers
-from mmdit import _atomic_save, load_mmdit, load_mmdit_blend, save_mmdit, save_mmdit_diffusers
+from checkpoint import _atomic_save
+from mmdit import load_mmdit, load_mmdit_blend, save_mmdit, save_mmdit_diffusers
 from training_state import (LATEST, _tensors, _trim_log, check_resume, complete_checkpoints, load_checkpoint,
                             newest_finite_checkpoint, non_finite, remove_temporaries, replica_checksums, resume_point,
                             save_checkpoint)

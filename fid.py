@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 import metrics
-from mmdit import atomic_write
+from checkpoint import atomic_write
 
 RESIZE = ("pytorch-fid", "tensorflow")
 

@@ -68,7 +68,7 @@ import embed
 import mmdit
 import samplers
 import vae
-from mmdit import atomic_write  # the project's one atomic-write mechanism
+from checkpoint import atomic_write  # the project's one atomic-write mechanism
 from plots import image_grid
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -16,32 +16,31 @@ and F = y_embedder. TeEFusion (Eq. 7, embed.py) changes only this vector, which 
 
 Parameter names are the keys of Stability's checkpoints (without their
 `model.diffusion_model.` prefix), so a Stability file loads without renaming; diffusers
-files go through one small mapping (`DIFFUSERS_BLOCK_KEYS`) with two scale/shift swaps.
+files go through one small mapping with two scale/shift swaps. The file formats (safetensors
+only, both layouts, sharded folders, the diffusers export, atomic writes) are checkpoint.py's;
+this file builds the network from what they hold.
 
     model = load_mmdit("sd3_medium.safetensors", device="cuda", dtype=torch.bfloat16)
     v = model(x, t, context, y)              # x (B,16,H/8,W/8), t (B,) in [0,1]
     save_mmdit(model, "student.safetensors")   # Stability layout, atomic
+
+    python mmdit.py CHECKPOINT     # the config inferred from a checkpoint's tensors, and its size
 
 Shape legend: B batch, L tokens, D width, nh heads, hs head size.
 """
 
 import json
 import math
-import os
-import re
-import tempfile
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 
-STABILITY_PREFIX = "model.diffusion_model."
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+import checkpoint  # the file formats: safetensors, Stability / diffusers names, atomic writes
+from checkpoint import STABILITY_PREFIX, CheckpointError  # noqa: F401  (part of this module's interface)
 
 
 # -----------------------------------------------------------------------------
@@ -156,13 +155,20 @@ class Embedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """Conv2d(C -> D, kernel p, stride p), computed as what it is, a linear map of each p x p
+    patch, so that the tokens come out contiguous, (B, h, w, D): a conv's (B, D, h, w) output
+    would make the whole image residual stream a transposed view (every later op strided)."""
+
     def __init__(self, patch_size, in_channels, D):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, D, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        h = self.proj(x.to(self.proj.weight.dtype))  # (B, D, H/p, W/p)
-        return h.flatten(2).transpose(1, 2)  # (B, L, D), tokens row-major
+        B, C, H, W = x.shape
+        p = self.proj.kernel_size[0]
+        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+        patches = patches.reshape(B, H // p, W // p, C * p * p).to(self.proj.weight.dtype)  # (B, h, w, C*p*p)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, h, w, D)
 
 
 class Mlp(nn.Module):
@@ -189,15 +195,22 @@ class Attention(nn.Module):
             self.proj = nn.Linear(D, D)
 
     def heads(self, h):
+        """(B, L, D) -> q, k, v packed as (B, L, 3, nh, hs): one matmul, a view of its output."""
         B, L, D = h.shape
         qkv = self.qkv(h).view(B, L, 3, self.num_heads, D // self.num_heads)  # (B, L, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hs)
         if hasattr(self, "ln_q"):
-            q, k = self.ln_q(q), self.ln_k(k)
-        return q, k, v
+            q, k, v = qkv.unbind(2)  # each (B, L, nh, hs)
+            qkv = torch.stack([self.ln_q(q), self.ln_k(k), v], dim=2)  # (B, L, 3, nh, hs)
+        return qkv
 
 
-def attention(q, k, v):
+def attention(qkv):
+    """Softmax attention over all L tokens of a packed qkv (B, L, 3, nh, hs) -> (B, L, D).
+
+    SDPA takes (B, nh, L, hs); here q, k, v are strided views of the packed tensor, which it
+    reads without copies, and it returns its output laid out as q is, (B, L, nh, hs) in
+    memory, so going back to (B, L, D) is a view too."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hs), views
     o = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, hs)
     return o.transpose(1, 2).flatten(2)  # (B, L, D)
 
@@ -221,21 +234,22 @@ class StreamBlock(nn.Module):
         self.n_mods = 2 if pre_only else (9 if dual else 6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, self.n_mods * D))
 
-    def modulation(self, c):
-        # (B, n_mods * D) -> n_mods tensors (B, 1, D), kept in float32
-        return self.adaLN_modulation(c).float().unsqueeze(1).chunk(self.n_mods, dim=-1)
+    def chunks(self, mod):
+        # adaLN output (B, n_mods * D) -> n_mods tensors (B, 1, D)
+        return mod.unsqueeze(1).chunk(self.n_mods, dim=-1)
 
     def post_attention(self, x, o, mods, x_norm):
         """Gated residual updates after the joint attention; x is the float32 residual stream."""
         dtype = self.attn.qkv.weight.dtype
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        x = torch.addcmul(x, gate_msa, self.attn.proj(o).float())  # x + gate * attn
+        # x + gate * attn, in float32 (addcmul promotes a bf16 branch output itself)
+        x = torch.addcmul(x, gate_msa, self.attn.proj(o))
         if self.dual:  # SD3.5-medium: image-only self-attention on the same norm1 output
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
             h2 = modulate(x_norm, shift_msa2, scale_msa2).to(dtype)
-            x = torch.addcmul(x, gate_msa2, self.attn2.proj(attention(*self.attn2.heads(h2))).float())
+            x = torch.addcmul(x, gate_msa2, self.attn2.proj(attention(self.attn2.heads(h2))))
         h = modulate(layer_norm(x), shift_mlp, scale_mlp).to(dtype)
-        return torch.addcmul(x, gate_mlp, self.mlp(h).float())
+        return torch.addcmul(x, gate_mlp, self.mlp(h))
 
 
 class JointBlock(nn.Module):
@@ -245,16 +259,17 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(*args, pre_only=index == cfg.depth - 1)
         self.x_block = StreamBlock(*args, dual=index in cfg.dual_attention_layers)
 
-    def forward(self, context, x, c):
-        """context (B, Lc, D), x (B, Lx, D): float32 residual streams; c (B, D)."""
+    def forward(self, context, x, mod_c, mod_x):
+        """context (B, Lc, D), x (B, Lx, D): float32 residual streams; mod_c, mod_x: the two
+        streams' adaLN outputs (B, n_mods * D), float32 (MMDiT.adaln)."""
         cb, xb = self.context_block, self.x_block
         dtype = xb.attn.qkv.weight.dtype
-        mc, mx = cb.modulation(c), xb.modulation(c)
+        mc, mx = cb.chunks(mod_c), xb.chunks(mod_x)
         x_norm = layer_norm(x)
-        qc, kc, vc = cb.attn.heads(modulate(layer_norm(context), mc[0], mc[1]).to(dtype))
-        qx, kx, vx = xb.attn.heads(modulate(x_norm, mx[0], mx[1]).to(dtype))
+        qkv_c = cb.attn.heads(modulate(layer_norm(context), mc[0], mc[1]).to(dtype))  # (B, Lc, 3, nh, hs)
+        qkv_x = xb.attn.heads(modulate(x_norm, mx[0], mx[1]).to(dtype))  # (B, Lx, 3, nh, hs)
         # Joint attention: one softmax over the text and image tokens together
-        o = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))  # (B, Lc+Lx, D)
+        o = attention(torch.cat([qkv_c, qkv_x], dim=1))  # (B, Lc+Lx, D)
         Lc = context.shape[1]
         x = xb.post_attention(x, o[:, Lc:], mx, x_norm)
         context = None if cb.pre_only else cb.post_attention(context, o[:, :Lc], mc, None)
@@ -267,8 +282,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.linear = nn.Linear(D, patch_size * patch_size * out_channels)
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).float().unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+    def forward(self, x, mod):
+        shift, scale = mod.unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
         return self.linear(modulate(layer_norm(x), shift, scale).to(self.linear.weight.dtype))
 
 
@@ -323,12 +338,13 @@ class MMDiT(nn.Module):
             nn.init.zeros_(p.bias)
 
     def cropped_pos_embed(self, h, w):
+        """The centre h x w of the stored M x M table, (1, h, w, D), a view."""
         M = self.config.pos_embed_max_size
         top, left = (M - h) // 2, (M - w) // 2
         table = self.pos_embed.view(1, M, M, -1)  # (1, M, M, D)
-        return table[:, top:top + h, left:left + w].reshape(1, h * w, -1)  # (1, L, D)
+        return table[:, top:top + h, left:left + w]  # (1, h, w, D)
 
-    def check_inputs(self, x, context, y, vec):
+    def check_inputs(self, x, context, y, vec, adaln):
         cfg, p = self.config, self.config.patch_size
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -341,160 +357,73 @@ class MMDiT(nn.Module):
                              f"{cfg.pos_embed_max_size * p} per side")
         if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
             raise ValueError(f"context must be (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
-        if vec is None and (y.ndim != 2 or y.shape[-1] != cfg.pooled_dim):
+        if adaln is not None:
+            if len(adaln) != 2 * cfg.depth + 1:
+                raise ValueError(f"adaln must be the {2 * cfg.depth + 1} tensors of MMDiT.adaln, got {len(adaln)}")
+        elif vec is not None:
+            if vec.ndim != 2 or vec.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"vec must be (B, {cfg.hidden_size}), got {tuple(vec.shape)}")
+        elif y.ndim != 2 or y.shape[-1] != cfg.pooled_dim:
             raise ValueError(f"y must be (B, {cfg.pooled_dim}), got {tuple(y.shape)}")
-        if vec is not None and (vec.ndim != 2 or vec.shape[-1] != cfg.hidden_size):
-            raise ValueError(f"vec must be (B, {cfg.hidden_size}), got {tuple(vec.shape)}")
 
-    def forward(self, x, t, context, y, vec=None):
+    def adaln(self, c):
+        """Every adaLN output of the network from the conditioning vector c (B, D), float32:
+        [text stream, image stream] of each block in turn, then the final layer's, each
+        (B, n_mods * D). They depend on c alone, not on x: computed here once per forward, SiLU(c)
+        once for all of them (each adaLN_modulation is SiLU then Linear on the same c), and a
+        sampler that knows c for every step can compute them for all its steps at once."""
+        silu_c = F.silu(c.to(self.t_embedder.mlp[0].weight.dtype))  # (B, D)
+        streams = [s for b in self.joint_blocks for s in (b.context_block, b.x_block)] + [self.final_layer]
+        return [s.adaLN_modulation[1](silu_c).float() for s in streams]
+
+    def forward(self, x, t, context, y, vec=None, adaln=None):
         """x (B, C, H, W) latent; t (B,) flow time in [0, 1]; context (B, L, Dc); y (B, Dy).
         vec (B, D), when given, replaces the conditioning vector c = G(psi(t)) + F(y).
-        Returns the velocity (B, C_out, H, W) in x's dtype."""
-        self.check_inputs(x, context, y, vec)
+        adaln, when given, is self.adaln(c) for this call's c, computed by the caller
+        (then t, y and vec are not used). Returns the velocity (B, C_out, H, W) in x's dtype."""
+        self.check_inputs(x, context, y, vec, adaln)
         B, _, H, W = x.shape
         p = self.config.patch_size
         h, w = H // p, W // p
-        if vec is None:
-            t = torch.as_tensor(t, device=x.device).reshape(-1)
-            if t.numel() not in (1, B):
-                raise ValueError(f"t must be a scalar or (B,) = ({B},), got {t.numel()} values")
-            t = t.expand(B)
-            # Eq. 6: c = G(psi(t)) + F(y)
-            vec = self.t_embedder(timestep_embedding(t, self.config.frequency_dim)) + self.y_embedder(y)  # (B, D)
-        c = vec.to(self.t_embedder.mlp[0].weight.dtype)
+        if adaln is None:
+            if vec is None:
+                t = torch.as_tensor(t, device=x.device).reshape(-1)
+                if t.numel() not in (1, B):
+                    raise ValueError(f"t must be a scalar or (B,) = ({B},), got {t.numel()} values")
+                t = t.expand(B)
+                # Eq. 6: c = G(psi(t)) + F(y)
+                vec = self.t_embedder(timestep_embedding(t, self.config.frequency_dim)) + self.y_embedder(y)  # (B, D)
+            adaln = self.adaln(vec)
         # residual streams are kept in float32 whatever the weights' dtype
-        xs = self.x_embedder(x).float() + self.cropped_pos_embed(h, w).float()  # (B, h*w, D)
+        xs = (self.x_embedder(x).float() + self.cropped_pos_embed(h, w).float()).flatten(1, 2)  # (B, L, D)
         ctx = self.context_embedder(context.to(self.context_embedder.weight.dtype)).float()  # (B, L, D)
-        for block in self.joint_blocks:
+        for i, block in enumerate(self.joint_blocks):
+            mods = adaln[2 * i], adaln[2 * i + 1]
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                ctx, xs = checkpoint(block, ctx, xs, c, use_reentrant=False)
+                ctx, xs = torch.utils.checkpoint.checkpoint(block, ctx, xs, *mods, use_reentrant=False)
             else:
-                ctx, xs = block(ctx, xs, c)
-        out = self.final_layer(xs, c)  # (B, h*w, p*p*C)
+                ctx, xs = block(ctx, xs, *mods)
+        out = self.final_layer(xs, adaln[-1])  # (B, h*w, p*p*C)
         out = out.view(B, h, w, p, p, -1)  # (B, h, w, p, p, C)
         out = torch.einsum("bhwpqc->bchpwq", out).reshape(B, -1, h * p, w * p)  # (B, C, H, W)
         return out.to(x.dtype)
 
 
+def compile_mmdit(model, **options):
+    """torch.compile the MMDiT's joint blocks and final layer, in place: parameter names do not
+    change (save_mmdit still writes Stability keys), blocks of the same structure share one
+    compiled graph (so the compile time does not grow with depth), and the code that runs once
+    per forward (embeddings, adaLN, unpatchify) stays eager. options go to torch.compile.
+    The first forward of each new input shape compiles (about a minute on a CPU); on a CPU
+    the inductor backend needs a C++ compiler. Returns the model."""
+    for block in model.joint_blocks:
+        block.compile(**options)
+    model.final_layer.compile(**options)
+    return model
+
+
 # -----------------------------------------------------------------------------
-# Checkpoints: reading (Stability and diffusers layouts), writing (Stability layout)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file and what is wrong."""
-
-
-# diffusers name (relative to transformer_blocks.N) for each Stability name (relative to
-# joint_blocks.N); a tuple of three is a qkv split into to_q, to_k, to_v.
-DIFFUSERS_BLOCK_KEYS = {
-    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "x_block.attn.proj": "attn.to_out.0",
-    "x_block.attn.ln_q": "attn.norm_q",
-    "x_block.attn.ln_k": "attn.norm_k",
-    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-    "x_block.attn2.proj": "attn2.to_out.0",
-    "x_block.attn2.ln_q": "attn2.norm_q",
-    "x_block.attn2.ln_k": "attn2.norm_k",
-    "x_block.adaLN_modulation.1": "norm1.linear",
-    "x_block.mlp.fc1": "ff.net.0.proj",
-    "x_block.mlp.fc2": "ff.net.2",
-    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "context_block.attn.proj": "attn.to_add_out",
-    "context_block.attn.ln_q": "attn.norm_added_q",
-    "context_block.attn.ln_k": "attn.norm_added_k",
-    "context_block.adaLN_modulation.1": "norm1_context.linear",
-    "context_block.mlp.fc1": "ff_context.net.0.proj",
-    "context_block.mlp.fc2": "ff_context.net.2",
-}
-DIFFUSERS_TOP_KEYS = {
-    "pos_embed": "pos_embed.pos_embed",
-    "x_embedder.proj": "pos_embed.proj",
-    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
-    "context_embedder": "context_embedder",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-    "final_layer.linear": "proj_out",
-}
-
-
-def diffusers_source(key, depth):
-    """Stability key -> (diffusers keys to concatenate on dim 0, swap halves?).
-
-    diffusers stores (scale, shift) where Stability stores (shift, scale) in two places:
-    the final layer's adaLN and the last block's pre-only text-stream adaLN."""
-    if key == "pos_embed":
-        return ["pos_embed.pos_embed"], False
-    module, param = key.rsplit(".", 1)
-    m = re.fullmatch(r"joint_blocks\.(\d+)\.(.+)", module)
-    if m:
-        i, rel = int(m.group(1)), m.group(2)
-        names = DIFFUSERS_BLOCK_KEYS[rel]
-        names = names if isinstance(names, tuple) else (names,)
-        swap = rel == "context_block.adaLN_modulation.1" and i == depth - 1
-        return [f"transformer_blocks.{i}.{n}.{param}" for n in names], swap
-    return [f"{DIFFUSERS_TOP_KEYS[module]}.{param}"], module == "final_layer.adaLN_modulation.1"
-
-
-def swap_halves(t):
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def _open_safetensors(path, stack):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        raise CheckpointError(f"{path}: refusing a pickle checkpoint (.ckpt/.pt/.pth/.bin): loading it could "
-                              "execute code. Convert it to safetensors first; only .safetensors files are read.")
-    try:
-        return stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-    except SafetensorError as e:
-        # only now look at the bytes, to say what the file is (a valid safetensors file may
-        # itself start with 0x80: its first 8 bytes are the header length)
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(f"{path}: this is a pickle/zip (torch.save) file, not safetensors; "
-                                  "only safetensors files are read, because pickles can execute code") from e
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated, or another format): {e}") from e
-
-
-def _resolve_files(path):
-    """A file, a diffusers transformer folder, or a pipeline folder with transformer/ ->
-    (list of safetensors files, config dict or None)."""
-    if os.path.isfile(path):
-        return [path], None
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(os.path.join(path, "transformer")) and not os.path.exists(os.path.join(path, "config.json")):
-        path = os.path.join(path, "transformer")
-    config = None
-    if os.path.exists(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-    index = os.path.join(path, "diffusion_pytorch_model.safetensors.index.json")
-    single = os.path.join(path, "diffusion_pytorch_model.safetensors")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, s) for s in shards]
-        missing = [f for f in files if not os.path.exists(f)]
-        if missing:
-            raise CheckpointError(f"{index} names shards that are not there: {missing}")
-        return files, config
-    if os.path.exists(single):
-        return [single], config
-    found = sorted(os.listdir(path))
-    raise CheckpointError(f"{path}: no diffusion_pytorch_model.safetensors (or its .index.json) in this folder; "
-                          f"found {found[:10]}")
-
-
-def _listing(keys, n=20):
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+# Loading and saving (the file formats themselves are checkpoint.py's)
 
 
 def infer_config(shapes, num_heads=None):
@@ -508,7 +437,7 @@ def infer_config(shapes, num_heads=None):
                 "joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.0.x_block.mlp.fc1.weight"]
     missing = [k for k in required if k not in shapes]
     if missing:
-        raise CheckpointError(f"missing keys: {_listing(missing)}")
+        raise CheckpointError(f"missing keys: {checkpoint.listing(missing)}")
     D, C, p, _ = shapes["x_embedder.proj.weight"]
     MM = shapes["pos_embed"][1]
     M = math.isqrt(MM)
@@ -533,34 +462,8 @@ def infer_config(shapes, num_heads=None):
 
 
 def _read_plan(path, stack):
-    """Open the file(s) of a checkpoint and work out, without reading any tensor: the
-    inferred config, and for each Stability name the tensors to read and how."""
-    files, dconfig = _resolve_files(path)
-    handles = [_open_safetensors(f, stack) for f in files]
-    where = {k: h for h in handles for k in h.keys()}  # tensor name -> open file
-    meta = handles[0].metadata() or {}
-    num_heads = None
-    if "mmdit_config" in meta:  # written by save_mmdit
-        num_heads = json.loads(meta["mmdit_config"]).get("num_heads")
-    elif dconfig is not None:
-        num_heads = dconfig.get("num_attention_heads")
-
-    def shape(k):
-        return tuple(where[k].get_slice(k).get_shape())
-
-    if any(k.startswith(STABILITY_PREFIX) for k in where):  # Stability, prefixed: skip VAE / text encoders
-        names = {k[len(STABILITY_PREFIX):]: k for k in where if k.startswith(STABILITY_PREFIX)}
-        sources = {n: ([k], False) for n, k in names.items()}
-        shapes = {n: shape(k) for n, k in names.items()}
-    elif any(k.startswith("joint_blocks.") for k in where):  # Stability, no prefix
-        sources = {k: ([k], False) for k in where}
-        shapes = {k: shape(k) for k in where}
-    elif any(k.startswith("transformer_blocks.") for k in where):  # diffusers
-        sources, shapes = _diffusers_sources(where, shape)
-    else:
-        raise CheckpointError(f"{path}: no MMDiT tensors found (neither Stability 'joint_blocks.*' / "
-                              f"'{STABILITY_PREFIX}*' nor diffusers 'transformer_blocks.*'); "
-                              f"first keys: {_listing(where, 8)}")
+    """The config inferred from a checkpoint's header, and where each tensor is (checkpoint.read_layout)."""
+    where, sources, shapes, num_heads = checkpoint.read_layout(path, stack)
     try:
         cfg = infer_config(shapes, num_heads)
     except CheckpointError as e:
@@ -574,13 +477,19 @@ def read_config(path):
         return _read_plan(path, stack)[0]
 
 
-def load_mmdit(path, device="cpu", dtype=torch.float32):
+def _describe(cfg):
+    return (f"depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, qk_norm {cfg.qk_norm}, "
+            f"dual attention layers {list(cfg.dual_attention_layers)}")
+
+
+def load_mmdit(path, device="cpu", dtype=torch.float32, compile=False):
     """Load an MMDiT from a Stability single file (with or without the
     `model.diffusion_model.` prefix; VAE and text-encoder tensors are never read), a
     diffusers transformer file or folder (sharded too), or a pipeline folder.
 
     Tensors are read one at a time (safetensors safe_open), so the memory cost is the
     MMDiT's own. Every shape is checked against the configuration inferred from the file.
+    compile: torch.compile its blocks (`compile_mmdit`).
     """
     with ExitStack() as stack:
         cfg, where, sources, shapes = _read_plan(path, stack)
@@ -591,18 +500,18 @@ def load_mmdit(path, device="cpu", dtype=torch.float32):
         unexpected = [k for k in sources if k not in expected]
         if missing or unexpected:
             raise CheckpointError(f"{path}: does not match the MMDiT inferred from it ({_describe(cfg)}).\n"
-                                  f"  missing keys: {_listing(missing) or 'none'}\n"
-                                  f"  unexpected keys: {_listing(unexpected) or 'none'}")
+                                  f"  missing keys: {checkpoint.listing(missing) or 'none'}\n"
+                                  f"  unexpected keys: {checkpoint.listing(unexpected) or 'none'}")
         bad = [f"{k}: {shapes[k]} in the file, {expected[k]} expected" for k in expected if shapes[k] != expected[k]]
         if bad:
             raise CheckpointError(f"{path}: shapes that do not match the inferred config ({_describe(cfg)}):\n  "
                                   + "\n  ".join(bad[:20]))
         state = {}
         for k in expected:
-            t = _read_tensor(where, sources, k, path)
+            t = checkpoint.read_tensor(where, sources, k, path)
             state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, assign=True)
-    return model.eval()
+    return compile_mmdit(model.eval()) if compile else model.eval()
 
 
 def load_mmdit_blend(base, finetuned, scale, device="cpu", dtype=torch.float32):
@@ -622,8 +531,8 @@ def load_mmdit_blend(base, finetuned, scale, device="cpu", dtype=torch.float32):
             model = MMDiT(cfg)
         state = {}
         for k in model.state_dict():
-            b, f = (_read_tensor(w, src, k, path) for w, src, path in ((where, sources, base),
-                                                                       (where_f, sources_f, finetuned)))
+            b, f = (checkpoint.read_tensor(w, src, k, path) for w, src, path in ((where, sources, base),
+                                                                                 (where_f, sources_f, finetuned)))
             if b.shape != f.shape:
                 raise CheckpointError(f"{k}: {tuple(b.shape)} in {base} but {tuple(f.shape)} in {finetuned}")
             blended = b.float() + scale * (f.float() - b.float()) if b.is_floating_point() else b
@@ -633,145 +542,30 @@ def load_mmdit_blend(base, finetuned, scale, device="cpu", dtype=torch.float32):
     return model.eval()
 
 
-def _read_tensor(where, sources, k, path):
-    if k not in sources:
-        raise CheckpointError(f"{path}: missing key {k}")
-    keys, swap = sources[k]
-    t = torch.cat([where[s].get_tensor(s) for s in keys], dim=0)
-    return swap_halves(t) if swap else t
-
-
-def _diffusers_sources(where, shape):
-    """Shapes and sources, under Stability names, of a diffusers state dict."""
-    depth = 1 + max(int(k.split(".")[1]) for k in where if k.startswith("transformer_blocks."))
-    sources, shapes, used = {}, {}, set()
-    stab_keys = [f"{k}.{p}" for k in DIFFUSERS_TOP_KEYS if k != "pos_embed" for p in ("weight", "bias")]
-    stab_keys.append("pos_embed")
-    for i in range(depth):
-        for rel in DIFFUSERS_BLOCK_KEYS:
-            for p in ("weight",) if ".ln_" in rel else ("weight", "bias"):
-                stab_keys.append(f"joint_blocks.{i}.{rel}.{p}")
-    for k in stab_keys:
-        keys, swap = diffusers_source(k, depth)
-        if all(s in where for s in keys):  # absent pieces (qk norm, attn2, ...) are left to the checks
-            sources[k] = (keys, swap)
-            first = shape(keys[0])
-            shapes[k] = (sum(shape(s)[0] for s in keys),) + first[1:]
-            used.update(keys)
-    for k in where:  # diffusers tensors with no Stability counterpart
-        if k not in used:
-            sources[f"<diffusers> {k}"] = ([k], False)
-    return sources, shapes
-
-
-def _describe(cfg):
-    return (f"depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, qk_norm {cfg.qk_norm}, "
-            f"dual attention layers {list(cfg.dual_attention_layers)}")
-
-
-def atomic_write(path, write, suffix=""):
-    """Write a file so that a crash at any moment leaves the old file or the new one, never
-    half of one: write(tmp) fills a temporary file beside `path` (named path.tmp-XXXX, so
-    leftovers of a killed run are easy to find), which is fsynced and renamed over `path`.
-    suffix: the temporary name's ending, for writers that insist on one (np.savez: ".npz").
-    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):
-        dfd = os.open(folder, os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def atomic_json(obj, path, indent=1):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent)
-
-    atomic_write(path, write)
-
-
-def _atomic_save(tensors, path, metadata):
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _metadata(model, metadata):
-    meta = {"format": "pt", "mmdit_config": json.dumps(asdict(model.config))}
-    for k, v in (metadata or {}).items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"safetensors metadata must map str to str; got {k!r}: {type(v).__name__}")
-        meta[k] = v
-    return meta
-
-
 def save_mmdit(model, path, metadata=None):
     """Save in Stability's layout (keys under `model.diffusion_model.`), as safetensors,
-    atomically. Any SD3 loader of Stability files reads it; so does load_mmdit."""
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: MMDiT checkpoints are written as .safetensors")
-    tensors = {STABILITY_PREFIX + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_save(tensors, path, _metadata(model, metadata))
-    return path
-
-
-def diffusers_config(cfg):
-    """The config.json of diffusers' SD3Transformer2DModel for this MMDiT."""
-    return {
-        "_class_name": "SD3Transformer2DModel",
-        "sample_size": 128, "patch_size": cfg.patch_size, "in_channels": cfg.in_channels,
-        "num_layers": cfg.depth, "attention_head_dim": cfg.head_size, "num_attention_heads": cfg.num_heads,
-        "joint_attention_dim": cfg.context_dim, "caption_projection_dim": cfg.hidden_size,
-        "pooled_projection_dim": cfg.pooled_dim, "out_channels": cfg.out_channels,
-        "pos_embed_max_size": cfg.pos_embed_max_size, "dual_attention_layers": list(cfg.dual_attention_layers),
-        "qk_norm": "rms_norm" if cfg.qk_norm else None,
-    }
-
-
-def diffusers_state_dict(model):
-    """The model's tensors under diffusers' names (qkv split, the two halves swapped back)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        keys, swap = diffusers_source(k, model.config.depth)
-        v = swap_halves(v) if swap else v
-        for name, piece in zip(keys, v.chunk(len(keys), dim=0)):
-            out[name] = piece.detach().cpu().contiguous()
-    return out
+    atomically. Any SD3 loader of Stability files reads it; so does load_mmdit.
+    metadata: str -> str pairs stored beside the config."""
+    return checkpoint.save_stability(model.state_dict(), path, checkpoint.metadata_with(asdict(model.config), metadata))
 
 
 def save_mmdit_diffusers(model, folder, extra_config=None):
-    """Save as a diffusers transformer folder (config.json + diffusion_pytorch_model.safetensors)."""
-    os.makedirs(folder, exist_ok=True)
-    _atomic_save(diffusers_state_dict(model), os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-                 _metadata(model, None))
-    config = {**diffusers_config(model.config), **(extra_config or {})}
-    atomic_json(config, os.path.join(folder, "config.json"), indent=2)
-    return folder
+    """Save as a diffusers transformer folder (config.json + diffusion_pytorch_model.safetensors);
+    extra_config: more config.json entries (the student's `txt_align_guidance`)."""
+    return checkpoint.save_diffusers(model, folder, checkpoint.metadata_with(asdict(model.config), None), extra_config)
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Inspect an MMDiT checkpoint: print its inferred config.")
-    parser.add_argument("path", help="Stability .safetensors file or diffusers transformer folder")
-    args = parser.parse_args()
+def main(args):
     cfg = read_config(args.path)
     with torch.device("meta"):
         n = sum(p.numel() for p in MMDiT(cfg).parameters())
     print(json.dumps(asdict(cfg), indent=2))
     print(f"parameters: {n / 1e9:.3f} B")
+
+
+if __name__ == "__main__":
+    import cli
+
+    parser = cli.parser("Inspect an MMDiT checkpoint: print the config inferred from its tensors.")
+    parser.add_argument("path", help="Stability .safetensors file, diffusers transformer folder or pipeline folder")
+    cli.run(main, parser)

@@ -16,7 +16,7 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mmdit import atomic_write  # the project's one atomic-write mechanism
+from checkpoint import atomic_write  # the project's one atomic-write mechanism
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127)]

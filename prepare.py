@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import cli
-from mmdit import atomic_write
+from checkpoint import atomic_write
 from vae import from_uint8, load_image, load_vae
 
 SHARD_FORMAT = "teefusion-shard/1"

@@ -55,7 +55,8 @@ from tqdm import tqdm
 
 import cli
 import embed
-from mmdit import MMDiT, MMDiTConfig, atomic_json, atomic_write, load_mmdit, save_mmdit
+from checkpoint import atomic_json, atomic_write
+from mmdit import MMDiT, MMDiTConfig, load_mmdit, save_mmdit
 
 # -----------------------------------------------------------------------------
 # The world: what can be drawn and said

@@ -41,7 +41,7 @@ import plots
 import samplers
 import toy
 import vae
-from mmdit import atomic_json, atomic_write
+from checkpoint import atomic_json, atomic_write
 
 TEACHER_ROWS = (("unguided (Euler)", "euler"), ("Euler + CFG", "cfg"), ("Z-Sampling + CFG", "zsampling"),
                 ("W2SD + CFG", "w2sd"))

@@ -31,12 +31,13 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 import cli
-from mmdit import STABILITY_PREFIX, _atomic_save, atomic_json, atomic_write, save_mmdit
+from checkpoint import _atomic_save, atomic_json, atomic_write
+from mmdit import STABILITY_PREFIX, save_mmdit
 
 LATEST = "latest"  # DIR/checkpoints/latest: {"checkpoint": "step-NNNNNNN", "step": N}, written last
 STATE = "state.json"  # written last inside a checkpoint folder, listing its files
 STEP_FOLDER = re.compile(r"step-(\d+)")
-TEMPORARY = re.compile(r"\.tmp-[^.]*(\.\w+)?$")  # mmdit.atomic_write's temporary names: NAME.tmp-XXXX[.suffix]
+TEMPORARY = re.compile(r"\.tmp-[^.]*(\.\w+)?$")  # checkpoint.atomic_write's temporary names: NAME.tmp-XXXX[.suffix]
 
 
 def _tensors(module):
@@ -220,7 +221,7 @@ def resume_point(out):
 
 
 def remove_temporaries(out):
-    """Delete the temporary files (NAME.tmp-XXXX, see mmdit.atomic_write) that a killed run left
+    """Delete the temporary files (NAME.tmp-XXXX, see checkpoint.atomic_write) that a killed run left
     anywhere under out; only while holding out's lock, when no writer can be using them. Returns
     their paths."""
     removed = []

@@ -43,6 +43,7 @@ from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 
 import cli
+from checkpoint import listing
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -425,13 +426,7 @@ def _vae_prefix(keys, path):
     if any(k.startswith(("encoder.", "decoder.")) for k in keys):
         return ""  # a VAE-only file (Stability or diffusers names)
     raise ValueError(f"{path}: no VAE weights found: expected keys under first_stage_model.* (a Stability "
-                     f"single file) or encoder.* / decoder.* (a VAE file); the file has {_listing(keys)}")
-
-
-def _listing(keys, n=12):
-    keys = sorted(keys)
-    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+                     f"single file) or encoder.* / decoder.* (a VAE file); the file has {listing(keys, 12)}")
 
 
 def _read_vae_tensors(path, dtype):
@@ -464,7 +459,7 @@ def _infer_config(tensors, path, diffusers_config):
 
     levels = sorted({int(m[1]) for k in tensors if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     if not levels:
-        raise ValueError(f"{path}: no encoder.down.* tensors: not an SD3-style VAE ({_listing(tensors)})")
+        raise ValueError(f"{path}: no encoder.down.* tensors: not an SD3-style VAE ({listing(tensors, 12)})")
     blocks = {int(m[1]) for k in tensors if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
     kw = dict(
         block_out_channels=[shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(len(levels))],
@@ -497,8 +492,8 @@ def load_vae(path, device="cpu", dtype=torch.float32):
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{file}: the VAE weights do not match an SD3 VAE of inferred config {config}:\n"
-                         f"  missing: {_listing(missing, 40) or 'none'}\n"
-                         f"  unexpected: {_listing(unexpected, 40) or 'none'}")
+                         f"  missing: {listing(missing, 40) or 'none'}\n"
+                         f"  unexpected: {listing(unexpected, 40) or 'none'}")
     wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(s)})"
              for k, s in expected.items() if tensors[k].shape != s]
     if wrong:

@@ -7,25 +7,39 @@ network evaluations (NFE, counted) and wall time per image, each as a ratio to t
     python benchmarks/bench_samplers.py --hidden 256 --depth 4       # a wider net: closer to compute-bound
     python benchmarks/bench_samplers.py --config sd3-medium --res 1024 --dtype bf16   # on a GPU
 
-Weights are random (the cost of a forward does not depend on them). W2SD gets three
-different models of the same size (main, strong, weak). The methods are timed in turns,
---repeats times, and the fastest run is reported (load on a shared machine only adds time);
-on a CPU the process's CPU time is reported too, which other processes do not inflate.
-The wall ratio stays under the NFE ratio where a batch of 2 (CFG) costs less than two
-batches of 1, i.e. where the network is too small to be compute-bound.
+Weights are random (the cost of a forward does not depend on them). W2SD gets its own strong
+and weak models of the same size. The methods are timed in turns, --repeats times; the table
+gives the fastest run (load on a shared machine only adds time) and the ratio of medians, and on
+a CPU the process's CPU time, which other processes do not inflate. The wall ratio stays under
+the NFE ratio where a batch of 2 (CFG) costs less than two batches of 1, i.e. where the network
+is too small to be compute-bound, and where a step costs more than its network evaluations.
+
+Two more rows measure the student's cost outside the network: "student (per-step z)" computes
+its conditioning at every step (samplers.student: G(psi(t)) and every adaLN layer, matrix-vector
+products at batch 1), where sample("student") computes it for the whole schedule at once
+(samplers.student_steps); "network alone" is the same number of forwards on a fixed conditioning
+with nothing around them, and "w2sd network alone" W2SD + CFG's forwards likewise (its 148 calls
+at batch 2). A method minus its network alone = the sampler's own cost per step.
 """
 
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
+import embed  # noqa: E402
 import mmdit  # noqa: E402
 import samplers  # noqa: E402
+
+# rows besides the five samplers: the student as samplers.student runs it (conditioning computed at
+# every step), and the network alone: the student's forwards (batch 1), then W2SD + CFG's (batch 2,
+# three per step but the last), each on a fixed conditioning with nothing around them
+EXTRA = ("student (per-step z)", "network alone", "w2sd network alone")
 
 
 def random_mmdit(cfg, seed, device, dtype):
@@ -70,42 +84,66 @@ def main(args):
     y_null = torch.randn(1, cfg.pooled_dim, generator=g).to(device, dtype)
 
     def run(method, steps):
+        if method == EXTRA[0]:  # the student with its conditioning computed at every step (samplers.student)
+            counter = samplers.NFECounter()
+            v = samplers.student(model, context, y, y_null, args.w, counter)
+            return samplers.euler(v, noise, samplers.flow_sigmas(steps)), counter.per_sample(1)
+        if method in EXTRA[1:]:  # the network alone: the method's forwards on a fixed conditioning, nothing else
+            counter = samplers.NFECounter()
+            forward = counter.wrap(model)
+            B, calls = (1, steps) if method == EXTRA[1] else (2, 3 * (steps - 1) + 1)
+            for _ in range(calls):
+                forward(noise.expand(B, -1, -1, -1), t_fixed.expand(B), context.expand(B, -1, -1), y.expand(B, -1),
+                        adaln=[m.expand(B, -1) for m in adaln_fixed])
+            return noise, counter.per_sample(1)
         w = None if method == "euler" else args.w
         return samplers.sample(method, model, noise, context, y, context_null, y_null, w=w, steps=steps,
                                strong=strong, weak=weak)
+
+    t_fixed = torch.full((1,), 0.5, device=device)
+    with torch.no_grad():
+        adaln_fixed = model.adaln(embed.sd3_conditioning(model, t_fixed, y))
+    methods = samplers.METHODS + EXTRA
 
     threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
     print(f"{device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}{threads}), "
           f"torch {torch.__version__}, {args.dtype}; MMDiT depth {cfg.depth} width {cfg.hidden_size}; latent "
           f"{cfg.in_channels}x{side}x{side} ({(side // cfg.patch_size) ** 2} image + {args.tokens} text tokens); "
           f"{args.steps} steps, w = {args.w}, {args.repeats} repeats")
-    for method in samplers.METHODS:  # warm-up
-        run(method, 2)
-    walls, cpus = {m: [] for m in samplers.METHODS}, {m: [] for m in samplers.METHODS}
-    nfe = {}
-    for _ in range(args.repeats):
-        for method in samplers.METHODS:  # in turns, so that a busy moment hits every method alike
-            (x0, nfe[method]), wall_s, cpu_s = timed(lambda: run(method, args.steps), device)
-            if not torch.isfinite(x0).all():
-                raise RuntimeError(f"{method} produced non-finite latents")
-            walls[method].append(wall_s)
-            cpus[method].append(cpu_s)
-    # the fastest run: load on a shared machine only adds time
+    with torch.no_grad():
+        for method in methods:  # warm-up
+            run(method, 2)
+        walls, cpus = {m: [] for m in methods}, {m: [] for m in methods}
+        nfe = {}
+        for _ in range(args.repeats):
+            for method in methods:  # in turns, so that a busy moment hits every method alike
+                (x0, nfe[method]), wall_s, cpu_s = timed(lambda: run(method, args.steps), device)
+                if not torch.isfinite(x0).all():
+                    raise RuntimeError(f"{method} produced non-finite latents")
+                walls[method].append(wall_s)
+                cpus[method].append(cpu_s)
+    # the fastest run (load on a shared machine only adds time) and the median
     wall = {m: min(s) for m, s in walls.items()}
+    wall_med = {m: statistics.median(s) for m, s in walls.items()}
     cpu = {m: min(s) for m, s in cpus.items()}
 
     s = "student"
-    head = "| method    | NFE | NFE / student | wall s | wall / student | wall ms / NFE |"
-    rule = "|-----------|-----|---------------|--------|----------------|---------------|"
+    head = "| method                | NFE | NFE / student | wall s | wall / student | median / student | wall ms / NFE |"
+    rule = "|-----------------------|-----|---------------|--------|----------------|------------------|---------------|"
     if device.type == "cpu":  # CPU time does not count the time other processes hold the core
         head, rule = head + "  CPU s | CPU / student |", rule + "--------|---------------|"
     print("\n" + head + "\n" + rule)
-    for m in samplers.METHODS:
-        row = (f"| {m:<9} | {nfe[m]:>3} | {nfe[m] / nfe[s]:>13.2f} | {wall[m]:>6.3f} | {wall[m] / wall[s]:>14.2f} | "
-               f"{1000 * wall[m] / nfe[m]:>13.2f} |")
+    for m in methods:
+        row = (f"| {m:<21} | {nfe[m]:>3} | {nfe[m] / nfe[s]:>13.2f} | {wall[m]:>6.3f} | {wall[m] / wall[s]:>14.2f} | "
+               f"{wall_med[m] / wall_med[s]:>16.2f} | {1000 * wall[m] / nfe[m]:>13.2f} |")
         if device.type == "cpu":
             row += f" {cpu[m]:>6.3f} | {cpu[m] / cpu[s]:>13.2f} |"
         print(row)
+    ms = {m: (wall[m] - wall[n]) / args.steps * 1000 for m, n in ((s, EXTRA[1]), (EXTRA[0], EXTRA[1]),
+                                                                 ("w2sd", EXTRA[2]))}
+    print(f"\nper step outside the network (fastest runs, method - its network alone): student {ms[s]:.2f} ms, "
+          f"student with the conditioning computed per step {ms[EXTRA[0]]:.2f} ms, w2sd {ms['w2sd']:.2f} ms; "
+          f"networks alone, w2sd / student: {wall[EXTRA[2]] / wall[EXTRA[1]]:.2f}")
 
 
 if __name__ == "__main__":

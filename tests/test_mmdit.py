@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import checkpoint
 import mmdit
 from mmdit import CONFIGS, MMDiT, CheckpointError, load_mmdit, save_mmdit
 
@@ -33,7 +34,7 @@ def randomize_(module, seed=0):
 
 def make_diffusers(variant, seed=0):
     cfg = CONFIGS[variant]
-    return randomize_(SD3Transformer2DModel(**{k: v for k, v in mmdit.diffusers_config(cfg).items()
+    return randomize_(SD3Transformer2DModel(**{k: v for k, v in checkpoint.diffusers_config(cfg).items()
                                                if not k.startswith("_")}), seed).eval()
 
 
@@ -107,7 +108,7 @@ def test_other_components_are_never_read(saved, tmp_path, monkeypatch):
     path = str(tmp_path / "all_in_one.safetensors")
     save_file(tensors, path)
     read = []
-    real_open = mmdit.safe_open
+    real_open = checkpoint.safe_open
 
     class Recording:
         def __init__(self, *a, **kw):
@@ -127,7 +128,7 @@ def test_other_components_are_never_read(saved, tmp_path, monkeypatch):
         def __getattr__(self, name):
             return getattr(self.handle, name)
 
-    monkeypatch.setattr(mmdit, "safe_open", Recording)
+    monkeypatch.setattr(checkpoint, "safe_open", Recording)
     load_mmdit(path)
     assert read and all(k.startswith("model.diffusion_model.") for k in read)
 
@@ -187,6 +188,24 @@ def test_vec_replaces_the_conditioning_vector():
         # with vec given, t and y are not used
         assert torch.equal(model(x, t, context, y, vec=c), model(x, t * 0, context, y * 0, vec=c))
         assert not torch.allclose(model(x, t, context, y, vec=c + 1), model(x, t, context, y, vec=c))
+
+
+def test_precomputed_adaln_and_compiled_blocks_give_the_same_output():
+    """forward(adaln=model.adaln(c)) is forward(vec=c); compile_mmdit keeps the parameter names and
+    the output (traced here with the "eager" backend, which checks the graph capture in seconds;
+    the inductor backend's numbers are compared with diffusers by benchmarks/bench_mmdit.py --compile)."""
+    model = randomize_(MMDiT(CONFIGS["tiny-sd3.5-medium"])).eval()
+    x, t, context, y = inputs(model.config)
+    with torch.no_grad():
+        c = model.t_embedder(mmdit.timestep_embedding(t)) + model.y_embedder(y)
+        expected = model(x, t, context, y)
+        assert torch.equal(model(x, t * 0, context, y * 0, adaln=model.adaln(c)), expected)
+        with pytest.raises(ValueError, match="adaln must be the 7 tensors"):
+            model(x, t, context, y, adaln=model.adaln(c)[:-1])
+        keys = list(model.state_dict())
+        compiled = mmdit.compile_mmdit(model, backend="eager")
+        assert list(compiled.state_dict()) == keys
+        torch.testing.assert_close(compiled(x, t, context, y), expected, rtol=0, atol=1e-6)
 
 
 def test_timestep_embedding_closed_form_and_diffusers():
@@ -360,7 +379,7 @@ def test_blend_of_two_checkpoints_streams_tensor_by_tensor(tmp_path, monkeypatch
     mmdit.save_mmdit(base, str(tmp_path / "base.safetensors"))
     mmdit.save_mmdit_diffusers(tuned, str(tmp_path / "tuned"))
     alive, peak = [], [0]
-    read = mmdit._read_tensor
+    read = checkpoint.read_tensor
 
     def recording(*args):
         tensor = read(*args)
@@ -368,7 +387,7 @@ def test_blend_of_two_checkpoints_streams_tensor_by_tensor(tmp_path, monkeypatch
         peak[0] = max(peak[0], sum(r() is not None for r in alive))
         return tensor
 
-    monkeypatch.setattr(mmdit, "_read_tensor", recording)
+    monkeypatch.setattr(checkpoint, "read_tensor", recording)
     sb, st = base.state_dict(), tuned.state_dict()
     for scale in (1.5, -1.5, 0.8):
         blended = mmdit.load_mmdit_blend(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned"), scale).state_dict()
@@ -379,3 +398,28 @@ def test_blend_of_two_checkpoints_streams_tensor_by_tensor(tmp_path, monkeypatch
     mmdit.save_mmdit(small, str(tmp_path / "other.safetensors"))
     with pytest.raises(mmdit.CheckpointError, match="is not a fine-tune of"):
         mmdit.load_mmdit_blend(str(tmp_path / "base.safetensors"), str(tmp_path / "other.safetensors"), 1.5)
+
+
+def test_command_line_prints_the_config_or_one_error_line(tmp_path):
+    """python mmdit.py CHECKPOINT: the inferred config, or one `error:` line and exit 2 (cli.py)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mmdit.py")
+    good = save_mmdit(MMDiT(CONFIGS["tiny-sd3.5-medium"]), str(tmp_path / "m.safetensors"))
+    torch.save({"a": torch.zeros(1)}, tmp_path / "m.ckpt")
+    (tmp_path / "notes.safetensors").write_text("not a checkpoint\n")
+
+    def run(path):
+        return subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True)
+
+    r = run(good)
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout[:r.stdout.index("parameters:")])
+    assert mmdit.MMDiTConfig(**printed) == CONFIGS["tiny-sd3.5-medium"]
+    for path, message in ((tmp_path / "nowhere.safetensors", "checkpoint not found"),
+                          (tmp_path / "m.ckpt", "refusing a pickle checkpoint"),
+                          (tmp_path / "notes.safetensors", "is not a readable safetensors file")):
+        r = run(path)
+        assert r.returncode == 2 and r.stdout == "", (path, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr

@@ -280,6 +280,29 @@ def test_student_is_one_forward_per_step():
     assert nfe == 5
 
 
+def test_student_steps_precompute_every_step_of_the_schedule():
+    """student_steps: the conditioning of all N steps at once (G(psi(t)) and every adaLN output, N * B
+    rows per matrix product) gives each step's velocity as `student` does, to float rounding."""
+    model = tiny_mmdit(0)
+    noise, context, y, context_null, y_null = mmdit_inputs(B=2)
+    sigmas = samplers.flow_sigmas(6)
+    for name in ("teefusion", "dice"):
+        fusion = embed.make_fusion(name, model.config)
+        counter = NFECounter()
+        with torch.no_grad():
+            steps = samplers.student_steps(model, context, y, y_null, 4.0, sigmas[:-1], counter, fusion, context_null)
+            per_call = samplers.student(model, context, y, y_null, 4.0, None, fusion, context_null)
+            for i, v in enumerate(steps):
+                t = sigmas[i].expand(2)
+                torch.testing.assert_close(v(noise, t), per_call(noise, t), rtol=1e-5, atol=1e-5)
+            x_steps = samplers.euler(steps, noise, sigmas)
+            x_call = samplers.euler(per_call, noise, sigmas)
+        assert counter.calls == 2 * 6 and counter.per_sample(2) == 2 * 6, name  # each step called twice above
+        torch.testing.assert_close(x_steps, x_call, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="5 velocity functions for a schedule of 6 steps"):
+        samplers.euler(steps[:5], noise, sigmas)
+
+
 def test_ablation_students_through_a_fusion_module():
     model = tiny_mmdit(0)
     noise, context, y, context_null, y_null = mmdit_inputs(B=2)

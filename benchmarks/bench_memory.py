@@ -1,0 +1,389 @@
+"""
+Peak memory of ONE distillation step (Algorithm 1 as distill.py runs it), measured on the CPU at the
+published widths for small depths and token counts, fitted, and extrapolated to SD3-medium and
+SD3.5-large at 1024x1024.
+
+    python benchmarks/bench_memory.py              # GRID: 36 points, each in a fresh process (17 min on 2 cores)
+    python benchmarks/bench_memory.py --quick      # 4 points per width, checkpointing on: the machinery (3 min)
+    python benchmarks/bench_memory.py --optimizer fused   # AdamW(fused=True) instead of distill.py's default
+    python benchmarks/bench_memory.py --json points.json; python benchmarks/bench_memory.py --load points.json
+
+The step is distill.py's own: distill.distill_loss on arguments from distill.build_parser() and
+distill.fill_defaults (SD3 defaults: the W2SD + CFG teacher, 50-step schedule) with --bf16 (the
+student under bf16 autocast, fp32 master weights) and bf16 teacher weights (--teacher-dtype bf16,
+distill.py's default on CUDA): 6 teacher forwards without gradients (the strong and the weak model),
+the student's forward and backward, then AdamW. The optimizer is built as distill.py builds it,
+with foreach=True, its default on CUDA (foreach keeps a parameter-sized temporary list that the
+CPU's default per-tensor loop does not). Batch 1. AdamW's moments are created first (a step on zero
+gradients), so that they exist throughout the measured step, as in every step of a run but the first.
+
+What is measured: the bytes of live tensors (weights, buffers, gradients, AdamW moments, autocast's
+bf16 weight copies, activations saved for backward, temporaries), from the PyTorch profiler's
+allocation events (profile_memory=True; each event carries the allocator's running total), started
+before the models are built, so that everything is counted. This is the quantity
+torch.cuda.max_memory_allocated reports on a GPU; it is exact and deterministic (the same point
+gives the same bytes), whereas the process's peak RSS (printed beside it as a cross-check) adds
+the C allocator's caching and page granularity. The peak is taken per phase of the step (teacher
+forwards; student forward; backward; optimizer step), because which phase peaks depends on the
+size: at these small token counts the optimizer step peaks (weights + gradients + moments), at
+1024x1024 the activations count. The backward's own peak is, at small sizes, at its end (all
+gradients allocated, activations freed); at large sizes it is at its start (activations still
+held). So the backward is also measured less the gradients accumulated so far ("backward - grads",
+marked in the profile by a hook on each parameter), which fits the start; the extrapolation adds
+one block's gradients to it (a process of its own) or all of them (DDP).
+
+The fit, per width and phase: peak = a + b * depth + c * depth * tokens + d * tokens (least
+squares). Why this model: the parameters of a joint block are the same at every depth (b: its
+weights, and in the student its gradient and moments), the activations a block saves for backward
+grow linearly with its tokens (c: attention is SDPA's flash kernel, which saves O(L) per head, not
+the L x L scores), and what lies outside the blocks (embedders, pos_embed, final layer: a; inputs,
+embeddings and the loss: d) does not depend on depth. The printed residuals show how well it holds.
+b is checked against the parameter bytes. Extrapolation: depth 24 (SD3-medium, width 1536) and depth
+38 (SD3.5-large, width 2432, qk RMSNorm, measured at its own width and config) at 4096 image tokens +
+333 text tokens.
+
+Not measured here (a GPU adds them): the CUDA context and kernels (~0.5-1 GB), cuBLAS / cuDNN
+workspaces, the caching allocator's fragmentation (reserved > allocated, often 5-15%), NCCL buffers,
+and DDP: its gradient buckets hold the gradients for the whole run (gradient_as_bucket_view: the
+.grad tensors are views into them), so under DDP the gradients are resident in every phase, which
+the extrapolation adds.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
+import distill  # noqa: E402
+import embed  # noqa: E402
+import mmdit  # noqa: E402
+import samplers  # noqa: E402
+
+GB = 1e9
+PHASES = ("teacher", "student forward", "backward", "backward - grads", "optimizer")
+# The grid: config -> (depths, (image patches per side, text tokens) pairs, checkpointing modes);
+# image tokens = side^2. Small token counts keep the CPU time reasonable: the fit carries the rest.
+SIZES = ((4, 8), (6, 12), (8, 16))  # 24, 48 and 80 tokens
+GRID = {"sd3-medium": ((1, 2, 3, 4), SIZES, (False, True)), "sd3.5-large": ((1, 2), SIZES, (False, True))}
+QUICK = {"sd3-medium": ((1, 2), SIZES[::2], (True,)), "sd3.5-large": ((1, 2), SIZES[::2], (True,))}
+TARGETS = (("SD3-medium", "sd3-medium", 24), ("SD3.5-large", "sd3.5-large", 38))
+TARGET_TOKENS = (4096, 333)  # 1024x1024: (1024 / 8 / 2)^2 image tokens; 77 CLIP + 256 T5 text tokens
+GPU_GB = 80
+
+
+# -----------------------------------------------------------------------------
+# One point, in its own process
+
+
+def random_mmdit(cfg, dtype, seed):
+    """An MMDiT with random weights, built on the meta device and filled in place: no construction
+    temporaries (the float64 sin-cos table of a new model would be one)."""
+    with torch.device("meta"):
+        model = mmdit.MMDiT(cfg)
+    model = model.to(dtype).to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in list(model.parameters()) + list(model.buffers()):
+            p.normal_(0, 0.02, generator=g)
+    return model
+
+
+def params_per_block(cfg):
+    """Parameters of a joint block that is not the last (whose text stream is pre-only)."""
+    with torch.device("meta"):
+        block = mmdit.JointBlock(dataclasses.replace(cfg, depth=2), 0)
+    return sum(p.numel() for p in block.parameters())
+
+
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def walk(nodes):
+    for n in nodes:
+        yield n
+        yield from walk(n.children)
+
+
+def measure(point, threads, optimizer_kind):
+    """Build the models, run one distillation step under the profiler, return its
+    peak live bytes per phase and what the static parts weigh."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.set_num_threads(threads)
+    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after imports
+    cfg = dataclasses.replace(mmdit.CONFIGS[point["config"]], depth=point["depth"], dual_attention_layers=())
+    side, text = point["side"], point["text"]
+    args = distill.fill_defaults(distill.build_parser().parse_args(
+        ["--teacher", "random weights", "--teacher-sampler", "w2sd", "--bf16", "--teacher-dtype", "bf16",
+         "--global-batch", "1", "--micro-batch", "1"] + (["--grad-checkpointing"] if point["ckpt"] else [])))
+    real_target = samplers.teacher_target
+
+    def teacher_target(*a, **kw):  # the same call, inside a named range of the profile
+        with record_function("phase:teacher"):
+            return real_target(*a, **kw)
+
+    samplers.teacher_target = teacher_target
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        # the networks as distill.py holds them: bf16 frozen strong (= teacher) and weak, fp32 student
+        teacher = distill.frozen(random_mmdit(cfg, torch.bfloat16, 1))
+        weak = distill.frozen(random_mmdit(cfg, torch.bfloat16, 2))
+        model = random_mmdit(cfg, torch.float32, 1)
+        model.gradient_checkpointing = args.grad_checkpointing
+        student = distill.Student(model, embed.make_fusion(args.method, cfg)).train()
+        params = [p for p in student.parameters() if p.requires_grad]
+        accumulated = [0]
+
+        def on_gradient(p):  # marks, in the profile, the gradient bytes accumulated so far
+            accumulated[0] += p.grad.numel() * p.grad.element_size()
+            with record_function(f"grads:{accumulated[0]}"):
+                pass
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(on_gradient)
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                                      **{"foreach": dict(foreach=True), "fused": dict(fused=True),
+                                         "for-loop": dict(foreach=False)}[optimizer_kind])
+        g = torch.Generator().manual_seed(0)
+        batch = {"latents": torch.randn(1, cfg.in_channels, 2 * side, 2 * side, generator=g),  # (B, C, H, W)
+                 "context": torch.randn(1, text, cfg.context_dim, generator=g),  # (B, L, Dc)
+                 "y": torch.randn(1, cfg.pooled_dim, generator=g),  # (B, Dy)
+                 "t": torch.tensor([0.6]), "w": torch.tensor([5.0]),
+                 "eps": torch.randn(1, cfg.in_channels, 2 * side, 2 * side, generator=g)}
+        null = (torch.randn(1, text, cfg.context_dim, generator=g), torch.randn(1, cfg.pooled_dim, generator=g))
+        # AdamW's moments as after a first step (zero gradients leave the weights as they are)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # the measured step
+        with record_function("phase:forward"):
+            loss = distill.distill_loss(student, teacher, batch, null, args, weak, None)
+        with record_function("phase:backward"):
+            loss.backward()
+        grads = nbytes(p.grad for p in params)
+        with record_function("phase:optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    samplers.teacher_target = real_target
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    # the allocator's running total after each allocation / free, in time order, and the ranges
+    allocs, ranges, marks = [], {}, []
+    for node in walk(prof.profiler.kineto_results.experimental_event_tree()):
+        kind, fields = node.typed
+        if kind == _EventType.Allocation and fields.device.type == "cpu":
+            allocs.append((node.start_time_ns, fields.total_allocated))
+        elif node.name.startswith("phase:"):
+            ranges[node.name] = (node.start_time_ns, node.end_time_ns)
+        elif node.name.startswith("grads:"):
+            marks.append((node.start_time_ns, int(node.name[6:])))
+    allocs.sort()
+    marks.sort()
+
+    def peak(start, end):  # the live bytes on entering the window, and after each event inside it
+        before = [total for ts, total in allocs if ts < start]
+        inside = [total for ts, total in allocs if start <= ts <= end]
+        return max(before[-1:] + inside)
+
+    def peak_without_gradients(start, end):  # live bytes less the gradients accumulated so far
+        best, k, grads = peak(start, start), 0, 0
+        for ts, total in allocs:
+            while k < len(marks) and marks[k][0] <= ts:
+                grads = marks[k][1]
+                k += 1
+            if start <= ts <= end:
+                best = max(best, total - grads)
+        return best
+
+    teacher_r, forward_r = ranges["phase:teacher"], ranges["phase:forward"]
+    windows = {"teacher": teacher_r, "student forward": (teacher_r[1], forward_r[1]),
+               "backward": ranges["phase:backward"], "optimizer": ranges["phase:optimizer"]}
+    peaks = {name: peak(*w) for name, w in windows.items()}
+    peaks["backward - grads"] = peak_without_gradients(*ranges["phase:backward"])
+    return {
+        **point, "tokens": side * side + text, "image_tokens": side * side, "optimizer": optimizer_kind,
+        "peaks": peaks,
+        "student_weights": nbytes(model.parameters()) + nbytes(model.buffers()),
+        "teacher_weights": nbytes(teacher.parameters()) + nbytes(teacher.buffers()),
+        "weak_weights": nbytes(weak.parameters()) + nbytes(weak.buffers()),
+        "gradients": grads,
+        "adam_moments": nbytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+        "params_per_block": params_per_block(cfg),
+        "rss_delta": rss_peak - rss_base,
+    }
+
+
+# -----------------------------------------------------------------------------
+# The grid, the fit and the extrapolation
+
+
+def run_point(point, threads, optimizer_kind):
+    cmd = [sys.executable, os.path.abspath(__file__), "--point", json.dumps(point), "--threads", str(threads),
+           "--optimizer", optimizer_kind]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"point {point} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])  # the point's JSON line
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def lstsq(rows, ys):
+    X = torch.tensor(rows, dtype=torch.float64)
+    y = torch.tensor(ys, dtype=torch.float64)
+    coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+    return coef.tolist(), (y - X @ coef).tolist()
+
+
+def features(depth, tokens):
+    return [1.0, depth, depth * tokens, tokens]
+
+
+def fit(points, phase):
+    return lstsq([features(p["depth"], p["tokens"]) for p in points], [p["peaks"][phase] for p in points])
+
+
+def model_bytes(config, depth, optimizer_kind):
+    """Exact bytes of the parameter terms at a depth: P parameters, B buffer elements (pos_embed)."""
+    cfg = dataclasses.replace(mmdit.CONFIGS[config], depth=depth, dual_attention_layers=())
+    with torch.device("meta"):
+        model = mmdit.MMDiT(cfg)
+    P = sum(p.numel() for p in model.parameters())
+    B = sum(b.numel() for b in model.buffers())
+    # W student fp32 weights + buffers, T the two bf16 teachers, M AdamW's two fp32 moments,
+    # G fp32 gradients, F foreach AdamW's parameter-sized fp32 temporary list
+    F = 4 * P if optimizer_kind == "foreach" else 0
+    return {"W": 4 * (P + B), "T": 2 * 2 * (P + B), "M": 8 * P, "G": 4 * P, "F": F, "P": P}
+
+
+# which parameter terms are live in each phase of a one-process step (the rest of a phase's peak:
+# activations, autocast's bf16 weight copies, temporaries); under DDP G is live in all of them
+PRESENT = {"teacher": "WTM", "student forward": "WTM", "backward": "WTMG", "backward - grads": "WTM",
+           "optimizer": "WTMGF"}
+# what each way of training on N GPUs divides by N: DDP nothing, ZeRO-1 the optimizer state (and
+# its temporaries), ZeRO-2 also the gradients, FSDP full sharding also every weight (teachers too)
+SHARDED = {"DDP": "", "ZeRO-1": "MF", "ZeRO-2": "MFG", "FSDP": "MFGWT"}
+
+
+def report(results):
+    print("\nMeasured peaks of one step, GB of live tensors (RSS: the process's peak RSS over its baseline after "
+          "imports, a cross-check)")
+    print(f"{'config':12s} {'ckpt':>4s} {'depth':>5s} {'tokens':>6s} " + " ".join(f"{p:>16s}" for p in PHASES)
+          + f" {'RSS':>7s} {'s':>5s}")
+    for r in results:
+        print(f"{r['config']:12s} {'yes' if r['ckpt'] else 'no':>4s} {r['depth']:5d} {r['tokens']:6d} "
+              + " ".join(f"{r['peaks'][p] / GB:16.3f}" for p in PHASES) + f" {r['rss_delta'] / GB:7.3f} "
+              f"{r['seconds']:5.0f}")
+    fits = {"optimizer": results[0]["optimizer"]}
+    for config in dict.fromkeys(r["config"] for r in results):
+        for ckpt in (False, True):
+            pts = [r for r in results if r["config"] == config and r["ckpt"] == ckpt]
+            if len({(p["depth"], p["tokens"]) for p in pts}) < 4 or len({p["depth"] for p in pts}) < 2:
+                continue
+            print(f"\nFit {config}, gradient checkpointing {'on' if ckpt else 'off'}, {len(pts)} points: peak = "
+                  f"a + b depth + c depth tokens + d tokens  (a, b in GB; c, d in MB per token)")
+            for phase in PHASES:
+                coef, res = fit(pts, phase)
+                fits[config, ckpt, phase] = coef
+                a, b, c, d = coef
+                print(f"  {phase:16s} a {a / GB:7.3f}  b {b / GB:7.3f}  c {c / 1e6:7.4f}  d {d / 1e6:8.4f}   "
+                      f"residuals MB: " + " ".join(f"{e / 1e6:+.2f}" for e in res))
+            per_block = params_per_block(mmdit.CONFIGS[config])
+            foreach = pts[0]["optimizer"] == "foreach"
+            per_param = 24 if foreach else 20
+            print(f"  check: b of the optimizer phase {fits[config, ckpt, 'optimizer'][1] / GB:.3f} GB; "
+                  f"{per_block / 1e6:.1f} M parameters per block x {per_param} bytes (fp32 weight 4, gradient 4, "
+                  f"AdamW moments 8, {'foreach temporary 4, ' if foreach else ''}two bf16 teachers 4) = "
+                  f"{per_param * per_block / GB:.3f} GB")
+    return fits
+
+
+def extrapolate(fits, gpus):
+    L = sum(TARGET_TOKENS)
+    print(f"\nExtrapolation to 1024x1024 ({TARGET_TOKENS[0]} image + {TARGET_TOKENS[1]} text tokens), batch 1 per "
+          "GPU, bf16 autocast, bf16 W2SD teacher pair, GB of live tensors per phase; one process, then per GPU with "
+          f"{gpus} GPUs (sharded terms / {gpus}; FSDP adds two gathered blocks: bf16 weights, fp32 gradients)")
+    strategies = " ".join(f"{s:>7s}" for s in SHARDED)
+    print(f"{'model':12s} {'ckpt':>4s} " + " ".join(f"{p:>16s}" for p in PHASES) + f" {'1 proc':>7s} {strategies}")
+    for name, config, depth in TARGETS:
+        terms = model_bytes(config, depth, fits["optimizer"])
+        for ckpt in (False, True):
+            if (config, ckpt, "optimizer") not in fits:
+                continue
+            phase = {p: sum(c * f for c, f in zip(fits[config, ckpt, p], features(depth, L))) for p in PHASES}
+            one_block_grads = terms["G"] / depth
+            single = max(max(phase.values()), phase["backward - grads"] + one_block_grads)
+            per_gpu = {}
+            for strategy, sharded in SHARDED.items():
+                worst = 0
+                for p, value in phase.items():
+                    present = PRESENT[p] + ("" if "G" in PRESENT[p] else "G")  # DDP: gradients always live
+                    value += 0 if "G" in PRESENT[p] else terms["G"]
+                    value -= sum(terms[k] * (1 - 1 / gpus) for k in present if k in sharded)
+                    worst = max(worst, value)
+                if strategy == "FSDP":
+                    worst += 2 * params_per_block(mmdit.CONFIGS[config]) * (2 + 4)
+                per_gpu[strategy] = worst
+            print(f"{name:12s} {'yes' if ckpt else 'no':>4s} " + " ".join(f"{phase[p] / GB:16.1f}" for p in PHASES)
+                  + f" {single / GB:7.1f} " + " ".join(f"{v / GB:7.1f}" for v in per_gpu.values()))
+        print(f"  {name}: {terms['P'] / 1e9:.2f} B parameters: student weights (fp32) {terms['W'] / GB:.1f} GB, "
+              f"two bf16 teachers {terms['T'] / GB:.1f}, AdamW moments {terms['M'] / GB:.1f}, gradients "
+              f"{terms['G'] / GB:.1f}, foreach temporary {terms['F'] / GB:.1f}")
+    print(f"A GPU holds {GPU_GB} GB; it also needs what is not measured here (module docstring): the CUDA context, "
+          "workspaces, the allocator's fragmentation, NCCL buffers (leave 5-10 GB).")
+
+
+def main(args):
+    if args.point:
+        print(json.dumps(measure(json.loads(args.point), args.threads, args.optimizer)))
+        return
+    if args.load:  # analyse points measured before
+        with open(args.load) as f:
+            results = json.load(f)
+        extrapolate(report(results), args.gpus)
+        return
+    grid = QUICK if args.quick else GRID
+    points = [dict(config=config, depth=depth, side=side, text=text, ckpt=ckpt)
+              for config, (depths, sizes, modes) in grid.items() for ckpt in modes
+              for depth in depths for side, text in sizes]
+    start = time.time()
+    print(f"bench_memory: {len(points)} points, each in a fresh process; AdamW {args.optimizer}; torch "
+          f"{torch.__version__}, CPU {platform.processor() or platform.machine()}, {args.threads} thread(s); "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    results = []
+    for i, point in enumerate(points):
+        results.append(run_point(point, args.threads, args.optimizer))
+        r = results[-1]
+        print(f"  [{i + 1}/{len(points)}] {point}: peak {max(r['peaks'].values()) / GB:.3f} GB ({r['seconds']:.0f} s)",
+              flush=True)
+    fits = report(results)
+    extrapolate(fits, args.gpus)
+    print(f"\n{len(points)} points in {(time.time() - start) / 60:.1f} minutes")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few points only (checks the machinery)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs to share the sharded terms over, in the table")
+    parser.add_argument("--optimizer", default="foreach", choices=("foreach", "fused", "for-loop"),
+                        help="AdamW's implementation: foreach (its default on CUDA, distill.py's), fused, or the "
+                             "per-tensor loop (its default on a CPU)")
+    parser.add_argument("--json", default=None, help="also write every measured point to this file")
+    parser.add_argument("--load", default=None, help="analyse the points of a --json file instead of measuring")
+    parser.add_argument("--point", default=None, help=argparse.SUPPRESS)  # internal: measure one point
+    main(parser.parse_args())
