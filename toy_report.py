@@ -343,6 +343,32 @@ def follows_w(ev, teacher, student, path, k=6, ws=(2.0, 8.0)):
     return numbers
 
 
+def training_cost(students):
+    """Per student, from its log.jsonl: the median seconds per training step, split into the teacher's
+    target and the student's forward + backward (distill.py logs both), and the final loss."""
+    rows = []
+    for s in students:
+        if not os.path.isfile(s["log"]):
+            continue
+        with open(s["log"]) as f:
+            log = [json.loads(line) for line in f if line.strip()]
+        med = {k: torch.tensor([r[k] for r in log], dtype=torch.float64).median().item()
+               for k in ("step_s", "teacher_s", "student_s")}
+        rows.append(dict(label=s["label"], steps=len(log), final_loss=sum(r["loss"] for r in log[-50:]) / len(log[-50:]),
+                         **med))
+    return rows
+
+
+def format_cost(rows):
+    lines = ["Training cost per step (median over each student's log.jsonl; the teacher's target, then the "
+             "student's forward + backward):"]
+    for r in rows:
+        lines.append(f"  {r['label']:<32} {r['steps']:>5} steps  {1000 * r['step_s']:7.1f} ms/step = teacher "
+                     f"{1000 * r['teacher_s']:6.1f} + student {1000 * r['student_s']:6.1f}  "
+                     f"(final loss, mean of the last 50 steps: {r['final_loss']:.3f})")
+    return "\n".join(lines)
+
+
 def loss_figure(students, path):
     """Fig. 5b: the training loss (mean per 50 steps) of each student whose log.jsonl is beside it."""
     series = {}
@@ -405,6 +431,10 @@ def report(world, students=(), out_dir="runs/toy", w=4.0, steps=20, n_seeds=2, s
                 text.append("Follows w (per-image RMSE between w = 2 and w = 8 from the same noise, "
                             f"{out['figures']['follows_w']}): "
                             + "; ".join(f"{k} {_ci_text(v, digits=3)}" for k, v in follows.items()))
+            cost = training_cost(students)
+            if cost:
+                out["training_cost"] = cost
+                text.append(format_cost(cost))
             loss = loss_figure([s for s in students if s["teacher"] == teacher], os.path.join(out_dir, "loss.png"))
             if loss:
                 out["figures"]["loss"] = loss

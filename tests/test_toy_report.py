@@ -76,7 +76,8 @@ def save_student(world, folder, method, teacher, seed):
     if len(fusion.state_dict()):
         save_file({k: v.contiguous() for k, v in fusion.state_dict().items()}, str(folder / "fusion.safetensors"))
     with open(folder / "log.jsonl", "w") as f:
-        f.writelines(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 61))
+        f.writelines(json.dumps({"step": s, "loss": 1 / s, "step_s": 0.1 + s / 1000, "teacher_s": 0.06, "student_s": 0.03})
+                     + "\n" for s in range(1, 61))
     return path
 
 
@@ -123,6 +124,9 @@ def test_report_on_a_tiny_world(world, tmp_path, capsys):
     grid = Image.open(tmp_path / "report" / "samples.png")
     assert grid.height >= 20 + len(rows) * 8 * toy.H  # labelled; a toy pixel drawn 8 x 8
     assert set(out["follows_w"]) == {"W2SD + CFG", labels[0]}
+    cost = {r["label"]: r for r in out["training_cost"]}
+    assert cost[labels[0]]["steps"] == 60 and cost[labels[0]]["teacher_s"] == 0.06
+    assert cost[labels[0]]["step_s"] == pytest.approx(0.1 + 30 / 1000)  # the median of 0.101 ... 0.160
     printed = capsys.readouterr().out
     assert all(n in printed for n in labels) and "significant" in printed and "Table 3" in printed
 
