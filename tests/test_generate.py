@@ -34,7 +34,7 @@ import samplers
 import toy
 import vae
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # test oracle (requirements-test.txt)
 from test_embed import tiny_clip, tiny_t5, word_tokenizer  # noqa: E402  (tiny text encoders, built on the spot)
 from test_vae import make_reference  # noqa: E402  (a tiny AutoencoderKL shaped like SD3's)
 
