@@ -472,6 +472,9 @@ def main(args):
     for path in args.student:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--student {path}: no such file")
+    if args.seeds < 1 or args.steps < 1:
+        raise ValueError(f"--seeds {args.seeds} and --steps {args.steps} must be at least 1")
+    samplers.check_w(args.w, "--w")
     world = toy.build_world(args.cache_dir)
     specs = [dict(path=p, teacher=args.teacher) for p in args.student]
     report(world, specs, args.out, args.w, args.steps, args.seeds, args.split, figures=not args.no_figures,

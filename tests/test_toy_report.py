@@ -137,3 +137,14 @@ def test_a_student_without_its_teacher_is_refused(world, tmp_path):
         toy_report.load_students([dict(path=path)])
     assert toy_report.load_students([dict(path=path, teacher="zigzag")])[0]["teacher"] == "zsampling"
     assert samplers.canonical("zigzag", samplers.TEACHERS) == "zsampling"
+
+
+@pytest.mark.parametrize("argv, named", [(["--student", "nope.safetensors"], "--student nope.safetensors"),
+                                         (["--seeds", "0"], "--seeds 0"), (["--w", "-1"], "--w must be >= 0")])
+def test_command_line_refuses_bad_input_in_one_line(argv, named):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "toy_report.py", *argv], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and named in r.stderr
