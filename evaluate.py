@@ -25,7 +25,7 @@ Prompt sets from local files: plain lists, the HPS v2 benchmark (4 styles), DPG-
 The toy world reports its own adherence and agreement scores in toy.py.
 
 ABSENT (not built; nothing here pretends to compute them):
-  - a VQA model for DPG-Bench (mPLUG); `metrics.dpg_bench` takes yours, and the CLI has no dpg command;
+  - a VQA model for DPG-Bench (mPLUG); `dpg.dpg_bench` takes yours, and the CLI has no dpg command;
   - numeric parity with the released checkpoints (CLIP-L, PickScore, HPS, ImageReward, the aesthetic
     MLP, the FID Inception): the tests check each formula, preprocessing and key mapping on tiny
     random models, not against the real weights (none can be downloaded here).

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import fid
+import dpg
 import metrics
 
 PROMPTS = ["a red cat", "the blue dog on the grass", "photo of a cat", "a dog"]
@@ -352,7 +353,7 @@ def test_dpg_bench_with_stub_vqa(tmp_path):
         return answers[image.getpixel((0, 0))[0]][question]
 
     images = {"p1": grid([0, 1, 2, 3]), "p2": grid([10, 11, 12, 13])}
-    out = metrics.dpg_bench(images, str(csv_path), vqa, tile=4)
+    out = dpg.dpg_bench(images, str(csv_path), vqa, tile=4)
     p1 = 100 * (3 / 3 + 0 / 3 + 1 / 3 + 2 / 3) / 4
     p2 = 100 * (2 / 2 + 0 / 2 + 1 / 2 + 2 / 2) / 4
     assert out["per_prompt"] == pytest.approx({"p1": p1, "p2": p2})
@@ -364,14 +365,14 @@ def test_dpg_bench_with_stub_vqa(tmp_path):
     # a folder of <item_id>.png works the same; a missing image names its path
     for k, im in images.items():
         im.save(tmp_path / f"{k}.png")
-    assert metrics.dpg_bench(str(tmp_path), str(csv_path), vqa, tile=4)["overall"] == pytest.approx(out["overall"])
+    assert dpg.dpg_bench(str(tmp_path), str(csv_path), vqa, tile=4)["overall"] == pytest.approx(out["overall"])
     os.remove(tmp_path / "p2.png")
     with pytest.raises(FileNotFoundError, match="p2.png"):
-        metrics.dpg_bench(str(tmp_path), str(csv_path), vqa, tile=4)
+        dpg.dpg_bench(str(tmp_path), str(csv_path), vqa, tile=4)
     with pytest.raises(FileNotFoundError, match="dpg_bench.csv"):
-        metrics.load_dpg_questions(str(tmp_path / "nope" / "dpg_bench.csv"))
+        dpg.load_dpg_questions(str(tmp_path / "nope" / "dpg_bench.csv"))
     with pytest.raises(ValueError, match="not a grid"):
-        metrics.split_tiles(Image.new("RGB", (6, 8)), 4)
+        dpg.split_tiles(Image.new("RGB", (6, 8)), 4)
 
 
 
