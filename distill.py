@@ -29,6 +29,18 @@ prints the toy Table 4 with 95% confidence intervals and draws the figures into 
   with every student, Table 3, Fig. 5a, 5b) into --out. With --resume, finished students are reused.
   It refuses --teacher (real SD3), --method and --teacher-sampler. Runtimes and results: README.
 
+A LoRA student (lora.py): the same Algorithm 1, the same checkpoints, resume, DDP and guarantees, with
+low-rank adapters on a frozen copy of the start network that shares its weights (with a bf16 teacher
+the student adds only its adapters, in fp32, to the memory), and G and F trained fully by default:
+    python distill.py --lora 4 --out runs/toy-lora          # toy: lora.safetensors + merged student.safetensors
+    torchrun --nproc_per_node=1 distill.py --lora 16 --teacher sd3_medium.safetensors --weak W --data shards/ \\
+        --out runs/lora --bf16 --grad-checkpointing --global-batch 128 --micro-batch 1 --steps 10000 --resume
+  It writes DIR/lora.safetensors (diffusers' SD3 LoRA format); the full student is
+  `python lora.py merge --base sd3_medium.safetensors --lora DIR/lora.safetensors --out student.safetensors`.
+  --lora-targets, --lora-full, --lora-alpha: lora.py. Not with --method dice / distillcfg (DICE adapts no
+  network; DistillCFG's new MLP is no part of SD3), --w2sd-finetuned (the student would start from a blend
+  that is in no file) or --export-diffusers (merge first).
+
 Real scale (SD3-medium, shards from prepare.py, 8 GPUs per node, the paper's settings: a W2SD + CFG
 teacher, here with the W2SD release's pair built from a fine-tune of SD3-medium):
     torchrun --nproc_per_node=8 distill.py --teacher sd3_medium.safetensors \\
@@ -83,6 +95,7 @@ world size, which would break this, so a small sampler below does its job.)
 
 Files (--out DIR; safetensors and JSON only, never pickle; every file written atomically):
     DIR/checkpoints/step-NNNNNNN/...  and DIR/checkpoints/latest: see training_state.py
+    DIR/lora.safetensors (lora-ema.safetensors with --ema) for --lora, with the merged students in the toy world
     DIR/student.safetensors (+ fusion.safetensors; with --ema student-ema.safetensors and
     fusion-ema.safetensors) at the end, their metadata naming the method and the teacher sampler;
     main() returns the student's path (the EMA one with --ema); DIR/diffusers/transformer with
@@ -134,6 +147,7 @@ from tqdm import tqdm
 
 import cli
 import embed
+import lora
 import samplers
 from checkpoint import _atomic_save
 from mmdit import load_mmdit, load_mmdit_blend, save_mmdit, save_mmdit_diffusers
@@ -159,6 +173,10 @@ TOY_DEFAULTS = dict(steps=1500, global_batch=32, lr=1e-3, out="runs/toy", teache
                     teacher_steps=20)  # toy_report samples with 20 steps
 # --full (toy world): every student of the paper's Tables 3 and 4, as (subfolder of --out, --method,
 # --teacher-sampler); the ablations and DICE learn from the W2SD + CFG teacher, like the main student
+# --lora RANK: the adapters learn at a higher rate than full fine-tuning. SD3: 1e-4, the learning rate
+# diffusers' SD3 LoRA DreamBooth example uses (not measured here: no GPU); toy: chosen on the DEV prompts
+LORA_LR = {"sd3": 1e-4, "toy": 1e-3}
+LORA_METHODS = ("teefusion", "gonly")  # the methods with no parameters of their own: an SD3 LoRA file holds all
 FULL = (("teefusion-cfg", "teefusion", "cfg"), ("teefusion-zsampling", "teefusion", "zsampling"),
         ("teefusion-w2sd", "teefusion", "w2sd"), ("gonly-w2sd", "gonly", "w2sd"),
         ("distillcfg-w2sd", "distillcfg", "w2sd"), ("dice-w2sd", "dice", "w2sd"))
@@ -239,6 +257,10 @@ def build_parser():
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-report", action="store_true", help="toy world: skip the Table 4 report at the end")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="train low-rank adapters of this rank (lora.py) over the frozen student start instead of "
+                        "every weight; writes lora.safetensors (diffusers' SD3 LoRA format)")
+    lora.add_arguments(p)
     p.add_argument("--full", action="store_true", help="toy world: distill every student of FULL (a TeEFusion "
                                                         "student per teacher, the Table 3 ablations, DICE), each "
                                                         "into --out/NAME, then print one table of them all")
@@ -250,11 +272,45 @@ def fill_defaults(args):
     DICE's own (METHOD_DEFAULTS) for --method dice."""
     world = SD3_DEFAULTS if args.teacher is not None else TOY_DEFAULTS
     method = args.method or world["method"]
+    if getattr(args, "lora", None) is not None and args.lr is None:
+        args.lr = LORA_LR["sd3" if args.teacher is not None else "toy"]
     for defaults in (METHOD_DEFAULTS.get(method, {}), world, W_RANGE):
         for k, v in defaults.items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
     return args
+
+
+def check_lora(args):
+    """--lora RANK and its settings (lora.settings), normalised in args (so that a resume compares like
+    with like); the flags of LoRA refused without it."""
+    given = [f for f in ("lora_alpha", "lora_targets", "lora_full", "lora_dtype") if getattr(args, f, None) is not None]
+    if getattr(args, "lora", None) is None:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} sets up a LoRA student: it needs --lora RANK")
+        return None
+    if args.method not in LORA_METHODS:
+        why = ("DICE keeps the MMDiT frozen: there is nothing to adapt" if args.method == "dice" else
+               "its new guidance MLP is no part of SD3, so an SD3 LoRA file cannot carry it")
+        raise ValueError(f"--lora does not combine with --method {args.method}: {why}; use "
+                         f"{' or '.join(LORA_METHODS)}, or train the full student")
+    if args.w2sd_finetuned is not None:
+        raise ValueError("--lora ships an adapter over a checkpoint file, and with --w2sd-finetuned the student "
+                         "would start from a blend of two files; give the W2SD pair as files (--weak, and --strong "
+                         "which defaults to --teacher), or train the full student")
+    if args.export_diffusers:
+        raise ValueError("--export-diffusers writes a full transformer; a LoRA run writes lora.safetensors "
+                         "(diffusers' SD3 LoRA format): merge it with `python lora.py merge` for a full student")
+    spec = lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full)
+    if not spec["targets"] and not spec["full"]:
+        raise ValueError("--lora-targets none and --lora-full none: nothing would be trained")
+    args.lora_alpha, args.lora_dtype = spec["alpha"], args.lora_dtype or "fp32"
+    args.lora_targets, args.lora_full = (",".join(spec[k]) or "none" for k in ("targets", "full"))
+    return spec
+
+
+def lora_spec(args):
+    return lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full)
 
 
 def check_args(args, world_size=1):
@@ -269,7 +325,11 @@ def check_args(args, world_size=1):
         if world_size > 1:
             raise ValueError("--full runs its students one after another in one process: run it with plain "
                              "python, not torchrun")
+        if args.lora is not None:
+            raise ValueError("--full distills full students; distill a LoRA student on its own (--lora RANK "
+                             "without --full)")
     fill_defaults(args)
+    check_lora(args)
     if args.w_min < 0 or args.w_max < 0:
         raise ValueError(f"--w-min {args.w_min:g} / --w-max {args.w_max:g}: the guidance w must be >= 0 (paper "
                          "convention, CFG = (1 + w) v_c - w v_null; diffusers' guidance_scale is 1 + w)")
@@ -426,7 +486,7 @@ def distill_loss(student, teacher, batch, null, args, weak=None, main=None, timi
     t, w = batch["t"], batch["w"]  # (B,), (B,)
     context_null, y_null = null  # (1, L, Dc), (1, Dy)
     device = t.device
-    amp = _autocast(device, args.bf16)
+    amp = _autocast(device, student_bf16(args))
     # a bf16 teacher always runs under autocast (its inputs stay fp32, its matmuls run in bf16)
     teacher_amp = _autocast(device, args.bf16 or args.teacher_dtype == "bf16")
     tick = _clock(device)
@@ -457,6 +517,11 @@ def noised(batch):
     return (1 - t_) * batch["latents"] + t_ * batch["eps"]  # (B, C, H, W)
 
 
+def student_bf16(args):
+    """The student runs under bf16 autocast: --bf16, or a LoRA student over bf16 weights (the teacher's)."""
+    return args.bf16 or (getattr(args, "lora", None) is not None and args.teacher_dtype == "bf16")
+
+
 def _autocast(device, bf16):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -484,7 +549,7 @@ def weights_problem(student, ema, batch, null, args, distributed):
     problem = problem and f"the weights hold non-finite values ({problem})"
     if not problem:
         x_t = noised(batch)  # (B, C, H, W)
-        with torch.no_grad(), _autocast(x_t.device, args.bf16):
+        with torch.no_grad(), _autocast(x_t.device, student_bf16(args)):
             for label, module in (("student", student), ("EMA", ema)):
                 if module is not None and not torch.isfinite(module(x_t, batch["t"], batch["context"], batch["y"],
                                                                     *null, batch["w"])).all():
@@ -586,7 +651,10 @@ def full_runs(args):
 
 def student_metadata(args, step):
     """What a student file records of its run (embed.load_student and toy_report read it)."""
-    return {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step)}
+    meta = {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step)}
+    if getattr(args, "lora", None) is not None:
+        meta[lora.METADATA] = json.dumps(lora_spec(args))
+    return meta
 
 
 def main_full(args):
@@ -707,18 +775,24 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
     # Algorithm 1: student initialised from the teacher (fp32 master weights); for W2SD, from the model
     # that moves after the reflection (the strong one, Eq. 4, or the main one)
     teacher = frozen(load_network(sources["teacher"], device, net_dtype))
-    model = load_network(sources["init"], device, torch.float32)
+    weak, main = (frozen(load_network(sources[k], device, net_dtype)) if sources[k] else None for k in ("weak", "main"))
+    # --lora: the student's frozen weights are those of the network it starts from (shared, not copied)
+    base = (main if sources["init"] == sources["main"] else teacher) if args.lora is not None else None
+    model = load_network(sources["init"], device, torch.float32) if base is None else None
+    torch.manual_seed(args.seed)  # new modules and adapters start the same on every rank and world size
+    if base is not None:
+        model = lora.attach(base, lora_spec(args))  # adapters: A drawn as nn.Linear draws, B = 0
     model.gradient_checkpointing = args.grad_checkpointing
-    torch.manual_seed(args.seed)  # the new modules of distillcfg / dice start the same on every rank and world size
     fusion = embed.make_fusion(args.method, model.config).to(device)
     if not fusion.trains_model:  # DICE: the diffusion model stays frozen, only the enhancer learns
         frozen(model)
     student = Student(model, fusion).train()
-    weak, main = (frozen(load_network(sources[k], device, net_dtype)) if sources[k] else None for k in ("weak", "main"))
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ema = frozen(copy.deepcopy(student)) if args.ema is not None else None
+    # the EMA of a LoRA student shares its frozen weights too
+    shared = {id(t): t for t in (*student.parameters(), *student.buffers()) if not t.requires_grad} if base else {}
+    ema = frozen(copy.deepcopy(student, shared)) if args.ema is not None else None
     ema_params = [dict(ema.named_parameters())[n] for n in names] if ema is not None else []
     torch.manual_seed(args.seed * world_size + rank)  # per-rank seed (DiT); Algorithm 1's draws are counter-based
 
@@ -738,7 +812,8 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
               + (f", main {describe_source(sources['main'])}" if sources["main"] else "")
               + f"; student from {describe_source(sources['init'])}), {world_size} process(es) "
               f"on {device}, global batch {args.global_batch} = {world_size} x {micro} x {accum} rounds, "
-              f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters"
+              + (f" (LoRA rank {args.lora} on {args.lora_targets}, trained fully: {args.lora_full}), " if base else ", ")
               + (f"resuming at step {start} from {ckpt}" if ckpt else "from step 0"))
 
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
@@ -817,7 +892,9 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
 
     # the final student, beside the checkpoints
     final = os.path.join(args.out, "student.safetensors")
-    if rank == 0:
+    if rank == 0 and base is not None:
+        final = save_lora_student(args, student, ema, base, toy_world is not None)
+    elif rank == 0:
         meta = student_metadata(args, args.steps)
         save_mmdit(student.model, final, metadata=meta)
         if len(student.fusion.state_dict()):
@@ -831,6 +908,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
             save_mmdit_diffusers(ema.model if ema is not None else student.model, folder,
                                  extra_config={"txt_align_guidance": True})
             print(f"diffusers export: {folder}")
+    if rank == 0:
         print(f"student: {final}")
         if toy_world is not None and not args.no_report:  # the toy world's Table 4, figures, CIs
             import toy_report
@@ -839,9 +917,45 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
                               progress=not args.no_progress)
     elif ema is not None:
         final = os.path.join(args.out, "student-ema.safetensors")
+    if rank != 0 and base is not None:
+        final = lora_final_path(args, toy_world is not None)
     if distributed:
         dist.barrier()
     return final
+
+
+def lora_final_path(args, merged):
+    """What main() returns for a LoRA run: the merged student in the toy world (its report reads it),
+    else the adapter; the EMA's with --ema."""
+    ema = "-ema" if args.ema is not None else ""
+    return os.path.join(args.out, f"student{ema}.safetensors" if merged else f"lora{ema}.safetensors")
+
+
+def save_lora_student(args, student, ema, base, merged):
+    """A LoRA run's final files: lora.safetensors (diffusers' SD3 LoRA format; lora-ema.safetensors with
+    --ema) and, in the toy world (merged=True), the merged students student.safetensors /
+    student-ema.safetensors (Stability layout) that the toy report reads; for SD3 the merge is
+    `python lora.py merge` (it streams the base from disk). Returns lora_final_path."""
+    meta = student_metadata(args, args.steps)
+    for suffix, s in (("", student), ("-ema", ema)):
+        if s is None:
+            continue
+        path = lora.save_adapter(s.model, base, os.path.join(args.out, f"lora{suffix}.safetensors"), meta,
+                                 lora.DTYPES[args.lora_dtype])
+        print(f"adapter: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+        if merged:
+            save_mmdit(lora.merge(s.model), os.path.join(args.out, f"student{suffix}.safetensors"), metadata=meta)
+        elif args.teacher is not None:
+            print(f"full student: python lora.py merge --base {base_file(args)} --lora {path} "
+                  f"--out {os.path.join(args.out, f'student{suffix}.safetensors')}")
+    return lora_final_path(args, merged)
+
+
+def base_file(args):
+    """The checkpoint a LoRA student's adapters are over (the network it started from)."""
+    if args.teacher_sampler == "w2sd":
+        return args.teacher if args.w2sd_final == "main" else (args.strong or args.teacher)
+    return args.teacher
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ loads (cli.py).
         --methods cfg,zsampling,w2sd --w2sd-finetuned /weights/sd3_finetune.safetensors \
         --student teefusion=runs/teefusion/student.safetensors --score hps=/weights/hps-v2.1 \
         --w 5 --steps 50 --out runs/table4            # add --w-sweep 1,2,3,5,7,9 for Fig. 5a
+                                                      # --student NAME=lora.safetensors: a LoRA student
     python evaluate.py plot-loss runs/log.jsonl --out loss.png
     python evaluate.py plot-sweep results.json --metric hps --out sweep.png
 """
@@ -67,6 +68,7 @@ from tqdm import tqdm
 import cli
 import fid
 import generate
+import lora
 import metrics
 import samplers
 from generate import load_prompts, write_text  # prompt files live with the generator
@@ -321,6 +323,8 @@ def table_plans(args):
         for w in [None] if method == "euler" else ws:
             ns = argparse.Namespace(**{**vars(args), **({} if method == "w2sd" else W2SD_ONLY)})
             ns.method, ns.student, ns.w = method, student, w
+            if student is not None and lora.is_adapter_file(student):  # a LoRA student over --model (lora.py)
+                ns.student, ns.lora = None, student
             ns.w_rounding = args.w_rounding if method == "student" else "float32"
             sub = f"w{w:g}" if args.w_sweep and w is not None else ""
             ns.out = os.path.join(args.out, "".join(c if c.isalnum() or c in "-_." else "_" for c in label), sub)
@@ -524,7 +528,8 @@ def build_parser():
     p.add_argument("--out", default="speed", help="output stem: writes STEM.md and STEM.json")
     p = sub.add_parser("table4", help="Table 4 (Fig. 5a with --w-sweep): generate.py for every method and student "
                        "on the same prompts and seeds; NFE, s / image and scores as Markdown + JSON; a grid")
-    generate.add_arguments(p, exclude=("--method", "--student"))
+    generate.add_arguments(p, exclude=("--method", "--student", "--lora"))
+    p.set_defaults(lora=None)
     p.set_defaults(out="runs/table4")
     p.add_argument("--methods", default="cfg,zsampling,w2sd", help="teacher rows, comma-separated (euler, cfg, "
                    "zsampling, w2sd; w2sd needs --weak or --w2sd-finetuned)")

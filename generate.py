@@ -7,6 +7,8 @@ Text to image: prompts -> PNGs with any sampler of the paper, on SD3 or on the t
         --method student --student runs/teefusion/student.safetensors --w 5 --prompts prompts.txt --out runs/gen/st
     python generate.py --toy --method student --student runs/toy/student.safetensors \\
         --prompt "a red plus left of a blue square"        # after `python distill.py`; -> runs/generate
+    python generate.py --model /w/stable-diffusion-3-medium-diffusers --method student \\
+        --lora runs/lora/lora.safetensors --prompt "a photo of a cat"   # a LoRA student over --model's MMDiT
 
 Methods (samplers.py). --w is the paper's w everywhere (Eq. 2: (1 + w) v(c) - w v(null)), so diffusers'
 guidance_scale is g = 1 + w. The authors' released TeEFusion pipeline is the exception: its
@@ -20,7 +22,9 @@ guidance_scale=5, and `--w-rounding model` forms 1000 w in the model dtype as it
                (Eq. 4), or with main = base + 0.8 delta (--w2sd-main). The pair: --strong/--weak, or as
                the W2SD release, --w2sd-finetuned F: delta = F - base, strong / weak = base +- 1.5 delta
     student    a student written by distill.py (--student; its method from the file's metadata,
-               embed.load_student): ONE forward per step with z of Eq. 7
+               embed.load_student): ONE forward per step with z of Eq. 7. Or --lora PATH: an adapter
+               (distill.py --lora, diffusers' SD3 LoRA format) over --model's MMDiT (the toy teacher with
+               --toy), merged in float32 as it loads (lora.load_student)
 
 The negative prompt (default: the empty string, the paper's null prompt) is the null branch of CFG and
 of the reflection samplers; for the student it is y_null of Eq. 7 (its pooled vector only).
@@ -65,6 +69,7 @@ from tqdm import tqdm
 
 import cli
 import embed
+import lora
 import mmdit
 import samplers
 import vae
@@ -75,12 +80,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CLIP_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
 DEFAULT_W = 5.0  # the released student's inference setting (SPEC.md section 5)
+LORA_METHODS = ("teefusion", "gonly")  # the students distill.py --lora trains (no modules of their own)
 TOY_VIEW = 8  # toy images are saved this many times larger (nearest neighbour)
 SHEET = (8, 8)  # the contact sheet: at most this many prompts x images per prompt
 ENCODE_CHUNK = 16  # prompts through the text encoders at once
 # the fields of a PNG's record that must match for an existing image to count as done
 SETTINGS = ("prompt", "negative_prompt", "method", "w", "steps", "seed", "model", "student", "student_method",
-            "res", "dtype", "preset", "w_rounding", "no_t5", "w2sd")
+            "res", "dtype", "preset", "w_rounding", "no_t5", "w2sd", "lora")
 
 
 # -----------------------------------------------------------------------------
@@ -166,6 +172,8 @@ def add_arguments(parser, exclude=()):
         "(default runs/generate)")
     add("--student", help="--method student: the student's MMDiT as distill.py writes it (fusion.safetensors "
         "beside it for distillcfg / dice), or a diffusers transformer folder with txt_align_guidance")
+    add("--lora", help="--method student: a LoRA student, its adapter file (distill.py --lora writes lora.safetensors; "
+        "diffusers' SD3 LoRA format) over --model's MMDiT, or the toy teacher with --toy")
     add("--student-method", choices=sorted(embed.FUSIONS), help="the student's method, for files whose "
         "metadata does not say it (default: the metadata's teefusion_method)")
     add("--w-rounding", choices=("float32", "model"), default="float32", help="student only: form 1000 w in "
@@ -280,9 +288,12 @@ def _check_method(a, toy_world):
     if w is not None and not (math.isfinite(w) and w >= 0):
         raise ValueError(f"--w {w}: the paper's guidance must be finite and >= 0 (Eq. 2: (1 + w) v(c) - w v(null); "
                          "diffusers' guidance_scale is 1 + w)")
-    if (a.method == "student") != (a.student is not None):
-        raise ValueError("--method student needs --student PATH" if a.student is None
-                         else f"--student is for --method student, not {a.method}")
+    if a.student is not None and a.lora is not None:
+        raise ValueError("--student and --lora: give one student, a full one (--student) or an adapter (--lora)")
+    given = a.student if a.student is not None else a.lora
+    if (a.method == "student") != (given is not None):
+        raise ValueError("--method student needs --student PATH or --lora PATH" if given is None
+                         else f"--{'student' if a.student else 'lora'} is for --method student, not {a.method}")
     if a.w_rounding == "model" and a.method != "student":
         raise ValueError("--w-rounding applies to --method student")
     pair = [f for f in ("strong", "weak", "w2sd_finetuned") if getattr(a, f)] + (["w2sd_main"] if a.w2sd_main else [])
@@ -297,7 +308,7 @@ def _check_method(a, toy_world):
 
 def _check_models(a, toy_world):
     """Every checkpoint and folder, from headers only: (image side, text-encoder folder, VAE path)."""
-    for flag in ("student", "strong", "weak", "w2sd_finetuned"):
+    for flag in ("student", "strong", "weak", "w2sd_finetuned", "lora"):
         _need(getattr(a, flag), "--" + flag.replace("_", "-"))
     if toy_world:
         given = [f for f in ("model", "text_encoders", "vae", "res") if getattr(a, f) is not None]
@@ -305,12 +316,16 @@ def _check_models(a, toy_world):
             raise ValueError(f"--{(given or ['no-t5'])[0].replace('_', '-')}: the toy world brings its own models, "
                              "text encoders and image size")
         import toy  # only here: the SD3 path does not need the toy world
+        if a.lora:
+            lora.check_adapter(a.lora, toy.TEACHER_CONFIG)
         return toy.W, None, None
     if a.model is None:
         raise ValueError("--model is required (an SD3 checkpoint), or --toy for the toy world")
     _need(a.model, "--model")
     text_encoders, vae_path = _sources(a)
     base = mmdit.read_config(a.model)
+    if a.lora:
+        lora.check_adapter(a.lora, base)  # its layers and shapes against --model's MMDiT, from the headers
     configs = [("--model", base)] + [("--" + f.replace("_", "-"), mmdit.read_config(getattr(a, f)))
                                      for f in ("student", "strong", "weak", "w2sd_finetuned") if getattr(a, f)]
     for flag, cfg in configs[1:]:
@@ -342,7 +357,11 @@ def check(args, world=None):
     toy_world = a.toy or world is not None
     w = _check_method(a, toy_world)
     res, text_encoders, vae_path = _check_models(a, toy_world)
-    student_method = embed.student_files(a.student, a.student_method)[0] if a.student else None
+    if a.lora and a.student_method not in (None, *LORA_METHODS):
+        raise ValueError(f"--student-method {a.student_method}: a LoRA student is one of {', '.join(LORA_METHODS)}")
+    student_method = embed.student_files(a.student or a.lora, a.student_method)[0] if a.method == "student" else None
+    if a.lora and student_method not in LORA_METHODS:
+        raise ValueError(f"--lora {a.lora}: a LoRA student is one of {', '.join(LORA_METHODS)}, not {student_method!r}")
     if a.w_rounding == "model" and student_method != "teefusion":
         raise ValueError(f"--w-rounding model applies to TeEFusion students, not {student_method!r}")
     if student_method == "dice":
@@ -355,7 +374,7 @@ def check(args, world=None):
                   student_method=student_method, res=res, dtype=str(dtype).split(".")[-1],
                   preset=a.preset if a.method in ("zsampling", "w2sd") else None,
                   w_rounding=a.w_rounding if a.method == "student" else None, no_t5=a.no_t5,
-                  w2sd=_w2sd_description(a) if a.method == "w2sd" else None)
+                  w2sd=_w2sd_description(a) if a.method == "w2sd" else None, lora=_name(a.lora))
     jobs = [(i, k) for i in range(len(prompts)) for k in range(a.n_per_prompt)]
     plan = Plan(a, prompts, jobs, {}, res, device, dtype, record, text_encoders, vae_path, student_method, world)
     for job in jobs:  # images already made: skipped if they were made with these settings
@@ -439,7 +458,11 @@ def load_models(plan):
         return mmdit.load_mmdit_blend(base, a.w2sd_finetuned, scale, dev, dt).requires_grad_(False)
 
     m = dict(model=None, weak=None, main=None, fusion=None)
-    if a.method == "student":
+    if a.method == "student" and a.lora:  # the adapter merged into --model's MMDiT (the toy teacher)
+        m["model"] = lora.load_student(base, a.lora, dev, dt)
+        w_dtype = {"w_dtype": dt} if a.w_rounding == "model" else {}  # TeEFusion only (checked)
+        m["fusion"] = embed.make_fusion(plan.student_method, m["model"].config, **w_dtype).to(dev).eval()
+    elif a.method == "student":
         w_dtype = dt if a.w_rounding == "model" else None
         m["model"], m["fusion"] = embed.load_student(a.student, plan.student_method, dev, dt, w_dtype=w_dtype)
     elif a.method == "w2sd" and a.w2sd_finetuned:

@@ -7,11 +7,12 @@ interval, and every claim as a paired comparison that says whether it is signifi
               ms / image, the wall-time and NFE ratios to one pass per step, the scores of
               toy.scores (adherence, clean, fidelity), each student's RMSE to its own teacher and
               to Euler + CFG at the same w, and the CFG w whose images are closest to each row's
-    Table 3   TeEFusion, G only, DistillCFG (and DICE) distilled from the same teacher
+    Table 3   TeEFusion, G only, DistillCFG (and DICE) distilled from the same teacher; a LoRA student
+              (distill.py --lora) against the full TeEFusion student of its teacher
     Fig. 4    samples.png: methods x w, labelled
     Fig. 5a   sweep-adherence.png, sweep-fidelity.png: score vs w for the teacher, its student, CFG
     Fig. 5b   loss.png: the training loss of the Table 3 students
-    follows   follows-w.png and its numbers: teacher and student at w = 2 and w = 8, same noise
+    follows   follows-w.png and its numbers: teacher and students at w = 2 and w = 8, same noise
 
 Confidence intervals: percentile bootstrap (2,000 resamples) over the held-out PROMPTS, each
 prompt keeping its images (seeds), so images of one prompt are not counted as independent. A
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 import cli
 import embed
+import lora
 import plots
 import samplers
 import toy
@@ -155,8 +157,12 @@ def load_students(specs, device="cpu"):
             raise ValueError(f"{spec['path']}: which teacher was it distilled from? (pass teacher=; distill.py "
                              "records it in the file's metadata)")
         teacher = samplers.canonical(teacher, samplers.TEACHERS)
-        label = spec.get("label") or f"{METHOD_NAMES.get(method, method)} <- {TEACHER_NAMES[teacher]}"
+        stored = _metadata(spec["path"]).get(lora.METADATA)  # a LoRA student (distill.py --lora), merged
+        adapters = json.loads(stored) if stored else None
+        name = METHOD_NAMES.get(method, method) + (f" LoRA r{adapters['rank']}" if adapters else "")
+        label = spec.get("label") or f"{name} <- {TEACHER_NAMES[teacher]}"
         out.append(dict(model=model, fusion=fusion, method=method, teacher=teacher, label=label, path=spec["path"],
+                        lora=adapters,
                         log=os.path.join(os.path.dirname(spec["path"]), "log.jsonl")))
     labels = [s["label"] for s in out]
     if len(set(labels)) != len(labels):
@@ -231,12 +237,16 @@ def table4(ev, students, w):
 
 
 def table3(ev, students, imgs):
-    """Comparisons of the ablations with the TeEFusion student of the same teacher (paper Table 3)."""
+    """Comparisons of the ablations (paper Table 3) and of the LoRA students with the (first, full)
+    TeEFusion student of the same teacher."""
     comparisons = []
-    by = {(s["method"], s["teacher"]): s for s in students}
+    refs = {}
     for s in students:
-        ref = by.get(("teefusion", s["teacher"]))
-        if s["method"] == "teefusion" or ref is None:
+        if s["method"] == "teefusion" and not s.get("lora"):
+            refs.setdefault(s["teacher"], s)
+    for s in students:
+        ref = refs.get(s["teacher"])
+        if ref is None or s is ref or (s["method"] == "teefusion" and not s.get("lora")):
             continue
         own = imgs[TEACHER_NAMES[s["teacher"]]]
         for key in SCORES:
@@ -327,15 +337,17 @@ def sweep(ev, teacher, student, ws, path_stem):
     return out, paths
 
 
-def follows_w(ev, teacher, student, path, k=6, ws=(2.0, 8.0)):
-    """The student follows w: per-image RMSE between its images at w = 2 and w = 8 (same noise), next
-    to its teacher's, with CIs; and a labelled picture of both."""
+def follows_w(ev, teacher, students, path, k=6, ws=(2.0, 8.0)):
+    """The students follow w: per-image RMSE between their images at w = 2 and w = 8 (same noise), next
+    to their teacher's, with CIs; and a labelled picture of the teacher and the first student."""
     from PIL import Image
 
-    teacher_label = TEACHER_NAMES[teacher]
+    teacher_label, student = TEACHER_NAMES[teacher], students[0]
     t = [ev.get(teacher_label, teacher, w) for w in ws]
+    numbers = {teacher_label: ev.ci(rmse(*t))}
+    for other in students:
+        numbers[other["label"]] = ev.ci(rmse(*[ev.get(other["label"], "student", w, other) for w in ws]))
     s = [ev.get(student["label"], "student", w, student) for w in ws]
-    numbers = {teacher_label: ev.ci(rmse(*t)), student["label"]: ev.ci(rmse(*s))}
     rows = [[_pictures(x, k)] for x in (t[0], t[1], s[0], s[1])]
     labels = [f"{teacher_label}, w = {ws[0]:g}", f"{teacher_label}, w = {ws[1]:g}",
               f"{student['label']}, w = {ws[0]:g}", f"{student['label']}, w = {ws[1]:g}"]
@@ -409,7 +421,8 @@ def report(world, students=(), out_dir="runs/toy", w=4.0, steps=20, n_seeds=2, s
         text = [format_rows(rows, title), format_comparisons(comparisons, "Comparisons (paired, 95% CI):")]
         t3 = table3(ev, students, imgs)
         if t3:
-            text.append(format_comparisons(t3, "Table 3 (ablations against the TeEFusion student of the same teacher):"))
+            text.append(format_comparisons(t3, "Table 3 (ablations and LoRA students against the full TeEFusion "
+                                               "student of the same teacher):"))
         out = dict(w=w, steps=steps, split=split, n_images=n, n_seeds=n_seeds, rows=rows, comparisons=comparisons,
                    table3=t3, figures={})
         if figures:
@@ -425,7 +438,9 @@ def report(world, students=(), out_dir="runs/toy", w=4.0, steps=20, n_seeds=2, s
                 out["figures"]["sweep"] = paths
                 text.append("Fig. 5a " + ", ".join(paths) + ": " + format_sweep(out["sweep"]))
             if main is not None:
-                follows = follows_w(ev, teacher, main, os.path.join(out_dir, "follows-w.png"))
+                same = [main] + [s for s in students if s is not main and s["teacher"] == teacher
+                                 and s["method"] == "teefusion"]
+                follows = follows_w(ev, teacher, same, os.path.join(out_dir, "follows-w.png"))
                 out["follows_w"] = follows
                 out["figures"]["follows_w"] = os.path.join(out_dir, "follows-w.png")
                 text.append("Follows w (per-image RMSE between w = 2 and w = 8 from the same noise, "

@@ -3,6 +3,8 @@ A distillation run on disk: its checkpoints, how a relaunch finds where to resum
 never written. distill.py (Algorithm 1's loop) calls these; they hold no training logic.
 
     DIR/checkpoints/step-0000500/student.safetensors   the MMDiT, Stability layout (save_mmdit)
+                                 adapter.safetensors   instead, for a LoRA student (--lora): its trained
+                                                       tensors by parameter name (lora.trainable_state)
                                  fusion.safetensors    distillcfg / dice modules (if any)
                                  ema-*.safetensors     with --ema
                                  optimizer.safetensors AdamW moments, by parameter name
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 import cli
+import lora
 from checkpoint import _atomic_save, atomic_json, atomic_write
 from mmdit import STABILITY_PREFIX, save_mmdit
 
@@ -94,11 +97,11 @@ def save_checkpoint(out, step, student, ema, optimizer, names, args, keep, repli
         shutil.rmtree(folder)
     os.makedirs(folder)
     meta = meta or {"step": str(step)}
-    save_mmdit(student.model, os.path.join(folder, "student.safetensors"), metadata=meta)
+    _save_model(student.model, folder, "", meta)
     if len(student.fusion.state_dict()):
         _atomic_save(_tensors(student.fusion), os.path.join(folder, "fusion.safetensors"), meta)
     if ema is not None:
-        save_mmdit(ema.model, os.path.join(folder, "ema-student.safetensors"), metadata=meta)
+        _save_model(ema.model, folder, "ema-", meta)
         if len(ema.fusion.state_dict()):
             _atomic_save(_tensors(ema.fusion), os.path.join(folder, "ema-fusion.safetensors"), meta)
     tensors, opt_meta = optimizer_tensors(optimizer, names)
@@ -112,6 +115,27 @@ def save_checkpoint(out, step, student, ema, optimizer, names, args, keep, repli
     atomic_json({"checkpoint": name, "step": step}, os.path.join(root, LATEST))  # LAST: the commit point
     prune_checkpoints(root, step, keep)
     return folder
+
+
+def model_file(model, prefix=""):
+    """The file name of a student's weights in a checkpoint: the MMDiT, or a LoRA student's trained tensors."""
+    return prefix + ("adapter.safetensors" if lora.is_lora(model) else "student.safetensors")
+
+
+def _save_model(model, folder, prefix, meta):
+    path = os.path.join(folder, model_file(model, prefix))
+    if lora.is_lora(model):
+        _atomic_save(lora.trainable_state(model), path, meta)
+    else:
+        save_mmdit(model, path, metadata=meta)
+
+
+def _load_model(model, folder, prefix):
+    path = os.path.join(folder, model_file(model, prefix))
+    if lora.is_lora(model):
+        lora.load_trainable(model, _read_tensors(path), path)
+    else:
+        _load_mmdit_tensors(model, path)
 
 
 def checkpoint_state(folder):
@@ -256,9 +280,12 @@ def _load_mmdit_tensors(model, path):
 def check_resume(folder, state, args):
     """Refuse, before anything heavy, a resume that cannot continue this run from `folder`."""
     trained = state.get("args", {})
-    if trained.get("method") != args.method:
-        raise ValueError(f"{folder} was trained with --method {trained.get('method')}, not {args.method}")
-    if args.ema is not None and not os.path.exists(os.path.join(folder, "ema-student.safetensors")):
+    for flag in ("method", "lora", "lora_alpha", "lora_targets", "lora_full"):  # a LoRA run's settings are normalised
+        if trained.get(flag) != getattr(args, flag, None):
+            raise ValueError(f"{folder} was trained with --{flag.replace('_', '-')} {trained.get(flag)}, not "
+                             f"{getattr(args, flag, None)}")
+    ema = "ema-" + ("adapter" if getattr(args, "lora", None) is not None else "student") + ".safetensors"
+    if args.ema is not None and not os.path.exists(os.path.join(folder, ema)):
         raise ValueError(f"{folder} has no EMA weights: it was trained without --ema")
     step = state["step"]
     if args.steps == step:
@@ -273,11 +300,11 @@ def check_resume(folder, state, args):
 def load_checkpoint(folder, state, student, ema, optimizer, names):
     """Restore weights, EMA and optimizer state from a checkpoint folder (checked by check_resume);
     refuses non-finite weights. Returns the step."""
-    _load_mmdit_tensors(student.model, os.path.join(folder, "student.safetensors"))
+    _load_model(student.model, folder, "")
     if len(student.fusion.state_dict()):
         student.fusion.load_state_dict(_read_tensors(os.path.join(folder, "fusion.safetensors")))
     if ema is not None:
-        _load_mmdit_tensors(ema.model, os.path.join(folder, "ema-student.safetensors"))
+        _load_model(ema.model, folder, "ema-")
         if len(ema.fusion.state_dict()):
             ema.fusion.load_state_dict(_read_tensors(os.path.join(folder, "ema-fusion.safetensors")))
     load_optimizer_tensors(optimizer, names, _read_tensors(os.path.join(folder, "optimizer.safetensors")),

@@ -7,6 +7,7 @@ SD3.5-large at 1024x1024.
     python benchmarks/bench_memory.py --quick      # 4 points per width, checkpointing on: the machinery (3 min)
     python benchmarks/bench_memory.py --optimizer fused   # AdamW(fused=True) instead of distill.py's default
     python benchmarks/bench_memory.py --json points.json; python benchmarks/bench_memory.py --load points.json
+    python benchmarks/bench_memory.py --lora 16 --config sd3-medium   # a LoRA student (distill.py --lora 16)
 
 The step is distill.py's own: distill.distill_loss on arguments from distill.build_parser() and
 distill.fill_defaults (SD3 defaults: the W2SD + CFG teacher, 50-step schedule) with --bf16 (the
@@ -42,6 +43,12 @@ b is checked against the parameter bytes. Extrapolation: depth 24 (SD3-medium, w
 38 (SD3.5-large, width 2432, qk RMSNorm, measured at its own width and config) at 4096 image tokens +
 333 text tokens.
 
+--lora RANK (with --lora-targets / --lora-full as distill.py takes them): the LoRA student of
+distill.py --lora, built as distill.py builds it (lora.attach over the bf16 teacher, whose weights it
+shares): its fp32 trainable tensors, their gradients and AdamW moments replace the full student's;
+the two bf16 teachers stay. The fit and the extrapolation are the same; the parameter terms use the
+trainable count (lora.count at each depth).
+
 Not measured here (a GPU adds them): the CUDA context and kernels (~0.5-1 GB), cuBLAS / cuDNN
 workspaces, the caching allocator's fragmentation (reserved > allocated, often 5-15%), NCCL buffers,
 and DDP: its gradient buckets hold the gradients for the whole run (gradient_as_bucket_view: the
@@ -64,6 +71,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
 import distill  # noqa: E402
 import embed  # noqa: E402
+import lora  # noqa: E402
 import mmdit  # noqa: E402
 import samplers  # noqa: E402
 
@@ -103,6 +111,14 @@ def params_per_block(cfg):
     return sum(p.numel() for p in block.parameters())
 
 
+def trained_per_block(cfg, adapters):
+    """Trainable parameters of a joint block that is not the last: all of them, or a LoRA student's."""
+    if not adapters:
+        return params_per_block(cfg)
+    depth = lambda d: lora.count(dataclasses.replace(cfg, depth=d, dual_attention_layers=()), adapters)[0]  # noqa: E731
+    return depth(3) - depth(2)
+
+
 def nbytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -123,9 +139,11 @@ def measure(point, threads, optimizer_kind):
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after imports
     cfg = dataclasses.replace(mmdit.CONFIGS[point["config"]], depth=point["depth"], dual_attention_layers=())
     side, text = point["side"], point["text"]
+    adapters = point.get("lora")  # lora.settings, or None: the full student
     args = distill.fill_defaults(distill.build_parser().parse_args(
         ["--teacher", "random weights", "--teacher-sampler", "w2sd", "--bf16", "--teacher-dtype", "bf16",
-         "--global-batch", "1", "--micro-batch", "1"] + (["--grad-checkpointing"] if point["ckpt"] else [])))
+         "--global-batch", "1", "--micro-batch", "1"] + (["--grad-checkpointing"] if point["ckpt"] else [])
+        + (["--lora", str(adapters["rank"])] if adapters else [])))
     real_target = samplers.teacher_target
 
     def teacher_target(*a, **kw):  # the same call, inside a named range of the profile
@@ -137,7 +155,8 @@ def measure(point, threads, optimizer_kind):
         # the networks as distill.py holds them: bf16 frozen strong (= teacher) and weak, fp32 student
         teacher = distill.frozen(random_mmdit(cfg, torch.bfloat16, 1))
         weak = distill.frozen(random_mmdit(cfg, torch.bfloat16, 2))
-        model = random_mmdit(cfg, torch.float32, 1)
+        # the full student: fp32 weights of its own; a LoRA student: adapters over the teacher's bf16 weights
+        model = lora.attach(teacher, adapters) if adapters else random_mmdit(cfg, torch.float32, 1)
         model.gradient_checkpointing = args.grad_checkpointing
         student = distill.Student(model, embed.make_fusion(args.method, cfg)).train()
         params = [p for p in student.parameters() if p.requires_grad]
@@ -213,7 +232,7 @@ def measure(point, threads, optimizer_kind):
     return {
         **point, "tokens": side * side + text, "image_tokens": side * side, "optimizer": optimizer_kind,
         "peaks": peaks,
-        "student_weights": nbytes(model.parameters()) + nbytes(model.buffers()),
+        "student_weights": nbytes(params) if adapters else nbytes(model.parameters()) + nbytes(model.buffers()),
         "teacher_weights": nbytes(teacher.parameters()) + nbytes(teacher.buffers()),
         "weak_weights": nbytes(weak.parameters()) + nbytes(weak.buffers()),
         "gradients": grads,
@@ -254,17 +273,20 @@ def fit(points, phase):
     return lstsq([features(p["depth"], p["tokens"]) for p in points], [p["peaks"][phase] for p in points])
 
 
-def model_bytes(config, depth, optimizer_kind):
-    """Exact bytes of the parameter terms at a depth: P parameters, B buffer elements (pos_embed)."""
+def model_bytes(config, depth, optimizer_kind, adapters=None):
+    """Exact bytes of the parameter terms at a depth: P parameters, B buffer elements (pos_embed);
+    with adapters (lora.settings), the student trains and holds Q = its trainable parameters only."""
     cfg = dataclasses.replace(mmdit.CONFIGS[config], depth=depth, dual_attention_layers=())
     with torch.device("meta"):
         model = mmdit.MMDiT(cfg)
     P = sum(p.numel() for p in model.parameters())
     B = sum(b.numel() for b in model.buffers())
-    # W student fp32 weights + buffers, T the two bf16 teachers, M AdamW's two fp32 moments,
-    # G fp32 gradients, F foreach AdamW's parameter-sized fp32 temporary list
-    F = 4 * P if optimizer_kind == "foreach" else 0
-    return {"W": 4 * (P + B), "T": 2 * 2 * (P + B), "M": 8 * P, "G": 4 * P, "F": F, "P": P}
+    Q = lora.count(cfg, adapters)[0] if adapters else P
+    # W student fp32 weights (+ buffers; a LoRA student's frozen weights are the teacher's), T the two bf16
+    # teachers, M AdamW's two fp32 moments, G fp32 gradients, F foreach AdamW's fp32 temporary list
+    F = 4 * Q if optimizer_kind == "foreach" else 0
+    W = 4 * Q if adapters else 4 * (P + B)
+    return {"W": W, "T": 2 * 2 * (P + B), "M": 8 * Q, "G": 4 * Q, "F": F, "P": P, "Q": Q}
 
 
 # which parameter terms are live in each phase of a one-process step (the rest of a phase's peak:
@@ -285,7 +307,7 @@ def report(results):
         print(f"{r['config']:12s} {'yes' if r['ckpt'] else 'no':>4s} {r['depth']:5d} {r['tokens']:6d} "
               + " ".join(f"{r['peaks'][p] / GB:16.3f}" for p in PHASES) + f" {r['rss_delta'] / GB:7.3f} "
               f"{r['seconds']:5.0f}")
-    fits = {"optimizer": results[0]["optimizer"]}
+    fits = {"optimizer": results[0]["optimizer"], "lora": results[0].get("lora")}
     for config in dict.fromkeys(r["config"] for r in results):
         for ckpt in (False, True):
             pts = [r for r in results if r["config"] == config and r["ckpt"] == ckpt]
@@ -301,11 +323,13 @@ def report(results):
                       f"residuals MB: " + " ".join(f"{e / 1e6:+.2f}" for e in res))
             per_block = params_per_block(mmdit.CONFIGS[config])
             foreach = pts[0]["optimizer"] == "foreach"
-            per_param = 24 if foreach else 20
+            per_param = 20 if foreach else 16
+            adapters = pts[0].get("lora")
+            trained = trained_per_block(mmdit.CONFIGS[config], adapters)
             print(f"  check: b of the optimizer phase {fits[config, ckpt, 'optimizer'][1] / GB:.3f} GB; "
-                  f"{per_block / 1e6:.1f} M parameters per block x {per_param} bytes (fp32 weight 4, gradient 4, "
-                  f"AdamW moments 8, {'foreach temporary 4, ' if foreach else ''}two bf16 teachers 4) = "
-                  f"{per_param * per_block / GB:.3f} GB")
+                  f"{per_block / 1e6:.1f} M parameters per block x 4 bytes (two bf16 teachers) + {trained / 1e6:.2f} M "
+                  f"trained per block x {per_param} bytes (fp32 weight 4, gradient 4, AdamW moments 8"
+                  f"{', foreach temporary 4' if foreach else ''}) = {(4 * per_block + per_param * trained) / GB:.3f} GB")
     return fits
 
 
@@ -317,7 +341,7 @@ def extrapolate(fits, gpus):
     strategies = " ".join(f"{s:>7s}" for s in SHARDED)
     print(f"{'model':12s} {'ckpt':>4s} " + " ".join(f"{p:>16s}" for p in PHASES) + f" {'1 proc':>7s} {strategies}")
     for name, config, depth in TARGETS:
-        terms = model_bytes(config, depth, fits["optimizer"])
+        terms = model_bytes(config, depth, fits["optimizer"], fits["lora"])
         for ckpt in (False, True):
             if (config, ckpt, "optimizer") not in fits:
                 continue
@@ -333,13 +357,15 @@ def extrapolate(fits, gpus):
                     value -= sum(terms[k] * (1 - 1 / gpus) for k in present if k in sharded)
                     worst = max(worst, value)
                 if strategy == "FSDP":
-                    worst += 2 * params_per_block(mmdit.CONFIGS[config]) * (2 + 4)
+                    cfg = mmdit.CONFIGS[config]
+                    worst += 2 * (2 * params_per_block(cfg) + 4 * trained_per_block(cfg, fits["lora"]))
                 per_gpu[strategy] = worst
             print(f"{name:12s} {'yes' if ckpt else 'no':>4s} " + " ".join(f"{phase[p] / GB:16.1f}" for p in PHASES)
                   + f" {single / GB:7.1f} " + " ".join(f"{v / GB:7.1f}" for v in per_gpu.values()))
-        print(f"  {name}: {terms['P'] / 1e9:.2f} B parameters: student weights (fp32) {terms['W'] / GB:.1f} GB, "
-              f"two bf16 teachers {terms['T'] / GB:.1f}, AdamW moments {terms['M'] / GB:.1f}, gradients "
-              f"{terms['G'] / GB:.1f}, foreach temporary {terms['F'] / GB:.1f}")
+        trained = f"{terms['Q'] / 1e6:.1f} M trained (LoRA), their" if fits["lora"] else "student"
+        print(f"  {name}: {terms['P'] / 1e9:.2f} B parameters, {trained} weights (fp32) {terms['W'] / GB:.2f} GB, "
+              f"two bf16 teachers {terms['T'] / GB:.1f}, AdamW moments {terms['M'] / GB:.2f}, gradients "
+              f"{terms['G'] / GB:.2f}, foreach temporary {terms['F'] / GB:.2f}")
     print(f"A GPU holds {GPU_GB} GB; it also needs what is not measured here (module docstring): the CUDA context, "
           "workspaces, the allocator's fragmentation, NCCL buffers (leave 5-10 GB).")
 
@@ -354,11 +380,13 @@ def main(args):
         extrapolate(report(results), args.gpus)
         return
     grid = QUICK if args.quick else GRID
-    points = [dict(config=config, depth=depth, side=side, text=text, ckpt=ckpt)
-              for config, (depths, sizes, modes) in grid.items() for ckpt in modes
+    adapters = lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full) if args.lora else None
+    points = [dict(config=config, depth=depth, side=side, text=text, ckpt=ckpt, lora=adapters)
+              for config, (depths, sizes, modes) in grid.items() if config in (args.config or grid) for ckpt in modes
               for depth in depths for side, text in sizes]
     start = time.time()
-    print(f"bench_memory: {len(points)} points, each in a fresh process; AdamW {args.optimizer}; torch "
+    student = f"LoRA student {adapters}" if adapters else "full student"
+    print(f"bench_memory: {student}; {len(points)} points, each in a fresh process; AdamW {args.optimizer}; torch "
           f"{torch.__version__}, CPU {platform.processor() or platform.machine()}, {args.threads} thread(s); "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     results = []
@@ -384,6 +412,9 @@ if __name__ == "__main__":
                         help="AdamW's implementation: foreach (its default on CUDA, distill.py's), fused, or the "
                              "per-tensor loop (its default on a CPU)")
     parser.add_argument("--json", default=None, help="also write every measured point to this file")
+    parser.add_argument("--config", action="append", choices=sorted(GRID), help="measure this model only (repeatable)")
+    parser.add_argument("--lora", type=int, default=None, metavar="RANK", help="a LoRA student (distill.py --lora)")
+    lora.add_arguments(parser)
     parser.add_argument("--load", default=None, help="analyse the points of a --json file instead of measuring")
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)  # internal: measure one point
     main(parser.parse_args())
