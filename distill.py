@@ -22,24 +22,17 @@ prints the toy Table 4 with 95% confidence intervals and draws the figures into 
     python distill.py --method gonly --out runs/gonly   # a Table 3 ablation (also distillcfg, dice)
     python distill.py --teacher-sampler zsampling --out runs/toy-z   # a Z-Sampling + CFG teacher
     python distill.py --teacher-sampler cfg --out runs/toy-cfg       # an Euler + CFG teacher
-    python distill.py --full --out runs/full   # every student of Tables 3 and 4 (FULL), one report
+    python distill.py --full --out runs/full   # every student of Tables 3 and 4 (options.FULL), one report
   --full distills, one after another, a TeEFusion student from each teacher (cfg, zsampling, w2sd)
   and, from the W2SD + CFG teacher, the ablations gonly and distillcfg and the DICE baseline, each
   into its own --out/NAME with the same budget (--steps etc. apply to all), then one report (Table 4
   with every student, Table 3, Fig. 5a, 5b) into --out. With --resume, finished students are reused.
   It refuses --teacher (real SD3), --method and --teacher-sampler. Runtimes and results: README.
 
-A LoRA student (lora.py): the same Algorithm 1, the same checkpoints, resume, DDP and guarantees, with
-low-rank adapters on a frozen copy of the start network that shares its weights (with a bf16 teacher
-the student adds only its adapters, in fp32, to the memory), and G and F trained fully by default:
-    python distill.py --lora 4 --out runs/toy-lora          # toy: lora.safetensors + merged student.safetensors
-    torchrun --nproc_per_node=1 distill.py --lora 16 --teacher sd3_medium.safetensors --weak W --data shards/ \\
-        --out runs/lora --bf16 --grad-checkpointing --global-batch 128 --micro-batch 1 --steps 10000 --resume
-  It writes DIR/lora.safetensors (diffusers' SD3 LoRA format); the full student is
-  `python lora.py merge --base sd3_medium.safetensors --lora DIR/lora.safetensors --out student.safetensors`.
-  --lora-targets, --lora-full, --lora-alpha: lora.py. Not with --method dice / distillcfg (DICE adapts no
-  network; DistillCFG's new MLP is no part of SD3), --w2sd-finetuned (the student would start from a blend
-  that is in no file) or --export-diffusers (merge first).
+A LoRA student (--lora RANK; lora.py has the details and the merge command): the same Algorithm 1,
+checkpoints, resume and DDP, with adapters on a frozen network that shares the start network's tensors;
+it writes DIR/lora.safetensors (diffusers' SD3 LoRA format), and in the toy world the merged student too.
+    python distill.py --lora 4 --out runs/toy-lora
 
 Real scale (SD3-medium, shards from prepare.py, 8 GPUs per node, the paper's settings: a W2SD + CFG
 teacher, here with the W2SD release's pair built from a fine-tune of SD3-medium):
@@ -50,9 +43,9 @@ teacher, here with the W2SD release's pair built from a fine-tune of SD3-medium)
     (any pair: --strong S --weak W; an Euler + CFG teacher: --teacher-sampler cfg)
     (add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT for several nodes. --resume starts
     from the teacher when --out has no checkpoint yet, so the same line launches and relaunches;
-    it also works after a change of the number of GPUs: see "Data and randomness" below.)
+    it also works after a change of the number of GPUs: batches.py.)
 
-Choices Algorithm 1 leaves open, and what this file does:
+Choices Algorithm 1 leaves open, and what this file does (its flags and defaults: options.py):
   * The teacher step. The target is the velocity of ONE teacher step from t (samplers.teacher_target),
     and that step is the one the student's sampler takes from t: N = --teacher-steps (50 for SD3, the
     released student's count; 20 in the toy world, its report's) on SD3's shifted schedule, t_next from
@@ -83,15 +76,9 @@ Choices Algorithm 1 leaves open, and what this file does:
   * A student distilled from a reflection teacher at w follows a stronger guidance than CFG at w (to
     first order, Z-Sampling at w is CFG at 2w - w_inv: samplers.first_order_cfg_w).
 
-Data and randomness. The global batch of optimizer step s is the stream positions
-p = s * B_global + j, j < B_global; position p is sample perm_e[p mod N] of the dataset, where
-perm_e is a permutation seeded by (seed, epoch e = p // N), and its t, w and eps come from a
-generator seeded by (seed, p). Rank r, accumulation round a, takes the micro-batch
-j = a * (world * B_micro) + r * B_micro + [0, B_micro). So the samples and the noise of a step
-do not depend on how the global batch is split: one process and N processes compute the same
-step, and a resume (also on another number of GPUs) continues the exact same stream. The step
-number is the whole random state. (DistributedSampler pads each epoch to a multiple of the
-world size, which would break this, so a small sampler below does its job.)
+Data and randomness: batches.py. The step number is the whole random state: one process and N
+processes compute the same step, and a resume (also on another number of GPUs) continues the
+exact same stream.
 
 Files (--out DIR; safetensors and JSON only, never pickle; every file written atomically):
     DIR/checkpoints/step-NNNNNNN/...  and DIR/checkpoints/latest: see training_state.py
@@ -103,26 +90,13 @@ Files (--out DIR; safetensors and JSON only, never pickle; every file written at
     reads); DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s;
     DIR/run.lock while a run holds DIR (cli.FolderLock).
 
-Faults, and what is on disk after them (the details: training_state.py and cli.py):
-  * Bad input is refused before anything heavy loads: one line `error: ...` naming the argument or
-    file, exit status 2; a failure during the work (a non-finite loss or weight) exits 1. The whole
-    traceback with --traceback or TEEFUSION_TRACEBACK=1.
-  * One run per --out: rank 0 takes DIR/run.lock (pid, host, command) before any work; a second run
-    is refused naming the holder; the lock of a process gone from this host is taken over (warning).
-  * --resume continues from the checkpoint `latest` names when that one is complete; when it is not
-    (corrupt, or naming a missing or incomplete folder: no kill can do that, since `latest` is written
-    after the folder is complete, but a hand, a copy or a disk can), from the newest complete
-    checkpoint, with a warning saying what was wrong: the weights are whole and the stream continues
-    from their step, and refusing would only stall an automatic relaunch. With no complete checkpoint
-    left it refuses (exit 2): starting again from the teacher would pass for a resume. --steps at or
-    below the checkpoint's step is refused, with both numbers. Rank 0 removes (and lists) the
-    temporary files of a killed run at start; pruning keeps the newest --keep COMPLETE checkpoints.
-  * Only finite weights are written: before every checkpoint (the last step always checkpoints) the
-    weights of the student, its fusion module and the EMA, and their forward on the step's last batch,
-    must be finite. A non-finite loss or weight stops the run, naming the step and the newest
-    checkpoint whose tensors, read back from disk, are all finite.
-  * Under torchrun a worker dies with its launcher (cli.die_with_launcher: parent-death signal and a
-    watchdog thread), so `kill -9` of torchrun leaves no worker training and writing into DIR.
+Faults (the details: training_state.py, cli.py, options.py):
+  * Bad input is refused before anything heavy loads: one line `error: ...`, exit status 2; a failure
+    during the work (a non-finite loss or weight) exits 1, naming the step and the newest checkpoint
+    whose tensors, read back from disk, are all finite. --traceback (or TEEFUSION_TRACEBACK=1) shows more.
+  * One run per --out (DIR/run.lock). --resume continues from `latest`, or from the newest COMPLETE
+    checkpoint with a warning; with none left it refuses. Only finite weights are ever written.
+  * Under torchrun a worker dies with its launcher: `kill -9` of torchrun leaves no worker training.
 
 Memory per GPU, measured for one distillation step (benchmarks/bench_memory.py): README.
 
@@ -142,309 +116,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import cli
 import embed
 import lora
+import options
 import samplers
+from batches import StepSampler, WithNoise
 from checkpoint import _atomic_save
 from mmdit import load_mmdit, load_mmdit_blend, save_mmdit, save_mmdit_diffusers
-from training_state import (LATEST, _tensors, _trim_log, check_resume, complete_checkpoints, load_checkpoint,
-                            newest_finite_checkpoint, non_finite, remove_temporaries, replica_checksums, resume_point,
+from options import FULL, build_parser, check_args, fill_defaults, lora_spec
+from training_state import (LATEST, _tensors, _trim_log, check_resume, complete_checkpoints, last_good, load_checkpoint,
+                            non_finite, remove_temporaries, replica_checksums, resume_point,
                             save_checkpoint)
-
-METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
-# the paper's settings (Sec. 6.1: a W2SD + CFG teacher, AdamW lr 5e-6, batch 128, ~10k steps, w in
-# [2, 14], the released student's 50 steps); the toy world's are small enough to finish in minutes on
-# a CPU, and the toy world also distills from its W2SD + CFG teacher by default (its pair is built in)
-SD3_DEFAULTS = dict(steps=10000, global_batch=128, lr=5e-6, out="runs/distill", teacher_sampler="w2sd",
-                    method="teefusion", teacher_steps=50)
-# DICE trains its enhancer alone, from scratch, at ONE guidance (its release: Adam lr 2e-4, diffusers'
-# scale 5 = w 4); these apply to --method dice in both worlds unless given
-METHOD_DEFAULTS = {"dice": dict(lr=2e-4, w_min=embed.DICE_W, w_max=embed.DICE_W)}
-W_RANGE = dict(w_min=2.0, w_max=14.0)  # Algorithm 1's w ~ U[2, 14] (the paper's range)
-# the toy world: 1500 steps of batch 32 at lr 1e-3 distill a student in about 3 CPU minutes, so that the
-# whole default command (teacher, student, report) fits 10 minutes on 2 cores; measured on the DEV prompts
-# (toy_report.py --split dev): lr 1e-3 x 2000 steps gave RMSE 0.335 to the W2SD teacher, 2e-3 x 2000
-# 0.345, 2e-3 x 1000 0.371 (smaller is closer; Euler + CFG's own distance to that teacher: 0.266)
-TOY_DEFAULTS = dict(steps=1500, global_batch=32, lr=1e-3, out="runs/toy", teacher_sampler="w2sd", method="teefusion",
-                    teacher_steps=20)  # toy_report samples with 20 steps
-# --full (toy world): every student of the paper's Tables 3 and 4, as (subfolder of --out, --method,
-# --teacher-sampler); the ablations and DICE learn from the W2SD + CFG teacher, like the main student
-# --lora RANK: the adapters learn at a higher rate than full fine-tuning. SD3: 1e-4, the learning rate
-# diffusers' SD3 LoRA DreamBooth example uses (not measured here: no GPU); toy: chosen on the DEV prompts
-LORA_LR = {"sd3": 1e-4, "toy": 1e-3}
-LORA_METHODS = ("teefusion", "gonly")  # the methods with no parameters of their own: an SD3 LoRA file holds all
-FULL = (("teefusion-cfg", "teefusion", "cfg"), ("teefusion-zsampling", "teefusion", "zsampling"),
-        ("teefusion-w2sd", "teefusion", "w2sd"), ("gonly-w2sd", "gonly", "w2sd"),
-        ("distillcfg-w2sd", "distillcfg", "w2sd"), ("dice-w2sd", "dice", "w2sd"))
-
-
-# -----------------------------------------------------------------------------
-# Arguments and the guards that refuse what cannot work
-
-
-def parse_args(argv=None):
-    return build_parser().parse_args(argv)
-
-
-def build_parser():
-    p = cli.parser("TeEFusion distillation (Algorithm 1), one process or torchrun.")
-    p.add_argument("--method", default=None, choices=METHODS, help="the student's inputs (default teefusion)")
-    p.add_argument("--teacher-sampler", default=None, choices=samplers.TEACHERS,
-                   help="the teacher Algorithm 1 distills (default: cfg with --teacher, w2sd in the toy world)")
-    p.add_argument("--teacher", default=None,
-                   help="teacher MMDiT (.safetensors or diffusers folder); none: the toy world (toy.py). For w2sd: "
-                        "the strong model unless --strong is given, the main model with --w2sd-final main, the base "
-                        "of the pair with --w2sd-finetuned")
-    p.add_argument("--weak", default=None, help="W2SD's weak model (inverts)")
-    p.add_argument("--strong", default=None, help="W2SD's strong model (denoises and, by Eq. 4, moves after the "
-                                                  "reflection); default: --teacher")
-    p.add_argument("--w2sd-finetuned", default=None, metavar="PATH",
-                   help="build W2SD's pair from a fine-tune of --teacher, as the W2SD release does: with delta = "
-                        "PATH - teacher, strong = teacher + STRONG_SCALE delta, weak = teacher + WEAK_SCALE delta "
-                        "(and main = teacher + MAIN_SCALE delta), each streamed tensor by tensor")
-    p.add_argument("--strong-scale", type=float, default=1.5)
-    p.add_argument("--weak-scale", type=float, default=-1.5)
-    p.add_argument("--main-scale", type=float, default=0.8)
-    p.add_argument("--w2sd-final", default="strong", choices=("strong", "main"),
-                   help="the model that moves after the reflection: the strong one (TeEFusion's Eq. 4, default) or "
-                        "a main model (the W2SD SDXL LoRA release: --teacher, or the blend at --main-scale); the "
-                        "student starts from it")
-    p.add_argument("--data", default=None, help="a folder written by prepare.py (with text embeddings)")
-    p.add_argument("--out", default=None, help="default: runs/distill (SD3), runs/toy (toy world)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps in all (default: 10000 SD3, "
-                                                           f"{TOY_DEFAULTS['steps']} toy)")
-    p.add_argument("--global-batch", type=int, default=None,
-                   help=f"samples per optimizer step, all ranks (default: 128 SD3, {TOY_DEFAULTS['global_batch']} toy)")
-    p.add_argument("--micro-batch", type=int, default=None, help="samples per forward per rank "
-                                                                  "(default: the global batch / world size)")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW (default: 5e-6 SD3, {TOY_DEFAULTS['lr']:g} toy)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm; 0: off")
-    p.add_argument("--w-min", type=float, default=None, help="default 2 (4 for dice)")
-    p.add_argument("--w-max", type=float, default=None, help="default 14 (4 for dice)")
-    p.add_argument("--t-sampling", default="uniform", choices=("uniform", "logit-normal"))
-    p.add_argument("--teacher-steps", type=int, default=None,
-                   help="N of the sampler the student will be used with (default 50 SD3, 20 toy): the teacher takes "
-                        "that sampler's step from t on the shifted schedule, and does not reflect on its last step")
-    p.add_argument("--shift", type=float, default=3.0, help="the schedule's time shift (SD3: 3)")
-    p.add_argument("--teacher-step", default="schedule", choices=("schedule", "uniform"),
-                   help="schedule: the sampler's step (samplers.schedule_step); uniform: t -> max(t - 1/N, 0) with a "
-                        "reflection everywhere (for comparison)")
-    p.add_argument("--preset", default="flow", choices=tuple(samplers.PRESETS),
-                   help="reflection settings: flow (the Z-Sampling authors' SD3.5 code: w_inv -0.5, tau t - 1/N) or "
-                        "sdxl (their SDXL release: w_inv -1, tau t)")
-    p.add_argument("--w-inv", type=float, default=None, help="zsampling: the inversion's guidance (default: preset)")
-    p.add_argument("--w-weak", type=float, default=samplers.W2SD_WEAK_W, help="w2sd: the weak model's guidance")
-    p.add_argument("--w-strong", type=float, default=None, help="w2sd: the strong model's guidance (default: w)")
-    p.add_argument("--tau", default=None, help='reflection inversion label: "t", "t_next", "t-1/N" or an offset '
-                                               "(default: preset)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the student (fp32 master weights)")
-    p.add_argument("--teacher-dtype", default=None, choices=("bf16", "fp32"),
-                   help="weights of the frozen teacher (and W2SD pair); default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept on disk (the newest)")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest if there is one (or "
-                                                         "the newest complete checkpoint, with a warning)")
-    p.add_argument("--export-diffusers", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4 on CUDA, 0 on CPU)")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-report", action="store_true", help="toy world: skip the Table 4 report at the end")
-    p.add_argument("--lora", type=int, default=None, metavar="RANK",
-                   help="train low-rank adapters of this rank (lora.py) over the frozen student start instead of "
-                        "every weight; writes lora.safetensors (diffusers' SD3 LoRA format)")
-    lora.add_arguments(p)
-    p.add_argument("--full", action="store_true", help="toy world: distill every student of FULL (a TeEFusion "
-                                                        "student per teacher, the Table 3 ablations, DICE), each "
-                                                        "into --out/NAME, then print one table of them all")
-    return p
-
-
-def fill_defaults(args):
-    """The paper's settings for a real teacher; small ones that finish in minutes on a CPU for the toy world;
-    DICE's own (METHOD_DEFAULTS) for --method dice."""
-    world = SD3_DEFAULTS if args.teacher is not None else TOY_DEFAULTS
-    method = args.method or world["method"]
-    if getattr(args, "lora", None) is not None and args.lr is None:
-        args.lr = LORA_LR["sd3" if args.teacher is not None else "toy"]
-    for defaults in (METHOD_DEFAULTS.get(method, {}), world, W_RANGE):
-        for k, v in defaults.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-    return args
-
-
-def check_lora(args):
-    """--lora RANK and its settings (lora.settings), normalised in args (so that a resume compares like
-    with like); the flags of LoRA refused without it."""
-    given = [f for f in ("lora_alpha", "lora_targets", "lora_full", "lora_dtype") if getattr(args, f, None) is not None]
-    if getattr(args, "lora", None) is None:
-        if given:
-            raise ValueError(f"--{given[0].replace('_', '-')} sets up a LoRA student: it needs --lora RANK")
-        return None
-    if args.method not in LORA_METHODS:
-        why = ("DICE keeps the MMDiT frozen: there is nothing to adapt" if args.method == "dice" else
-               "its new guidance MLP is no part of SD3, so an SD3 LoRA file cannot carry it")
-        raise ValueError(f"--lora does not combine with --method {args.method}: {why}; use "
-                         f"{' or '.join(LORA_METHODS)}, or train the full student")
-    if args.w2sd_finetuned is not None:
-        raise ValueError("--lora ships an adapter over a checkpoint file, and with --w2sd-finetuned the student "
-                         "would start from a blend of two files; give the W2SD pair as files (--weak, and --strong "
-                         "which defaults to --teacher), or train the full student")
-    if args.export_diffusers:
-        raise ValueError("--export-diffusers writes a full transformer; a LoRA run writes lora.safetensors "
-                         "(diffusers' SD3 LoRA format): merge it with `python lora.py merge` for a full student")
-    spec = lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full)
-    if not spec["targets"] and not spec["full"]:
-        raise ValueError("--lora-targets none and --lora-full none: nothing would be trained")
-    args.lora_alpha, args.lora_dtype = spec["alpha"], args.lora_dtype or "fp32"
-    args.lora_targets, args.lora_full = (",".join(spec[k]) or "none" for k in ("targets", "full"))
-    return spec
-
-
-def lora_spec(args):
-    return lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full)
-
-
-def check_args(args, world_size=1):
-    """Refuse, before any work, the arguments that cannot work. Returns the micro-batch."""
-    if getattr(args, "full", False):
-        if args.teacher is not None:
-            raise ValueError("--full is the toy world's every-student table; it cannot run with --teacher (real "
-                             "SD3): distill one student per run there, with --method and --teacher-sampler")
-        if args.method is not None or args.teacher_sampler is not None:
-            raise ValueError("--full trains every --method and --teacher-sampler of distill.FULL itself: leave "
-                             "--method and --teacher-sampler out")
-        if world_size > 1:
-            raise ValueError("--full runs its students one after another in one process: run it with plain "
-                             "python, not torchrun")
-        if args.lora is not None:
-            raise ValueError("--full distills full students; distill a LoRA student on its own (--lora RANK "
-                             "without --full)")
-    fill_defaults(args)
-    check_lora(args)
-    if args.w_min < 0 or args.w_max < 0:
-        raise ValueError(f"--w-min {args.w_min:g} / --w-max {args.w_max:g}: the guidance w must be >= 0 (paper "
-                         "convention, CFG = (1 + w) v_c - w v_null; diffusers' guidance_scale is 1 + w)")
-    if args.w_min > args.w_max:
-        raise ValueError(f"--w-min {args.w_min:g} is larger than --w-max {args.w_max:g}")
-    if args.method == "dice" and args.w_min != args.w_max:
-        raise ValueError(f"--method dice is trained at ONE guidance (DICE reproduces CFG at a single scale; its "
-                         f"release: w = {embed.DICE_W:g}): give --w-min = --w-max, not {args.w_min:g} and {args.w_max:g}")
-    micro = args.micro_batch or args.global_batch // world_size
-    if args.global_batch < 1 or micro < 1 or args.global_batch % (world_size * micro):
-        raise ValueError(f"--global-batch {args.global_batch} is not divisible by world size {world_size} x "
-                         f"--micro-batch {micro} = {world_size * micro}: the accumulation rounds would not be whole")
-    if args.teacher is not None and not os.path.exists(args.teacher):
-        raise FileNotFoundError(f"--teacher {args.teacher}: no such file or folder")
-    if args.teacher_sampler == "w2sd":
-        if args.w2sd_finetuned is not None:
-            if args.weak is not None or args.strong is not None:
-                raise ValueError("--w2sd-finetuned builds the strong and weak models from --teacher and the fine-tune: "
-                                 "leave --strong and --weak out")
-            if args.teacher is None:
-                raise ValueError("--w2sd-finetuned PATH needs --teacher, the base the fine-tune was made from")
-        elif args.teacher is not None and args.weak is None:
-            raise ValueError("--teacher-sampler w2sd needs a weak model: --weak PATH (any checkpoint; --strong defaults "
-                             "to --teacher), or --w2sd-finetuned PATH to build the pair from a fine-tune of --teacher; "
-                             "or choose --teacher-sampler cfg or zsampling")
-    elif any(v is not None for v in (args.weak, args.strong, args.w2sd_finetuned)):
-        raise ValueError("--weak, --strong and --w2sd-finetuned are W2SD's: they need --teacher-sampler w2sd")
-    for name in ("weak", "strong", "w2sd_finetuned"):
-        path = getattr(args, name)
-        if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f"--{name.replace('_', '-')} {path}: no such file or folder")
-    if args.teacher is not None and args.data is None:
-        raise ValueError("--teacher needs --data DIR (a folder written by prepare.py with text embeddings)")
-    if args.teacher is None and args.data is not None:
-        raise ValueError(f"--data {args.data}: the toy world (no --teacher) trains on its own data; --data goes "
-                         "with a real --teacher")
-    if args.data is not None and not os.path.isdir(args.data):
-        raise FileNotFoundError(f"--data {args.data}: no such folder (a folder written by prepare.py)")
-    if args.export_diffusers and args.method != "teefusion":
-        raise ValueError(f"--export-diffusers writes the authors' txt_align_guidance pipeline format, which only "
-                         f"fits --method teefusion (got {args.method}); use the safetensors files in --out")
-    if args.ema is not None and not 0 < args.ema < 1:
-        raise ValueError(f"--ema {args.ema}: the decay must be in (0, 1), e.g. 0.9999")
-    if args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: nothing to train (the student would be the teacher); give at least 1")
-    if args.ckpt_every < 1 or args.teacher_steps < 1 or args.keep < 1:
-        raise ValueError("--ckpt-every, --teacher-steps and --keep must be >= 1")
-    if args.tau is not None:
-        try:
-            args.tau = float(args.tau)
-        except ValueError:
-            pass
-    samplers.check_tau(samplers.reflection_settings(args.preset, args.w_inv, args.tau)[1], args.teacher_steps)
-    return micro
-
-
-# -----------------------------------------------------------------------------
-# Data: the stream of global sample positions, and the noise of each position
-
-
-def draw(seed, p, shape, t_sampling, w_min, w_max):
-    """Algorithm 1's random draws for stream position p: t, w (scalars) and eps (shape)."""
-    g = torch.Generator().manual_seed(seed * 2**32 + p)
-    # Algorithm 1: t ~ U[0, 1] (here (0, 1]: t = 0 has no step to take), or SD3's logit-normal
-    if t_sampling == "uniform":
-        t = 1 - torch.rand((), generator=g)
-    else:
-        t = torch.sigmoid(torch.randn((), generator=g)).clamp(1e-5, 1.0)  # logit-normal(0, 1)
-    # Algorithm 1: w ~ U[w_min, w_max]
-    w = w_min + (w_max - w_min) * torch.rand((), generator=g)
-    # Algorithm 1: eps ~ N(0, I)
-    eps = torch.randn(shape, generator=g)  # (C, H, W)
-    return t, w, eps
-
-
-class StepSampler(Sampler):
-    """Yields (dataset index, stream position p) for this rank, from step `start` to `steps`:
-    each step, accum rounds of B_micro positions (see "Data and randomness" above)."""
-
-    def __init__(self, n, seed, start, steps, global_batch, micro, rank, world_size):
-        self.n, self.seed, self.start, self.steps = n, seed, start, steps
-        self.G, self.micro, self.rank, self.world = global_batch, micro, rank, world_size
-        self._perm = (None, None)
-
-    def index(self, p):
-        e = p // self.n  # the epoch
-        if self._perm[0] != e:
-            self._perm = (e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 2**20 + e)))
-        return int(self._perm[1][p % self.n])
-
-    def __iter__(self):
-        for s in range(self.start, self.steps):
-            for a in range(self.G // (self.world * self.micro)):
-                first = s * self.G + a * self.world * self.micro + self.rank * self.micro
-                for p in range(first, first + self.micro):
-                    yield self.index(p), p
-
-    def __len__(self):
-        return (self.steps - self.start) * self.G // self.world
-
-
-class WithNoise(Dataset):
-    """dataset[i] plus stream position p and its draws t, w, eps."""
-
-    def __init__(self, dataset, seed, t_sampling, w_min, w_max):
-        self.dataset, self.seed, self.t_sampling, self.w_min, self.w_max = dataset, seed, t_sampling, w_min, w_max
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, ip):
-        i, p = ip
-        item = dict(self.dataset[i])
-        t, w, eps = draw(self.seed, p, item["latents"].shape, self.t_sampling, self.w_min, self.w_max)
-        return {**item, "p": p, "t": t, "w": w, "eps": eps}
 
 
 # -----------------------------------------------------------------------------
@@ -562,16 +248,6 @@ def weights_problem(student, ema, batch, null, args, distributed):
     return problem
 
 
-def last_good(out, rank):
-    """The end of a non-finite message: the newest checkpoint whose tensors are finite on disk
-    (read and checked by rank 0)."""
-    if rank != 0:
-        return "rank 0 names the newest checkpoint with finite weights"
-    good = newest_finite_checkpoint(out)
-    return f"the newest checkpoint with finite weights is {good}" if good else \
-        "no checkpoint with finite weights was written yet"
-
-
 def _setup_distributed(args):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -635,20 +311,6 @@ def describe_source(source):
     return source
 
 
-def full_runs(args):
-    """--full: the arguments of each student run of FULL (one per subfolder of --out, no report of
-    its own). Refuses what --full cannot do (check_args)."""
-    check_args(copy.copy(args), int(os.environ.get("WORLD_SIZE", 1)))
-    out = args.out or "runs/full"
-    runs = []
-    for name, method, sampler in FULL:
-        sub = copy.copy(args)
-        sub.full, sub.no_report, sub.method, sub.teacher_sampler = False, True, method, sampler
-        sub.out = os.path.join(out, name)
-        runs.append(fill_defaults(sub))
-    return out, runs
-
-
 def student_metadata(args, step):
     """What a student file records of its run (embed.load_student and toy_report read it)."""
     meta = {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step)}
@@ -661,7 +323,7 @@ def main_full(args):
     """--full: distill every student of FULL from the toy teacher, then print one table with the
     teacher samplers and every student (toy.report_students) and write out/table.json and
     out/samples.png. Returns {subfolder name: student path}."""
-    out, runs = full_runs(args)
+    out, runs = options.full_runs(args)
     cli.output_folder(out, "--out")
     start = time.time()
     students = {}
@@ -893,7 +555,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
     # the final student, beside the checkpoints
     final = os.path.join(args.out, "student.safetensors")
     if rank == 0 and base is not None:
-        final = save_lora_student(args, student, ema, base, toy_world is not None)
+        final = lora.save_run(args, student, ema, base, toy_world is not None, student_metadata(args, args.steps))
     elif rank == 0:
         meta = student_metadata(args, args.steps)
         save_mmdit(student.model, final, metadata=meta)
@@ -918,44 +580,10 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
     elif ema is not None:
         final = os.path.join(args.out, "student-ema.safetensors")
     if rank != 0 and base is not None:
-        final = lora_final_path(args, toy_world is not None)
+        final = lora.run_path(args, toy_world is not None)
     if distributed:
         dist.barrier()
     return final
-
-
-def lora_final_path(args, merged):
-    """What main() returns for a LoRA run: the merged student in the toy world (its report reads it),
-    else the adapter; the EMA's with --ema."""
-    ema = "-ema" if args.ema is not None else ""
-    return os.path.join(args.out, f"student{ema}.safetensors" if merged else f"lora{ema}.safetensors")
-
-
-def save_lora_student(args, student, ema, base, merged):
-    """A LoRA run's final files: lora.safetensors (diffusers' SD3 LoRA format; lora-ema.safetensors with
-    --ema) and, in the toy world (merged=True), the merged students student.safetensors /
-    student-ema.safetensors (Stability layout) that the toy report reads; for SD3 the merge is
-    `python lora.py merge` (it streams the base from disk). Returns lora_final_path."""
-    meta = student_metadata(args, args.steps)
-    for suffix, s in (("", student), ("-ema", ema)):
-        if s is None:
-            continue
-        path = lora.save_adapter(s.model, base, os.path.join(args.out, f"lora{suffix}.safetensors"), meta,
-                                 lora.DTYPES[args.lora_dtype])
-        print(f"adapter: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-        if merged:
-            save_mmdit(lora.merge(s.model), os.path.join(args.out, f"student{suffix}.safetensors"), metadata=meta)
-        elif args.teacher is not None:
-            print(f"full student: python lora.py merge --base {base_file(args)} --lora {path} "
-                  f"--out {os.path.join(args.out, f'student{suffix}.safetensors')}")
-    return lora_final_path(args, merged)
-
-
-def base_file(args):
-    """The checkpoint a LoRA student's adapters are over (the network it started from)."""
-    if args.teacher_sampler == "w2sd":
-        return args.teacher if args.w2sd_final == "main" else (args.strong or args.teacher)
-    return args.teacher
 
 
 if __name__ == "__main__":

@@ -339,6 +339,16 @@ def newest_finite_checkpoint(out):
     return None
 
 
+def last_good(out, rank):
+    """The end of a non-finite message: the newest checkpoint whose tensors are finite on disk
+    (read and checked by rank 0)."""
+    if rank != 0:
+        return "rank 0 names the newest checkpoint with finite weights"
+    good = newest_finite_checkpoint(out)
+    return f"the newest checkpoint with finite weights is {good}" if good else \
+        "no checkpoint with finite weights was written yet"
+
+
 def _trim_log(path, step):
     """After a resume from `step`, drop log lines of steps that will be trained again (and a last
     line cut short by a kill)."""

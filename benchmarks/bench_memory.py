@@ -9,8 +9,8 @@ SD3.5-large at 1024x1024.
     python benchmarks/bench_memory.py --json points.json; python benchmarks/bench_memory.py --load points.json
     python benchmarks/bench_memory.py --lora 16 --config sd3-medium   # a LoRA student (distill.py --lora 16)
 
-The step is distill.py's own: distill.distill_loss on arguments from distill.build_parser() and
-distill.fill_defaults (SD3 defaults: the W2SD + CFG teacher, 50-step schedule) with --bf16 (the
+The step is distill.py's own: distill.distill_loss on arguments from options.build_parser() and
+options.fill_defaults (SD3 defaults: the W2SD + CFG teacher, 50-step schedule) with --bf16 (the
 student under bf16 autocast, fp32 master weights) and bf16 teacher weights (--teacher-dtype bf16,
 distill.py's default on CUDA): 6 teacher forwards without gradients (the strong and the weak model),
 the student's forward and backward, then AdamW. The optimizer is built as distill.py builds it,
@@ -73,6 +73,7 @@ import distill  # noqa: E402
 import embed  # noqa: E402
 import lora  # noqa: E402
 import mmdit  # noqa: E402
+import options  # noqa: E402
 import samplers  # noqa: E402
 
 GB = 1e9
@@ -140,7 +141,7 @@ def measure(point, threads, optimizer_kind):
     cfg = dataclasses.replace(mmdit.CONFIGS[point["config"]], depth=point["depth"], dual_attention_layers=())
     side, text = point["side"], point["text"]
     adapters = point.get("lora")  # lora.settings, or None: the full student
-    args = distill.fill_defaults(distill.build_parser().parse_args(
+    args = options.fill_defaults(options.build_parser().parse_args(
         ["--teacher", "random weights", "--teacher-sampler", "w2sd", "--bf16", "--teacher-dtype", "bf16",
          "--global-batch", "1", "--micro-batch", "1"] + (["--grad-checkpointing"] if point["ckpt"] else [])
         + (["--lora", str(adapters["rank"])] if adapters else [])))

@@ -29,9 +29,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import batches
 import cli
 import distill
 import embed
+import options
 import samplers
 import training_state
 from mmdit import CONFIGS, MMDiT, load_mmdit, save_mmdit
@@ -91,7 +93,7 @@ def world(tmp_path_factory):
 def args_for(world, out, *extra):
     """distill's arguments on the tiny world; an Euler + CFG teacher unless extra names another."""
     sampler = [] if "--teacher-sampler" in extra else ["--teacher-sampler", "cfg"]
-    return distill.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(out),
+    return options.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(out),
                                "--no-progress", "--device", "cpu", *sampler, *extra])
 
 
@@ -129,11 +131,11 @@ def test_one_step_equals_mse_against_the_cfg_target_and_adamw(world, tmp_path):
     # by hand, with no code from distill.py but its documented stream and draws
     data = ShardDataset(world["data"])
     context_null, y_null = data.null()
-    sampler = distill.StepSampler(N, 0, 0, 1, 4, 4, 0, 1)
-    x_t, ts, ws, cs, ys, items = [], [], [], [], [], []
+    sampler = batches.StepSampler(N, 0, 0, 1, 4, 4, 0, 1)
+    x_t, ts, ws, cs, ys = [], [], [], [], []
     for p in range(4):
         item = data[sampler.index(p)]
-        t, w, eps = distill.draw(0, p, item["latents"].shape, "uniform", 2.0, 6.0)
+        t, w, eps = batches.draw(0, p, item["latents"].shape, "uniform", 2.0, 6.0)
         x_t.append((1 - t) * item["latents"] + t * eps)  # Algorithm 1
         ts.append(t), ws.append(w), cs.append(item["context"]), ys.append(item["y"])
     x_t, t, w = torch.stack(x_t), torch.stack(ts), torch.stack(ws)  # (4, C, H, W), (4,), (4,)
@@ -170,11 +172,11 @@ def test_one_step_equals_mse_against_the_cfg_target_and_adamw(world, tmp_path):
 def first_batch(world, B, w_min, w_max):
     """The first global batch of the documented stream: x_t, t, w, context, y, and the null prompt."""
     data = ShardDataset(world["data"])
-    sampler = distill.StepSampler(N, 0, 0, 1, B, B, 0, 1)
+    sampler = batches.StepSampler(N, 0, 0, 1, B, B, 0, 1)
     rows = []
     for p in range(B):
         item = data[sampler.index(p)]
-        t, w, eps = distill.draw(0, p, item["latents"].shape, "uniform", w_min, w_max)
+        t, w, eps = batches.draw(0, p, item["latents"].shape, "uniform", w_min, w_max)
         rows.append((item["latents"], eps, t, w, item["context"], item["y"]))
     x0, eps, t, w, context, y = (torch.stack(c) for c in zip(*rows))
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps  # Algorithm 1
@@ -328,7 +330,7 @@ def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
         raise
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     one = tmp_path / "one"
-    distill.main(distill.parse_args([*common, "--steps", "4", "--micro-batch", "4", "--out", str(one)]))
+    distill.main(options.parse_args([*common, "--steps", "4", "--micro-batch", "4", "--out", str(one)]))
 
     for step in (1, 2, 3):  # the two ranks agree bitwise at every checkpoint
         with open(two / "checkpoints" / f"step-{step:07d}" / "state.json") as f:
@@ -338,7 +340,7 @@ def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
     b = weights(one / "checkpoints" / "step-0000003" / "student.safetensors")
     assert_adam_close(a, b, lr=1e-3, steps=3)
     # world size 2 -> 1: the resumed run continues the same stream
-    distill.main(distill.parse_args([*common, "--steps", "4", "--micro-batch", "2", "--out", str(two), "--resume"]))
+    distill.main(options.parse_args([*common, "--steps", "4", "--micro-batch", "2", "--out", str(two), "--resume"]))
     for name in ("student.safetensors", "fusion.safetensors", "student-ema.safetensors", "fusion-ema.safetensors"):
         assert_adam_close(weights(two / name), weights(one / name), lr=1e-3, steps=4)
     la, lb = [r["loss"] for r in read_log(two)], [r["loss"] for r in read_log(one)]
@@ -433,11 +435,11 @@ def test_export_diffusers_and_draws(world, tmp_path):
 
     # P(0.25 < t < 0.75): 0.5 for uniform, P(|N(0, 1)| < ln 3) = 0.728 for logit-normal
     for sampling, middle in (("uniform", 0.5), ("logit-normal", 0.728)):
-        t, w = (torch.stack(v) for v in zip(*[distill.draw(3, p, (1,), sampling, 2.0, 14.0)[:2] for p in range(2000)]))
+        t, w = (torch.stack(v) for v in zip(*[batches.draw(3, p, (1,), sampling, 2.0, 14.0)[:2] for p in range(2000)]))
         assert (t > 0).all() and (t <= 1).all() and (w >= 2).all() and (w <= 14).all()
         assert abs(t.mean() - 0.5) < 0.03 and abs(w.mean() - 8) < 0.3
         assert abs(((t > 0.25) & (t < 0.75)).float().mean() - middle) < 0.04
-    a, b = distill.draw(5, 17, (2, 3), "uniform", 0.0, 1.0), distill.draw(5, 17, (2, 3), "uniform", 0.0, 1.0)
+    a, b = batches.draw(5, 17, (2, 3), "uniform", 0.0, 1.0), batches.draw(5, 17, (2, 3), "uniform", 0.0, 1.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -461,40 +463,40 @@ def test_export_diffusers_and_draws(world, tmp_path):
 ])
 def test_refused_arguments(world, tmp_path, extra, world_size, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-").replace("+", r"\+")):
-        distill.check_args(args_for(world, tmp_path, *extra), world_size)
+        options.check_args(args_for(world, tmp_path, *extra), world_size)
 
 
 def test_missing_teacher_is_refused(world, tmp_path):
-    args = distill.parse_args(["--teacher", str(tmp_path / "nope.safetensors"), "--data", world["data"]])
+    args = options.parse_args(["--teacher", str(tmp_path / "nope.safetensors"), "--data", world["data"]])
     with pytest.raises(FileNotFoundError, match="--teacher .*nope.safetensors: no such file"):
-        distill.check_args(args)
+        options.check_args(args)
 
 
 def test_full_is_refused_with_a_real_teacher_and_with_a_chosen_method(world, tmp_path):
     with pytest.raises(ValueError, match=r"\-\-full .* cannot run with \-\-teacher \(real SD3\)"):
-        distill.check_args(args_for(world, tmp_path, "--full"))
+        options.check_args(args_for(world, tmp_path, "--full"))
     with pytest.raises(ValueError, match=r"cannot run with \-\-teacher"):  # before any work
         distill.main(args_for(world, tmp_path, "--full"))
     assert not os.listdir(tmp_path)
     for extra in (["--method", "dice"], ["--teacher-sampler", "cfg"]):
         with pytest.raises(ValueError, match=r"leave \-\-method and \-\-teacher\-sampler out"):
-            distill.check_args(distill.parse_args(["--full", *extra]))
+            options.check_args(options.parse_args(["--full", *extra]))
     with pytest.raises(ValueError, match="not torchrun"):
-        distill.check_args(distill.parse_args(["--full"]), world_size=2)
+        options.check_args(options.parse_args(["--full"]), world_size=2)
 
 
 def test_full_runs_every_student_into_its_own_folder(tmp_path):
-    out, runs = distill.full_runs(distill.parse_args(["--full", "--out", str(tmp_path), "--steps", "7"]))
+    out, runs = options.full_runs(options.parse_args(["--full", "--out", str(tmp_path), "--steps", "7"]))
     assert out == str(tmp_path)
     assert [(r.method, r.teacher_sampler) for r in runs] == [
         ("teefusion", "cfg"), ("teefusion", "zsampling"), ("teefusion", "w2sd"), ("gonly", "w2sd"),
         ("distillcfg", "w2sd"), ("dice", "w2sd")]
     assert len({r.out for r in runs}) == len(runs) and all(os.path.dirname(r.out) == str(tmp_path) for r in runs)
     assert all(r.steps == 7 and r.no_report and not r.full for r in runs)
-    assert [r.lr for r in runs] == [distill.TOY_DEFAULTS["lr"]] * 5 + [2e-4]  # DICE's own learning rate
-    assert distill.full_runs(distill.parse_args(["--full"]))[0] == "runs/full"
+    assert [r.lr for r in runs] == [options.TOY_DEFAULTS["lr"]] * 5 + [2e-4]  # DICE's own learning rate
+    assert options.full_runs(options.parse_args(["--full"]))[0] == "runs/full"
     # the default command is unchanged: one TeEFusion student from the W2SD + CFG teacher into runs/toy
-    args = distill.fill_defaults(distill.parse_args([]))
+    args = options.fill_defaults(options.parse_args([]))
     assert (args.method, args.teacher_sampler, args.out, args.steps) == ("teefusion", "w2sd", "runs/toy", 1500)
 
 

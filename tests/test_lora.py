@@ -31,9 +31,10 @@ import distill
 import embed
 import generate
 import lora
+import options
 import samplers
 import toy
-from mmdit import CONFIGS, MMDiT, load_mmdit, save_mmdit, save_mmdit_diffusers
+from mmdit import CONFIGS, MMDiT, load_mmdit, save_mmdit_diffusers
 from test_distill import REPO, assert_adam_close, distill_cli, first_batch, make_shards, make_teacher, one_error, read_log
 
 CFG = CONFIGS["tiny-sd3"]
@@ -223,7 +224,7 @@ def test_trainable_parameters_at_sd3_medium_size():
 
 
 def lora_args(world, out, *extra):
-    return distill.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(out), "--no-progress",
+    return options.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(out), "--no-progress",
                                "--device", "cpu", "--teacher-sampler", "cfg", "--lora", "2", *extra])
 
 
@@ -233,7 +234,7 @@ def test_first_step_by_hand(world, tmp_path):
     on the first step (B = 0 gives it no gradient)."""
     common = ["--steps", "1", "--global-batch", "4", "--lr", "1e-3", "--w-min", "2", "--w-max", "6"]
     distill.main(lora_args(world, tmp_path / "lora", *common))
-    full = distill.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(tmp_path / "full"),
+    full = options.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(tmp_path / "full"),
                                "--no-progress", "--device", "cpu", "--teacher-sampler", "cfg", *common])
     distill.main(full)
     assert read_log(tmp_path / "lora")[0]["loss"] == read_log(tmp_path / "full")[0]["loss"]
@@ -279,7 +280,7 @@ def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
         raise
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     one = tmp_path / "one"
-    distill.main(distill.parse_args([*common, "--steps", "3", "--micro-batch", "4", "--out", str(one)]))
+    distill.main(options.parse_args([*common, "--steps", "3", "--micro-batch", "4", "--out", str(one)]))
     for step in (1, 2):
         with open(two / "checkpoints" / f"step-{step:07d}" / "state.json") as f:
             replicas = json.load(f)["replica_checksums"]
@@ -287,7 +288,7 @@ def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
     for name in ("adapter.safetensors", "ema-adapter.safetensors"):
         assert_adam_close(load_file(two / "checkpoints" / "step-0000002" / name),
                           load_file(one / "checkpoints" / "step-0000002" / name), lr=1e-3, steps=2)
-    distill.main(distill.parse_args([*common, "--steps", "3", "--micro-batch", "2", "--out", str(two), "--resume"]))
+    distill.main(options.parse_args([*common, "--steps", "3", "--micro-batch", "2", "--out", str(two), "--resume"]))
     for name in ("lora.safetensors", "lora-ema.safetensors"):
         assert_adam_close(load_file(two / name), load_file(one / name), lr=1e-3, steps=3)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in read_log(two)]),
@@ -331,10 +332,10 @@ def test_resume_is_bitwise(world, tmp_path):
 ])
 def test_refused_arguments(world, tmp_path, extra, message):
     sampler = [] if "--teacher-sampler" in extra else ["--teacher-sampler", "cfg"]
-    args = distill.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(tmp_path),
+    args = options.parse_args(["--teacher", world["teacher"], "--data", world["data"], "--out", str(tmp_path),
                                *sampler, *extra])
     with pytest.raises(ValueError, match=re.escape(message)):
-        distill.check_args(args)
+        options.check_args(args)
 
 
 def test_the_command_line_refuses_with_one_line(world, tmp_path):
