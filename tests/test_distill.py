@@ -308,6 +308,21 @@ def test_checkpointing_is_exact_and_bf16_is_close(world, tmp_path):
 # torchrun: two gloo processes equal one process
 
 
+def torchrun_distill(argv, timeout=240):
+    """distill.py under torchrun, 2 gloo ranks on the CPU, in a process group of its own, so that a timeout
+    kills the launcher AND its workers (no orphans); fails with the run's output unless it succeeds."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "distill.py", *argv], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+
+
 def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
     """2 ranks x micro-batch 1 x 2 accumulation rounds for 3 steps, then a resume on ONE process
     to step 4, against one process with micro-batch 4 for 4 steps. distillcfg with EMA: the model,
@@ -315,20 +330,8 @@ def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
     common = ["--teacher", world["teacher"], "--data", world["data"], "--global-batch", "4", "--method", "distillcfg",
               "--ema", "0.9", "--lr", "1e-3", "--no-progress", "--device", "cpu", "--ckpt-every", "1", "--keep", "4",
               "--teacher-sampler", "cfg"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     two = tmp_path / "two"
-    # its own process group, so a timeout kills the launcher AND its workers (no orphans)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "distill.py", *common, "--steps", "3", "--micro-batch", "1", "--out", str(two)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    torchrun_distill([*common, "--steps", "3", "--micro-batch", "1", "--out", str(two)])
     one = tmp_path / "one"
     distill.main(options.parse_args([*common, "--steps", "4", "--micro-batch", "4", "--out", str(one)]))
 

@@ -16,7 +16,6 @@ Tests for lora.py and distill.py --lora (LoRA students), on tiny MMDiTs on the C
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -35,7 +34,8 @@ import options
 import samplers
 import toy
 from mmdit import CONFIGS, MMDiT, load_mmdit, save_mmdit_diffusers
-from test_distill import REPO, assert_adam_close, distill_cli, first_batch, make_shards, make_teacher, one_error, read_log
+from test_distill import (REPO, assert_adam_close, distill_cli, first_batch, make_shards, make_teacher, one_error,
+                          read_log, torchrun_distill)
 
 CFG = CONFIGS["tiny-sd3"]
 EVERY = ["qkv", "proj", "fc1", "fc2", "adaln", "context_embedder", "final"]  # every target but G and F
@@ -268,17 +268,7 @@ def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
               "0.9", "--lr", "1e-3", "--no-progress", "--device", "cpu", "--ckpt-every", "1", "--keep", "3",
               "--teacher-sampler", "cfg", "--lora-targets", "qkv,proj,fc1,fc2,adaln"]
     two = tmp_path / "two"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "distill.py", *common, "--steps", "2", "--micro-batch", "1", "--out", str(two)],
-                            cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    torchrun_distill([*common, "--steps", "2", "--micro-batch", "1", "--out", str(two)])
     one = tmp_path / "one"
     distill.main(options.parse_args([*common, "--steps", "3", "--micro-batch", "4", "--out", str(one)]))
     for step in (1, 2):
