@@ -80,7 +80,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CLIP_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
 DEFAULT_W = 5.0  # the released student's inference setting (SPEC.md section 5)
-LORA_METHODS = ("teefusion", "gonly")  # the students distill.py --lora trains (no modules of their own)
 TOY_VIEW = 8  # toy images are saved this many times larger (nearest neighbour)
 SHEET = (8, 8)  # the contact sheet: at most this many prompts x images per prompt
 ENCODE_CHUNK = 16  # prompts through the text encoders at once
@@ -357,11 +356,11 @@ def check(args, world=None):
     toy_world = a.toy or world is not None
     w = _check_method(a, toy_world)
     res, text_encoders, vae_path = _check_models(a, toy_world)
-    if a.lora and a.student_method not in (None, *LORA_METHODS):
-        raise ValueError(f"--student-method {a.student_method}: a LoRA student is one of {', '.join(LORA_METHODS)}")
+    if a.lora and a.student_method not in (None, *lora.METHODS):
+        raise ValueError(f"--student-method {a.student_method}: a LoRA student is one of {', '.join(lora.METHODS)}")
     student_method = embed.student_files(a.student or a.lora, a.student_method)[0] if a.method == "student" else None
-    if a.lora and student_method not in LORA_METHODS:
-        raise ValueError(f"--lora {a.lora}: a LoRA student is one of {', '.join(LORA_METHODS)}, not {student_method!r}")
+    if a.lora and student_method not in lora.METHODS:
+        raise ValueError(f"--lora {a.lora}: a LoRA student is one of {', '.join(lora.METHODS)}, not {student_method!r}")
     if a.w_rounding == "model" and student_method != "teefusion":
         raise ValueError(f"--w-rounding model applies to TeEFusion students, not {student_method!r}")
     if student_method == "dice":

@@ -80,6 +80,9 @@ DEFAULT_FULL = ("embedders",)
 PREFIX = "transformer."  # diffusers' SD3 LoRA files name the transformer's tensors under it
 METADATA = "teefusion_lora"  # safetensors metadata: the settings, as JSON
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the students a LoRA file can hold: the methods with no modules of their own (embed.FUSIONS: DistillCFG adds an
+# MLP that is no part of SD3, DICE adapts no network)
+METHODS = ("teefusion", "gonly")
 
 
 class LoRALinear(nn.Linear):
@@ -444,22 +447,23 @@ def merge_files(base_path, lora_path, out_path, dtype=torch.float32):
 
 
 def run_path(args, merged):
-    """What distill.main returns for a LoRA run (args: distill.py's): the merged student in the toy world (its report reads it),
-    else the adapter; the EMA's with --ema."""
+    """What distill.main returns for a LoRA run (args: distill.py's): the merged student in the toy
+    world (its report reads it), else the adapter; the EMA's with --ema."""
     ema = "-ema" if args.ema is not None else ""
     return os.path.join(args.out, f"student{ema}.safetensors" if merged else f"lora{ema}.safetensors")
 
 
 def save_run(args, student, ema, base, merged, meta):
-    """distill.py's final files of a LoRA run (args: its arguments; meta: the student metadata): lora.safetensors (diffusers' SD3 LoRA format; lora-ema.safetensors with
-    --ema) and, in the toy world (merged=True), the merged students student.safetensors /
+    """distill.py's final files of a LoRA run (args: its arguments; meta: the student metadata):
+    lora.safetensors (diffusers' SD3 LoRA format; lora-ema.safetensors with --ema) and, in the toy
+    world (merged=True), the merged students student.safetensors /
     student-ema.safetensors (Stability layout) that the toy report reads; for SD3 the merge is
     `python lora.py merge` (it streams the base from disk). Returns run_path."""
     for suffix, s in (("", student), ("-ema", ema)):
         if s is None:
             continue
         path = save_adapter(s.model, base, os.path.join(args.out, f"lora{suffix}.safetensors"), meta,
-                                 DTYPES[args.lora_dtype])
+                            DTYPES[args.lora_dtype])
         print(f"adapter: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
         if merged:
             save_mmdit(merge(s.model), os.path.join(args.out, f"student{suffix}.safetensors"), metadata=meta)
@@ -470,7 +474,8 @@ def save_run(args, student, ema, base, merged, meta):
 
 
 def base_file(args):
-    """distill.py's arguments -> the checkpoint a LoRA student's adapters are over (the network it started from)."""
+    """distill.py's arguments -> the checkpoint a LoRA student's adapters are over (the network it
+    started from)."""
     if args.teacher_sampler == "w2sd":
         return args.teacher if args.w2sd_final == "main" else (args.strong or args.teacher)
     return args.teacher

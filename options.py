@@ -42,7 +42,6 @@ TOY_DEFAULTS = dict(steps=1500, global_batch=32, lr=1e-3, out="runs/toy", teache
 # --lora RANK: the adapters learn at a higher rate than full fine-tuning. SD3: 1e-4, the default of diffusers'
 # SD3 LoRA DreamBooth script (train_dreambooth_lora_sd3.py; not tuned here: no GPU); toy: as the full student's
 LORA_LR = {"sd3": 1e-4, "toy": 1e-3}
-LORA_METHODS = ("teefusion", "gonly")  # the methods with no parameters of their own: an SD3 LoRA file holds all
 # --full (toy world): every student of the paper's Tables 3 and 4, as (subfolder of --out, --method,
 # --teacher-sampler); the ablations and DICE learn from the W2SD + CFG teacher, like the main student
 FULL = (("teefusion-cfg", "teefusion", "cfg"), ("teefusion-zsampling", "teefusion", "zsampling"),
@@ -153,11 +152,11 @@ def check_lora(args):
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} sets up a LoRA student: it needs --lora RANK")
         return None
-    if args.method not in LORA_METHODS:
+    if args.method not in lora.METHODS:
         why = ("DICE keeps the MMDiT frozen: there is nothing to adapt" if args.method == "dice" else
                "its new guidance MLP is no part of SD3, so an SD3 LoRA file cannot carry it")
         raise ValueError(f"--lora does not combine with --method {args.method}: {why}; use "
-                         f"{' or '.join(LORA_METHODS)}, or train the full student")
+                         f"{' or '.join(lora.METHODS)}, or train the full student")
     if args.w2sd_finetuned is not None:
         raise ValueError("--lora ships an adapter over a checkpoint file, and with --w2sd-finetuned the student "
                          "would start from a blend of two files; give the W2SD pair as files (--weak, and --strong "
