@@ -1,6 +1,7 @@
 """mmdit.py against diffusers' SD3Transformer2DModel (a test-only oracle), the checkpoint
 layouts, the round trip, reduced precision, and every bad input with its message."""
 
+import copy
 import json
 import math
 import os
@@ -50,16 +51,36 @@ def diffusers_forward(ref, x, t, context, y):
                    timestep=1000 * t, return_dict=False)[0]
 
 
+class Reference:
+    """diffusers' output in fp32, and the same model run in float64 (the closest thing to the exact
+    value): the tolerance of a parity test is diffusers' own fp32 rounding error, not a constant, so
+    that it holds on CPUs whose kernels round differently (measured 2026-12-05 on a 2-core AMD EPYC:
+    tiny-sd3's fp32 outputs of the two implementations differ by 1.04e-5, ours is 6.0e-6 from
+    float64 and diffusers' own fp32 6.9e-6)."""
+
+    def __init__(self, ref, args):
+        self.fp32 = diffusers_forward(ref, *args)
+        args64 = [a.double() for a in args]
+        self.fp64 = diffusers_forward(copy.deepcopy(ref).double(), *args64)
+        self.rounding = (self.fp32.double() - self.fp64).abs().max().item()  # diffusers' own fp32 error
+
+    def check(self, got, what=""):
+        """got (fp32) is as close to the float64 output as diffusers' fp32 is (2x, + 1e-6), and close to it."""
+        err = (got.double() - self.fp64).abs().max().item()
+        assert err <= 2 * self.rounding + 1e-6, (what, err, self.rounding)
+        assert (got - self.fp32).abs().max().item() <= 3 * self.rounding + 1e-6, what
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Each tiny variant saved by diffusers (folder), with its reference output."""
+    """Each tiny variant saved by diffusers (folder), with its reference output (Reference)."""
     out = {}
     for variant in VARIANTS:
         folder = tmp_path_factory.mktemp(variant)
         ref = make_diffusers(variant)
         ref.save_pretrained(folder)
         args = inputs(CONFIGS[variant])
-        out[variant] = (folder, args, diffusers_forward(ref, *args))
+        out[variant] = (folder, args, Reference(ref, args))
     return out
 
 
@@ -70,8 +91,9 @@ def test_parity_with_diffusers_folder(saved, variant):
     assert model.config == CONFIGS[variant]  # everything inferred from the tensors
     with torch.no_grad():
         got = model(*args)
-    assert expected.std() > 0.3  # a non-trivial output
-    assert (got - expected).abs().max().item() <= 1e-5
+    assert expected.fp32.std() > 0.3  # a non-trivial output
+    assert expected.rounding < 2e-5  # fp32 rounding of an O(10) output: a few ulps per layer
+    expected.check(got)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -96,7 +118,7 @@ def test_stability_layout_gives_same_output(saved, tmp_path, variant):
     for p in (path, single, unprefixed):
         with torch.no_grad():
             got = load_mmdit(p)(*args)
-        assert (got - expected).abs().max().item() <= 1e-5, p
+        expected.check(got, p)
 
 
 def test_other_components_are_never_read(saved, tmp_path, monkeypatch):
@@ -162,7 +184,7 @@ def test_export_to_diffusers_loads_in_diffusers(saved, tmp_path, variant):
     model = load_mmdit(str(folder))
     mmdit.save_mmdit_diffusers(model, str(tmp_path / "out"))
     ref = SD3Transformer2DModel.from_pretrained(tmp_path / "out").eval()
-    assert (diffusers_forward(ref, *args) - expected).abs().max() <= 1e-6
+    assert (diffusers_forward(ref, *args) - expected.fp32).abs().max() <= 1e-6  # the same module, the same kernels
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
