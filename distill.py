@@ -184,7 +184,8 @@ def distill_loss(student, teacher, batch, null, args, weak=None, main=None, timi
         target = samplers.teacher_target(args.teacher_sampler, teacher, x_t, t, t_next, (context, y), null, w,
                                          reflect=reflect, steps=args.teacher_steps, preset=args.preset,
                                          w_inv=args.w_inv, tau=args.tau, weak=weak, main=main,
-                                         w_strong=args.w_strong, w_weak=args.w_weak).float()  # (B, C, H, W)
+                                         w_strong=args.w_strong, w_weak=args.w_weak,
+                                         target=args.target).float()  # (B, C, H, W)
     tock = _clock(device)
     # Algorithm 1: z from Eq. 7, one student forward
     with amp:
@@ -314,6 +315,8 @@ def describe_source(source):
 def student_metadata(args, step):
     """What a student file records of its run (embed.load_student and toy_report read it)."""
     meta = {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step)}
+    if args.fused_scale is not None:  # Eq. 7's factor, which embed.load_student applies again
+        meta[embed.SCALE_METADATA] = repr(args.fused_scale)
     if getattr(args, "lora", None) is not None:
         meta[lora.METADATA] = json.dumps(lora_spec(args))
     return meta
@@ -445,7 +448,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
     if base is not None:
         model = lora.attach(base, lora_spec(args))  # adapters: A drawn as nn.Linear draws, B = 0
     model.gradient_checkpointing = args.grad_checkpointing
-    fusion = embed.make_fusion(args.method, model.config).to(device)
+    fusion = embed.make_fusion(args.method, model.config, args.fused_scale).to(device)
     if not fusion.trains_model:  # DICE: the diffusion model stays frozen, only the enhancer learns
         frozen(model)
     student = Student(model, fusion).train()

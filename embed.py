@@ -6,7 +6,12 @@ An SD3 MMDiT is conditioned on a vector c made from the flow time t and the pool
 vector y by two of its own modules, G = model.t_embedder and F = model.y_embedder:
 
     Eq. 6   c = G(psi(t)) + F(y)
-    Eq. 7   z = G(psi(t)) + F(y) + G(psi(w)) * F(y - y_null) / 256      (TeEFusion, as released)
+    Eq. 7   z = G(psi(t)) + F(y) + G(psi(w)) * F(y - y_null)            (TeEFusion, the paper)
+            z = G(psi(t)) + F(y) + G(psi(w)) * F(y - y_null) / 256      (as released: this project's default)
+
+Eq. 7 takes the difference of the pooled vectors BEFORE F, F(y - y_null), in the paper and in the
+release alike. The release adds two things the paper does not write: the factor 1/256 on the fused
+term (RELEASED_SCALE; `scale` below), and w fed to psi on the timestep's scale, psi(1000 w).
 
 The student is the same network called with `vec=z`: one forward pass per sampling step
 instead of two (CFG) or six (Z-Sampling / W2SD with CFG), and no new parameters.
@@ -16,8 +21,10 @@ instead of two (CFG) or six (Z-Sampling / W2SD with CFG), and no new parameters.
     v = model(x, t, context, y, vec=z)                             # the student's velocity
 
 `FUSIONS` names every way distill.py can build the student's inputs, each as its paper trains it:
-"teefusion" (Eq. 7), "gonly" (Table 3: G(psi(w)) / 256 without the text factor), "distillcfg"
-(Table 3: a new default-initialised guidance MLP, as FLUX's guidance_in), and "dice" (the DICE
+"teefusion" (Eq. 7), "gonly" (Table 3's row G(psi(w)): c + G(psi(w)), the text factor left out, at
+full scale as the paper writes it), "gonly-scaled" (the same at Eq. 7's scale, G(psi(w)) / 256, so
+that it starts as near the teacher as TeEFusion does), "distillcfg" (Table 3: a new
+default-initialised guidance MLP, as FLUX's guidance_in, at full scale), and "dice" (the DICE
 baseline: a token enhancer trained alone at one guidance, w = 4). All of them condition on
 z = G(psi(t)) + text with `text` independent of t, so samplers compute it once per image
 (`Fusion.prepare`). `load_student(path)` reads back what distill.py wrote: the MMDiT and its
@@ -47,6 +54,9 @@ __all__ = ["timestep_embedding", "guidance_tensor", "timestep_term", "sd3_condit
            "TextEncoders"]
 
 DICE_W = 4.0  # the one guidance DICE is trained for: diffusers' guidance_scale 5 (its release), g = 1 + w
+# The fused term's factor in the authors' released model (their transformer divides G(psi(w)) * F(y - y_null)
+# by 256; the paper's Eq. 7 has no factor). A power of two: multiplying by it is exactly dividing by 256.
+RELEASED_SCALE = 1 / 256
 
 
 def guidance_tensor(w, batch, device):
@@ -81,43 +91,43 @@ def sd3_conditioning(model, t, y):
     return timestep_term(model, t, y.shape[0]) + model.y_embedder(y)  # (B, D)
 
 
-def teefusion_text_term(model, y, y_null, w, w_dtype=None):
-    """The part of Eq. 7 that does not depend on t: F(y) + G(psi(w)) * F(y - y_null) / 256, (B, D).
+def teefusion_text_term(model, y, y_null, w, w_dtype=None, scale=RELEASED_SCALE):
+    """The part of Eq. 7 that does not depend on t: F(y) + G(psi(w)) * F(y - y_null) * scale, (B, D).
     A sampler computes it once per image and adds G(psi(t)) at every step (`teefusion_conditioning`)."""
     G, F = model.t_embedder, model.y_embedder
     w = guidance_tensor(w, y.shape[0], y.device)
     psi_w = timestep_embedding(w, model.config.frequency_dim, scale_dtype=w_dtype or torch.float32)  # (B, 256)
-    # Eq. 7, the guidance term, as released: G(psi(w)) * F(y - y_null) / 256
-    return F(y) + G(psi_w) * F(y - y_null) / 256  # (B, D)
+    # Eq. 7, the guidance term: G(psi(w)) * F(y - y_null), times 1/256 as released
+    return F(y) + G(psi_w) * F(y - y_null) * scale  # (B, D)
 
 
-def teefusion_conditioning(model, t, y, y_null, w, w_dtype=None):
-    """Eq. 7 as the authors released it: z = G(psi(t)) + F(y) + G(psi(w)) * F(y - y_null) / 256.
+def teefusion_conditioning(model, t, y, y_null, w, w_dtype=None, scale=RELEASED_SCALE):
+    """Eq. 7: z = G(psi(t)) + F(y) + G(psi(w)) * F(y - y_null) * scale, scale 1/256 as released.
 
     y (B, Dy) is the pooled conditional text, y_null (B or 1, Dy) the pooled null (empty
     string, or a negative prompt); w a float or (B,) tensor, psi applied to 1000 * w. "*" is
     elementwise over the D channels; G and F are the pretrained modules, so TeEFusion adds no
-    parameters.
+    parameters. The difference is taken on the pooled vectors BEFORE F, F(y - y_null), as the
+    paper's Eq. 7 writes it and the release computes it (F is an MLP with a bias: F(y) - F(y_null)
+    would be another function).
 
-    Two differences from the paper's text, both taken from the released model and kept so
-    that released student weights give the right images:
-      1. the fused term is divided by 256 (the paper has no such factor);
-      2. the difference is taken on the pooled vectors BEFORE F, F(y - y_null), not
-         F(y) - F(y_null) (F is an MLP with a bias, so the two are not the same).
+    What the release adds to the paper's text, kept so that released student weights give the
+    right images: scale = 1/256 (RELEASED_SCALE; the paper has no factor), and psi(1000 w).
     w_dtype: the dtype in which 1000 * w is formed. None (float32) is this project's one
     convention, for training and for sampling. The authors' released pipeline forms it in the
     transformer's dtype: with bf16 weights w = 5 enters psi as 4992 and 7.5 as 7488. Pass
     w_dtype=torch.bfloat16 to reproduce its images from its released bf16 weights.
     """
-    # Eq. 7 = G(psi(t)) + [F(y) + G(psi(w)) * F(y - y_null) / 256]
-    return timestep_term(model, t, y.shape[0]) + teefusion_text_term(model, y, y_null, w, w_dtype)  # (B, D)
+    # Eq. 7 = G(psi(t)) + [F(y) + G(psi(w)) * F(y - y_null) * scale]
+    return timestep_term(model, t, y.shape[0]) + teefusion_text_term(model, y, y_null, w, w_dtype, scale)  # (B, D)
 
 
-def gonly_conditioning(model, t, y, w):
-    """Table 3 ablation "G only": z = G(psi(t)) + F(y) + G(psi(w)) / 256: Eq. 7 without the text
-    factor F(y - y_null), at the same released scale 1/256, so that the two students start from
-    the same near-teacher point and differ only in that factor."""
-    return timestep_term(model, t, y.shape[0]) + GOnly.text_term(model, y, w)
+def gonly_conditioning(model, t, y, w, scale=1.0):
+    """Table 3 ablation "G only": z = G(psi(t)) + F(y) + G(psi(w)) * scale: Eq. 7 without the text
+    factor F(y - y_null). scale 1 is the paper's row (method "gonly"); Eq. 7's scale (1/256 as
+    released, method "gonly-scaled") starts the student as near its teacher as TeEFusion's, so that
+    the two differ only in that factor."""
+    return timestep_term(model, t, y.shape[0]) + GOnly.text_term(model, y, w, scale)
 
 
 # -----------------------------------------------------------------------------
@@ -143,27 +153,40 @@ class Fusion(nn.Module):
 
 class TeEFusion(Fusion):
     """Eq. 7. The student sees the conditional tokens only; the null prompt enters through
-    its pooled vector. No parameters. w_dtype: see `teefusion_conditioning`."""
+    its pooled vector. No parameters. w_dtype, scale: see `teefusion_conditioning`."""
 
-    def __init__(self, w_dtype=None):
+    def __init__(self, w_dtype=None, scale=RELEASED_SCALE):
         super().__init__()
-        self.w_dtype = w_dtype
+        self.w_dtype, self.scale = w_dtype, float(scale)
 
     def prepare(self, model, context, y, context_null, y_null, w):
-        return context, y, teefusion_text_term(model, y, y_null, w, self.w_dtype)
+        return context, y, teefusion_text_term(model, y, y_null, w, self.w_dtype, self.scale)
 
 
 class GOnly(Fusion):
-    """Table 3 ablation "G only" (`gonly_conditioning`). No parameters."""
+    """Table 3 ablation "G only" (`gonly_conditioning`) as the paper writes it: G(psi(w)) at full
+    scale. No parameters."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = float(scale)
 
     @staticmethod
-    def text_term(model, y, w):
+    def text_term(model, y, w, scale):
         w = guidance_tensor(w, y.shape[0], y.device)
         psi_w = timestep_embedding(w, model.config.frequency_dim)  # (B, 256)
-        return model.y_embedder(y) + model.t_embedder(psi_w) / 256  # (B, D)
+        return model.y_embedder(y) + model.t_embedder(psi_w) * scale  # (B, D)
 
     def prepare(self, model, context, y, context_null, y_null, w):
-        return context, y, self.text_term(model, y, w)
+        return context, y, self.text_term(model, y, w, self.scale)
+
+
+class GOnlyScaled(GOnly):
+    """"G only" at Eq. 7's scale (1/256 as released, or the run's --fused-scale): like for like with
+    TeEFusion's student, which starts that near its teacher."""
+
+    def __init__(self, scale=RELEASED_SCALE):
+        super().__init__(scale)
 
 
 class DistillCFG(Fusion):
@@ -236,22 +259,31 @@ class DICE(Fusion):
         return context + delta, y, model.y_embedder(y)
 
 
-FUSIONS = {"teefusion": TeEFusion, "gonly": GOnly, "distillcfg": DistillCFG, "dice": DICE}
+FUSIONS = {"teefusion": TeEFusion, "gonly": GOnly, "gonly-scaled": GOnlyScaled, "distillcfg": DistillCFG,
+           "dice": DICE}
+SCALED = ("teefusion", "gonly-scaled")  # the methods whose w term takes Eq. 7's scale (--fused-scale)
+SCALE_METADATA = "teefusion_scale"  # a student file's record of that scale (absent: RELEASED_SCALE)
 
 
-def make_fusion(name, config, **kwargs):
+def make_fusion(name, config, scale=None, **kwargs):
     """The student-input module for a method name (see FUSIONS); config is an MMDiTConfig.
-    kwargs go to the class (TeEFusion: w_dtype; DICE: alpha, w)."""
+    scale: Eq. 7's factor for the methods of SCALED (None: RELEASED_SCALE). kwargs go to the class
+    (TeEFusion: w_dtype; DICE: alpha, w)."""
     if name not in FUSIONS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(FUSIONS)}")
     cls = FUSIONS[name]
+    if name in SCALED:
+        kwargs["scale"] = RELEASED_SCALE if scale is None else scale
+    elif scale is not None:
+        raise ValueError(f"method {name!r} has no Eq. 7 scale (only {SCALED} do)")
     return cls(config, **kwargs) if cls in (DistillCFG, DICE) else cls(**kwargs)
 
 
 def _student_metadata(path):
-    """The method a student file says it was trained as: safetensors metadata `teefusion_method`
-    (written by distill.py), or, for a diffusers transformer folder, its config.json's
-    `txt_align_guidance: true` (the flag of the authors' released TeEFusion pipeline). None if neither."""
+    """(method, scale) a student file says it was trained with: safetensors metadata `teefusion_method`
+    and SCALE_METADATA (written by distill.py), or, for a diffusers transformer folder, its
+    config.json's `txt_align_guidance: true` (the flag of the authors' released TeEFusion pipeline,
+    which computes Eq. 7 at RELEASED_SCALE). (None, None) if neither; scale None if not recorded."""
     from safetensors import safe_open
 
     if os.path.isdir(path):
@@ -259,12 +291,14 @@ def _student_metadata(path):
         if os.path.isfile(config):
             with open(config) as f:
                 if json.load(f).get("txt_align_guidance"):
-                    return "teefusion"
+                    return "teefusion", RELEASED_SCALE
         path = os.path.join(path, "diffusion_pytorch_model.safetensors")
     if not path.endswith(".safetensors") or not os.path.isfile(path):
-        return None
+        return None, None
     with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("teefusion_method")
+        meta = f.metadata() or {}
+    scale = meta.get(SCALE_METADATA)
+    return meta.get("teefusion_method"), None if scale is None else float(scale)
 
 
 def student_files(path, method=None):
@@ -276,7 +310,7 @@ def student_files(path, method=None):
     student-ema -> fusion-ema, a checkpoint's ema-student -> ema-fusion)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"student: no file or folder {path!r}")
-    stored = _student_metadata(path)
+    stored, _ = _student_metadata(path)
     if method is None and stored is None:
         raise ValueError(f"student {path!r}: its metadata does not say how it was trained (no 'teefusion_method', "
                          f"no txt_align_guidance in config.json); name the method, one of {sorted(FUSIONS)}")
@@ -302,7 +336,8 @@ def load_student(path, method=None, device="cpu", dtype=torch.float32, w_dtype=N
     model: the MMDiT (mmdit.load_mmdit: Stability file or diffusers folder), frozen, in `dtype`.
     fusion: the student-input module of its method (FUSIONS, from its metadata unless `method` is
     given; see `student_files`), with its trained weights when it has any, for samplers.student:
-    TeEFusion(w_dtype) for Eq. 7. The fusion's own weights stay in float32 (they are tiny, and
+    TeEFusion(w_dtype, scale) for Eq. 7, at the scale its metadata records (RELEASED_SCALE when it
+    records none, as for the authors' released weights). The fusion's own weights stay in float32 (they are tiny, and
     psi(w) is float32)."""
     from safetensors.torch import load_file
 
@@ -310,7 +345,9 @@ def load_student(path, method=None, device="cpu", dtype=torch.float32, w_dtype=N
     if method != "teefusion" and w_dtype not in (None, torch.float32):
         raise ValueError(f"w_dtype (the rounding of 1000 w) applies to TeEFusion students, not {method!r}")
     model = load_mmdit(path, device=device, dtype=dtype).eval().requires_grad_(False)
-    fusion = TeEFusion(w_dtype) if method == "teefusion" else make_fusion(method, model.config)
+    scale = _student_metadata(path)[1] if method in SCALED else None  # Eq. 7's factor it was trained with
+    kwargs = dict(w_dtype=w_dtype) if method == "teefusion" else {}
+    fusion = make_fusion(method, model.config, scale, **kwargs)
     if fusion_file is not None:
         fusion.load_state_dict(load_file(fusion_file))
     return model, fusion.to(device).eval().requires_grad_(False)

@@ -13,7 +13,8 @@ Text to image: prompts -> PNGs with any sampler of the paper, on SD3 or on the t
 Methods (samplers.py). --w is the paper's w everywhere (Eq. 2: (1 + w) v(c) - w v(null)), so diffusers'
 guidance_scale is g = 1 + w. The authors' released TeEFusion pipeline is the exception: its
 `guidance_scale` IS the paper's w (fed to psi directly), so `--method student --w 5` matches its
-guidance_scale=5, and `--w-rounding model` forms 1000 w in the model dtype as it does (bf16: 4992).
+guidance_scale=5, and `--w-rounding model` forms 1000 w in the model dtype as it does (bf16: 4992), where training formed it in
+float32 (`python toy_study.py rounding --student FILE` measures what that changes).
 
     euler      the unguided teacher (diffusers' guidance_scale 1: the conditional model alone); no --w
     cfg        Euler + CFG (Eq. 2)
@@ -27,7 +28,9 @@ guidance_scale=5, and `--w-rounding model` forms 1000 w in the model dtype as it
                --toy), merged in float32 as it loads (lora.load_student)
 
 The negative prompt (default: the empty string, the paper's null prompt) is the null branch of CFG and
-of the reflection samplers; for the student it is y_null of Eq. 7 (its pooled vector only).
+of the reflection samplers; for the student it is y_null of Eq. 7 (its pooled vector only). A student is
+trained with the empty string as y_null only (Algorithm 1, as the release does): a negative prompt at
+generation puts it where it was never trained, and what it does there is untested.
 
 Noise, as DESIGN.md fixes it: image k of a prompt starts from torch.randn(1, 16, H/8, W/8,
 generator=torch.Generator("cpu").manual_seed(seed + k)) in float32, moved to the device. That is what
@@ -163,7 +166,8 @@ def add_arguments(parser, exclude=()):
     add("--prompt", action="append", help="a prompt (repeat for several)")
     add("--prompts", help="a prompt file: .txt one per line, .json list, .jsonl with a 'prompt' field")
     add("--negative-prompt", default="", help="the null branch of CFG and of the reflection samplers; for the "
-        "student, y_null of Eq. 7 (its pooled vector only). Default: the empty string (the paper's null prompt)")
+        "student, y_null of Eq. 7 (its pooled vector only; students are trained with the empty string alone, so "
+        "another y_null is untrained). Default: the empty string (the paper's null prompt)")
     add("--seed", type=int, default=0, help="image k of every prompt uses seed + k (as diffusers' generator)")
     add("--n-per-prompt", type=int, default=1, help="images per prompt")
     add("--res", type=int, help="image side in pixels, a multiple of 16 (default 1024; the toy world has its own)")
@@ -187,8 +191,8 @@ def add_arguments(parser, exclude=()):
     add("--w2sd-main", action="store_true", help="w2sd: move after the reflection with a main model (the W2SD "
         "release: base + 0.8 delta with --w2sd-finetuned, else --model) instead of the strong one (Eq. 4)")
     add("--main-scale", type=float, default=0.8, help="w2sd with --w2sd-finetuned --w2sd-main")
-    add("--preset", choices=sorted(samplers.PRESETS), default="flow", help="zsampling / w2sd reflection "
-        "settings: flow (the Z-Sampling authors' SD3.5 code, default) or sdxl")
+    add("--preset", choices=sorted(samplers.PRESETS), default="flow", help="zsampling's reflection "
+        "settings: flow (the Z-Sampling authors' SD3.5 code, default) or sdxl; w2sd inverts at t (Eq. 3)")
     add("--no-t5", action="store_true", help="run without T5 (its tokens are zeros, as SD3 allows)")
     add("--dtype", choices=sorted(DTYPES), help="bf16 (default on CUDA) | fp16 | fp32 (default on CPU); "
         "T5 never runs in fp16 (bf16 instead), the VAE runs in fp32 under fp16")

@@ -82,7 +82,7 @@ METADATA = "teefusion_lora"  # safetensors metadata: the settings, as JSON
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the students a LoRA file can hold: the methods with no modules of their own (embed.FUSIONS: DistillCFG adds an
 # MLP that is no part of SD3, DICE adapts no network)
-METHODS = ("teefusion", "gonly")
+METHODS = ("teefusion", "gonly", "gonly-scaled")
 
 
 class LoRALinear(nn.Linear):

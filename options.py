@@ -11,11 +11,12 @@ Defaults (fill_defaults; a flag that is given always wins):
     SD3 (--teacher)   the paper's Sec. 6.1: a W2SD + CFG teacher, AdamW lr 5e-6, global batch 128, 10k steps,
                       w ~ U[2, 14], the teacher's step on the released student's 50-step schedule
     toy world         a W2SD + CFG teacher, lr 1e-3, batch 32, 1500 steps, the report's 20-step schedule
-    --method dice     lr 2e-4 and w = 4 only (DICE's release)
+    --method dice     an Euler + CFG teacher (DICE's CFG supervision), lr 2e-4 and w = 4 only (its release)
     --lora RANK       lr 1e-4 (SD3), 1e-3 (toy)
 """
 
 import copy
+import math
 import os
 
 import cli
@@ -28,25 +29,29 @@ METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
 # [2, 14], the released student's 50 steps); the toy world's are small enough to finish in minutes on
 # a CPU, and the toy world also distills from its W2SD + CFG teacher by default (its pair is built in)
 SD3_DEFAULTS = dict(steps=10000, global_batch=128, lr=5e-6, out="runs/distill", teacher_sampler="w2sd",
-                    method="teefusion", teacher_steps=50)
+                    method="teefusion", teacher_steps=50, fused_scale=embed.RELEASED_SCALE)
 # DICE trains its enhancer alone, from scratch, at ONE guidance (its release: Adam lr 2e-4, diffusers'
 # scale 5 = w 4); these apply to --method dice in both worlds unless given
-METHOD_DEFAULTS = {"dice": dict(lr=2e-4, w_min=embed.DICE_W, w_max=embed.DICE_W)}
+# and from a CFG teacher: DICE's Sec. 3.1 / Eq. 10 supervise it with CFG at that one scale
+METHOD_DEFAULTS = {"dice": dict(lr=2e-4, w_min=embed.DICE_W, w_max=embed.DICE_W, teacher_sampler="cfg")}
 W_RANGE = dict(w_min=2.0, w_max=14.0)  # Algorithm 1's w ~ U[2, 14] (the paper's range)
 # the toy world: 1500 steps of batch 32 at lr 1e-3 distill a student in about 3 CPU minutes, so that the
 # whole default command (teacher, student, report) fits 10 minutes on 2 cores; measured on the DEV prompts
 # (toy_report.py --split dev): lr 1e-3 x 2000 steps gave RMSE 0.335 to the W2SD teacher, 2e-3 x 2000
 # 0.345, 2e-3 x 1000 0.371 (smaller is closer; Euler + CFG's own distance to that teacher: 0.266)
 TOY_DEFAULTS = dict(steps=1500, global_batch=32, lr=1e-3, out="runs/toy", teacher_sampler="w2sd", method="teefusion",
-                    teacher_steps=20)  # toy_report samples with 20 steps
+                    teacher_steps=20,  # toy_report samples with 20 steps
+                    fused_scale=embed.RELEASED_SCALE)
 # --lora RANK: the adapters learn at a higher rate than full fine-tuning. SD3: 1e-4, the default of diffusers'
 # SD3 LoRA DreamBooth script (train_dreambooth_lora_sd3.py; not tuned here: no GPU); toy: as the full student's
 LORA_LR = {"sd3": 1e-4, "toy": 1e-3}
 # --full (toy world): every student of the paper's Tables 3 and 4, as (subfolder of --out, --method,
-# --teacher-sampler); the ablations and DICE learn from the W2SD + CFG teacher, like the main student
+# --teacher-sampler); the Table 3 ablations learn from the W2SD + CFG teacher, like the main student (G only
+# twice: the paper's unscaled row, and at Eq. 7's scale), DICE from Euler + CFG, as its paper trains it
 FULL = (("teefusion-cfg", "teefusion", "cfg"), ("teefusion-zsampling", "teefusion", "zsampling"),
         ("teefusion-w2sd", "teefusion", "w2sd"), ("gonly-w2sd", "gonly", "w2sd"),
-        ("distillcfg-w2sd", "distillcfg", "w2sd"), ("dice-w2sd", "dice", "w2sd"))
+        ("gonly-scaled-w2sd", "gonly-scaled", "w2sd"), ("distillcfg-w2sd", "distillcfg", "w2sd"),
+        ("dice-cfg", "dice", "cfg"))
 
 
 def parse_args(argv=None):
@@ -57,7 +62,16 @@ def build_parser():
     p = cli.parser("TeEFusion distillation (Algorithm 1), one process or torchrun.")
     p.add_argument("--method", default=None, choices=METHODS, help="the student's inputs (default teefusion)")
     p.add_argument("--teacher-sampler", default=None, choices=samplers.TEACHERS,
-                   help="the teacher Algorithm 1 distills (default: cfg with --teacher, w2sd in the toy world)")
+                   help="the teacher Algorithm 1 distills (default: w2sd, the paper's Sec. 6.1, in both worlds; cfg "
+                        "for --method dice, whose paper supervises it with CFG)")
+    p.add_argument("--target", default="step", choices=samplers.TARGETS,
+                   help="what a reflection teacher's step gives the student to regress on (samplers.teacher_target): "
+                        "step, the effective velocity of the whole teacher step (x_next - x_t) / (t_next - t); "
+                        "reflected, the final model's guided velocity at the reflected point x~_t (Eq. 4)")
+    p.add_argument("--fused-scale", type=float, default=None, metavar="S",
+                   help="the factor on Eq. 7's fused term G(psi(w)) * F(y - y_null) (and on gonly-scaled's G(psi(w))): "
+                        f"default 1/256 as released for SD3, {TOY_DEFAULTS['fused_scale']:g} in the toy world "
+                        "(docs: why)")
     p.add_argument("--teacher", default=None,
                    help="teacher MMDiT (.safetensors or diffusers folder); none: the toy world (toy.py). For w2sd: "
                         "the strong model unless --strong is given, the main model with --w2sd-final main, the base "
@@ -85,7 +99,10 @@ def build_parser():
     p.add_argument("--micro-batch", type=int, default=None, help="samples per forward per rank "
                                                                   "(default: the global batch / world size)")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW (default: 5e-6 SD3, {TOY_DEFAULTS['lr']:g} toy)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW's decoupled weight decay (default 0: the paper states none, and a decay pulls the "
+                        "student's pretrained weights toward zero rather than toward its teacher; PyTorch's AdamW "
+                        "default would be 0.01)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm; 0: off")
     p.add_argument("--w-min", type=float, default=None, help="default 2 (4 for dice)")
     p.add_argument("--w-max", type=float, default=None, help="default 14 (4 for dice)")
@@ -98,13 +115,13 @@ def build_parser():
                    help="schedule: the sampler's step (samplers.schedule_step); uniform: t -> max(t - 1/N, 0) with a "
                         "reflection everywhere (for comparison)")
     p.add_argument("--preset", default="flow", choices=tuple(samplers.PRESETS),
-                   help="reflection settings: flow (the Z-Sampling authors' SD3.5 code: w_inv -0.5, tau t - 1/N) or "
-                        "sdxl (their SDXL release: w_inv -1, tau t)")
+                   help="Z-Sampling's reflection settings: flow (its authors' SD3.5 code: w_inv -0.5, tau t - 1/N) or "
+                        "sdxl (their SDXL release: w_inv -1, tau t); W2SD inverts at tau t (Eq. 3) unless --tau is given")
     p.add_argument("--w-inv", type=float, default=None, help="zsampling: the inversion's guidance (default: preset)")
     p.add_argument("--w-weak", type=float, default=samplers.W2SD_WEAK_W, help="w2sd: the weak model's guidance")
     p.add_argument("--w-strong", type=float, default=None, help="w2sd: the strong model's guidance (default: w)")
     p.add_argument("--tau", default=None, help='reflection inversion label: "t", "t_next", "t-1/N" or an offset '
-                                               "(default: preset)")
+                                               '(default: the preset\'s for zsampling, "t" for w2sd: Eq. 3)')
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the student (fp32 master weights)")
     p.add_argument("--teacher-dtype", default=None, choices=("bf16", "fp32"),
                    help="weights of the frozen teacher (and W2SD pair); default bf16 on CUDA, fp32 on CPU")
@@ -139,8 +156,8 @@ def fill_defaults(args):
         args.lr = LORA_LR["sd3" if args.teacher is not None else "toy"]
     for defaults in (METHOD_DEFAULTS.get(method, {}), world, W_RANGE):
         for k, v in defaults.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
+            if getattr(args, k) is None and (k != "fused_scale" or method in embed.SCALED):
+                setattr(args, k, v)  # Eq. 7's scale only for the methods that have one
     return args
 
 
@@ -231,9 +248,19 @@ def check_args(args, world_size=1):
                          "with a real --teacher")
     if args.data is not None and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data}: no such folder (a folder written by prepare.py)")
+    if args.fused_scale is not None:
+        if args.method not in embed.SCALED:
+            raise ValueError(f"--fused-scale is the factor of Eq. 7's w term: it applies to --method "
+                             f"{' or '.join(embed.SCALED)}, not {args.method}")
+        if not (math.isfinite(args.fused_scale) and args.fused_scale > 0):
+            raise ValueError(f"--fused-scale {args.fused_scale:g}: the factor must be finite and > 0 (1/256 = "
+                             f"{embed.RELEASED_SCALE:g} as released)")
     if args.export_diffusers and args.method != "teefusion":
         raise ValueError(f"--export-diffusers writes the authors' txt_align_guidance pipeline format, which only "
                          f"fits --method teefusion (got {args.method}); use the safetensors files in --out")
+    if args.export_diffusers and args.fused_scale != embed.RELEASED_SCALE:
+        raise ValueError(f"--export-diffusers writes the authors' pipeline format, which computes Eq. 7 at 1/256; this "
+                         f"student's --fused-scale is {args.fused_scale:g}: use the safetensors files in --out")
     if args.ema is not None and not 0 < args.ema < 1:
         raise ValueError(f"--ema {args.ema}: the decay must be in (0, 1), e.g. 0.9999")
     if args.steps < 1:
@@ -245,7 +272,8 @@ def check_args(args, world_size=1):
             args.tau = float(args.tau)
         except ValueError:
             pass
-    samplers.check_tau(samplers.reflection_settings(args.preset, args.w_inv, args.tau)[1], args.teacher_steps)
+    samplers.check_tau(samplers.reflection_settings(args.preset, args.w_inv, args.tau, args.teacher_sampler)[1],
+                       args.teacher_steps)
     return micro
 
 

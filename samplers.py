@@ -17,14 +17,16 @@ with h = t_next - t < 0. For N = 50 that is 296 for the reflection teachers agai
 the student: the paper's "6x". The reflection samplers reflect on every step but the last
 (a plain guided Euler step), as both authors' releases do.
 
-Reflection settings. On a flow model the defaults are the Z-Sampling authors' own flow-matching
+Reflection settings. Z-Sampling on a flow model defaults to its authors' own flow-matching
 (SD3.5) code, `zigzag` in xie-lab-ml/CoRe, preset "flow": the inversion runs back over the step's
 own interval with guidance w_inv = -0.5 (diffusers scale 0.5) at the time label tau = t - 1/N
 (their max(0, t - 1000 // N) on the 1000 scale). Preset "sdxl" is their SDXL release (w_inv = -1,
-the null branch alone, at tau = t). W2SD reflects the same way, its gap made by two MODELS: the
-strong one denoises at w (w_strong), the weak one inverts at w_weak = 0 (the W2SD release's weak
-guidance 1.0), and, by TeEFusion's Eq. 4, x_{t-1} = M^s(x~_t, t): the STRONG model makes the
-move after the reflection. The W2SD authors' SDXL LoRA release moves with a third, "main" model
+the null branch alone, at tau = t). W2SD reflects over the same interval, its gap made by two
+MODELS, as TeEFusion's Eq. 3-4 write it: x~_t = M_inv^w(M^s(x_t, t), t), the strong one denoising
+at w (w_strong), the weak one inverting at w_weak = 0 (the W2SD release's weak guidance 1.0) with
+the label t itself (W2SD_TAU; its release labels the inversion t too; CoRe's t - 1/N is Z-Sampling's
+flow detail, available as tau="t-1/N"), and, by Eq. 4, x_{t-1} = M^s(x~_t, t): the STRONG model
+makes the move after the reflection. The W2SD authors' SDXL LoRA release moves with a third, "main" model
 instead (`main=`). Their release forms the pair from one fine-tune: with delta = finetuned -
 base, strong = base + 1.5 delta, weak = base - 1.5 delta, main = base + 0.8 delta
 (mmdit.load_mmdit_blend builds each, tensor by tensor).
@@ -64,9 +66,13 @@ METHODS = ("euler", "cfg", "zsampling", "w2sd", "student")
 TEACHERS = ("cfg", "zsampling", "w2sd")
 ALIASES = {"zigzag": "zsampling", "z-sampling": "zsampling", "euler+cfg": "cfg"}
 TAUS = ("t", "t_next", "t-1/N")
+TARGETS = ("step", "reflected")  # how one reflection teacher step becomes a velocity (teacher_target)
 # The reflection's inversion settings, by the authors' code they come from (see the docstring):
 # "flow", their flow-matching SD3.5 code, is the default on SD3; "sdxl" their SDXL release.
 PRESETS = {"flow": dict(w_inv=-0.5, tau="t-1/N"), "sdxl": dict(w_inv=-1.0, tau="t")}
+# W2SD's inversion label: Eq. 3, x~_t = M_inv^w(M^s(x_t, t), t), the weak model inverts at the SAME t
+# (as the W2SD release does); the presets above are Z-Sampling's and do not set it
+W2SD_TAU = "t"
 W2SD_WEAK_W = 0.0  # the W2SD release's weak guidance: diffusers' scale 1.0 (the conditional model)
 
 
@@ -298,11 +304,13 @@ def check_tau(tau, steps=None):
     return float(tau)
 
 
-def reflection_settings(preset="flow", w_inv=None, tau=None):
-    """(w_inv, tau) of a preset of PRESETS, each overridden when given explicitly."""
+def reflection_settings(preset="flow", w_inv=None, tau=None, kind="zsampling"):
+    """(w_inv, tau) of a sampler: Z-Sampling's from a preset of PRESETS; W2SD's label is W2SD_TAU (Eq. 3)
+    whatever the preset. Each is overridden when given explicitly."""
     if preset not in PRESETS:
         raise ValueError(f"unknown reflection preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return (PRESETS[preset]["w_inv"] if w_inv is None else w_inv), (PRESETS[preset]["tau"] if tau is None else tau)
+    default_tau = W2SD_TAU if kind == "w2sd" else PRESETS[preset]["tau"]
+    return (PRESETS[preset]["w_inv"] if w_inv is None else w_inv), (default_tau if tau is None else tau)
 
 
 def first_order_cfg_w(w, w_inv=PRESETS["flow"]["w_inv"]):
@@ -320,8 +328,10 @@ def inversion_time(tau, t, t_next):
 
     The authors' own code disagrees: their Z-Sampling release (SDXL, xie-lab-ml/Zigzag-Diffusion-
     Sampling) and their W2SD release (SDXL) call the network at t_i, the label of the step being
-    reflected; their SD3.5 Z-Sampling (the `zigzag` pipeline in xie-lab-ml/CoRe) at t_i - 1/N,
-    the default here. "t_next" is the time x' actually sits at. All three are O(h) apart.
+    reflected, as TeEFusion's Eq. 3 writes it for W2SD (the W2SD default here, W2SD_TAU); their SD3.5
+    Z-Sampling (the `zigzag` pipeline in xie-lab-ml/CoRe) at t_i - 1/N, the Z-Sampling default here
+    (PRESETS["flow"]). "t_next" is the time x' actually sits at. All three are O(h) apart; at N = 50
+    near t = 1 the offset 1/N = 0.02 is about 3x the step (0.007).
     """
     if tau == "t":
         return t
@@ -334,7 +344,8 @@ def reflection_step(v_denoise, v_invert, v_final, x, t, t_next, tau):
     """One reflection step from t to t_next (t, t_next (B,)); the paper's Eq. 3-4.
 
     Returns x_next, the step's effective velocity u (x_next = x + (t_next - t) u, with
-    u = v_denoise(x) - v_invert(x') + v_final(x~): add the three moves below), and v_denoise(x).
+    u = v_denoise(x) - v_invert(x') + v_final(x~): add the three moves below), v_denoise(x), and
+    v_final(x~), the velocity of Eq. 4's move from the reflected point.
     u is what distillation regresses on; it needs no division by the small (t_next - t).
     tau: a checked label (see check_tau / inversion_time).
     """
@@ -347,7 +358,7 @@ def reflection_step(v_denoise, v_invert, v_final, x, t, t_next, tau):
     x_tilde = x_prime - h * v2
     # Eq. 4: the step t -> t_next from the reflected point
     v3 = v_final(x_tilde, t)
-    return x_tilde + h * v3, v1 - v2 + v3, v1
+    return x_tilde + h * v3, v1 - v2 + v3, v1, v3
 
 
 # -----------------------------------------------------------------------------
@@ -408,7 +419,7 @@ def zsampling(v_guided, v_inverse, noise, sigmas, reflect_steps=None, tau="t-1/N
     return reflection_sampler(v_guided, v_inverse, v_guided, noise, sigmas, reflect_steps, tau, progress)
 
 
-def w2sd(v_strong, v_weak, noise, sigmas, v_main=None, reflect_steps=None, tau="t-1/N", progress=False):
+def w2sd(v_strong, v_weak, noise, sigmas, v_main=None, reflect_steps=None, tau=W2SD_TAU, progress=False):
     """W2SD (Bai et al., 2025): the same moves with a gap between two MODELS: denoise with the
     strong one, invert with the weak one, then (TeEFusion's Eq. 4) the step from the reflected
     point with the strong one again, or with v_main when given (the W2SD authors' SDXL LoRA
@@ -463,14 +474,19 @@ def schedule_step(t, steps, shift=3.0):
 
 @torch.no_grad()
 def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, reflect=None, steps=None, preset="flow", w_inv=None,
-                   tau=None, strong=None, weak=None, main=None, w_strong=None, w_weak=W2SD_WEAK_W, counter=None):
-    """The velocity the student regresses on at (x_t, t): that of ONE full teacher step to t_next.
+                   tau=None, strong=None, weak=None, main=None, w_strong=None, w_weak=W2SD_WEAK_W, target="step",
+                   counter=None):
+    """The velocity the student regresses on at (x_t, t), from ONE teacher step to t_next.
 
     Algorithm 1 says "refine the target using Eq. 3 and 4" without saying how a three-move
-    reflection becomes one velocity. This project takes u = (x_next_teacher - x_t) / (t_next - t),
-    the effective velocity of one teacher step, computed without the division (reflection_step).
-    Then a student that matches u reproduces the teacher step exactly with ONE Euler step:
-    x_t + (t_next - t) u = x_next_teacher. For kind "cfg" it is the Eq. 2 velocity itself.
+    reflection becomes one velocity. Two readings (TARGETS):
+      "step" (default): u = (x_next_teacher - x_t) / (t_next - t), the effective velocity of the
+        whole teacher step, computed without the division (reflection_step). A student that matches
+        u reproduces the teacher step exactly with ONE Euler step: x_t + (t_next - t) u = x_next_teacher.
+      "reflected": the velocity of Eq. 4's move, the final model's guided velocity at the reflected
+        point x~_t (M^s(x~_t, t)), regressed at x_t: the reflection moves where the teacher looks,
+        and the student learns the guided velocity it finds there.
+    For kind "cfg" both are the Eq. 2 velocity itself.
 
     x_t (B, ...); t, t_next (B,) with 0 <= t_next < t <= 1 (`schedule_step` gives the sampler's
     step); w a number or (B,) (per-sample guidance); cond/null as for `guided`. reflect: (B,) bool,
@@ -481,6 +497,8 @@ def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, reflect=None, st
     w_inv, tau: as for `sample`.
     """
     kind = canonical(kind, TEACHERS)
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
     B = x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device).expand(B)  # (B,)
     t_next = torch.as_tensor(t_next, device=x_t.device).expand(B)  # (B,)
@@ -490,7 +508,7 @@ def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, reflect=None, st
         return guided(net, cond, null, w, counter)(x_t, t)  # one Euler + CFG step moves along exactly this velocity
     if kind == "w2sd" and weak is None:
         raise ValueError("the w2sd teacher needs a weak network (the strong one defaults to the teacher)")
-    w_inv, tau = reflection_settings(preset, w_inv, tau)
+    w_inv, tau = reflection_settings(preset, w_inv, tau, kind)
     tau = check_tau(tau, steps)
     if kind == "zsampling":
         v_denoise = v_final = guided(net, cond, null, w, counter)
@@ -502,7 +520,9 @@ def teacher_target(kind, net, x_t, t, t_next, cond, null, w, *, reflect=None, st
         # Eq. 4: the strong model moves after the reflection (or the main model, as the W2SD release)
         same = main is None and w_strong is None
         v_final = v_denoise if same else guided(strong if main is None else main, cond, null, w, counter)
-    _, u, v1 = reflection_step(v_denoise, v_invert, v_final, x_t, t, t_next, tau)
+    _, u, v1, v3 = reflection_step(v_denoise, v_invert, v_final, x_t, t, t_next, tau)
+    if target == "reflected":
+        u = v3
     if reflect is None or bool(torch.as_tensor(reflect).all()):
         return u
     plain = v1 if v_final is v_denoise else v_final(x_t, t)  # the last step: no reflection
@@ -526,7 +546,7 @@ def sample(method, model, noise, context, y, context_null=None, y_null=None, *, 
     zsampling: preset ("flow": w_inv -0.5, tau "t-1/N"; "sdxl": w_inv -1, tau "t"), or w_inv and
     tau given explicitly; reflect_steps (default N - 1).
     w2sd: `model` is the strong model unless `strong` is given; weak (needed), w_strong (default
-    w), w_weak (default 0), tau as for zsampling; main: a third model that makes the move after
+    w), w_weak (default 0), tau (default W2SD_TAU = "t", Eq. 3; the preset does not set it); main: a third model that makes the move after
     the reflection instead of the strong one (the W2SD SDXL LoRA release; TeEFusion's Eq. 4 uses
     the strong model, the default).
     student: fusion (see `student`).
@@ -544,7 +564,7 @@ def sample(method, model, noise, context, y, context_null=None, y_null=None, *, 
                          "and its context_null too with the DICE enhancer")
     if method == "w2sd" and weak is None:
         raise ValueError("w2sd needs a weak model (weak=...); the strong one is `model` unless strong= is given")
-    w_inv, tau = reflection_settings(preset, w_inv, tau)
+    w_inv, tau = reflection_settings(preset, w_inv, tau, method)
     sigmas = flow_sigmas(steps, shift)
     counter = NFECounter()
     cond, null = (context, y), (context_null, y_null)

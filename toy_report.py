@@ -48,7 +48,8 @@ from checkpoint import atomic_json, atomic_write
 TEACHER_ROWS = (("unguided (Euler)", "euler"), ("Euler + CFG", "cfg"), ("Z-Sampling + CFG", "zsampling"),
                 ("W2SD + CFG", "w2sd"))
 TEACHER_NAMES = {m: name for name, m in TEACHER_ROWS}
-METHOD_NAMES = {"teefusion": "TeEFusion", "gonly": "G only", "distillcfg": "DistillCFG", "dice": "DICE"}
+METHOD_NAMES = {"teefusion": "TeEFusion", "gonly": "G only", "gonly-scaled": "G only (scaled)",
+                "distillcfg": "DistillCFG", "dice": "DICE"}
 SCORES = ("adherence", "clean", "fidelity")
 CFG_WS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 14.0)  # for "the CFG w closest"
 SWEEP_WS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 14.0)  # Fig. 5a (in CFG_WS: CFG's images are shared)

@@ -280,7 +280,7 @@ def _load_mmdit_tensors(model, path):
 def check_resume(folder, state, args):
     """Refuse, before anything heavy, a resume that cannot continue this run from `folder`."""
     trained = state.get("args", {})
-    for flag in ("method", "lora", "lora_alpha", "lora_targets", "lora_full"):  # a LoRA run's settings are normalised
+    for flag in ("method", "fused_scale", "lora", "lora_alpha", "lora_targets", "lora_full"):  # LoRA's normalised
         if trained.get(flag) != getattr(args, flag, None):
             raise ValueError(f"{folder} was trained with --{flag.replace('_', '-')} {trained.get(flag)}, not "
                              f"{getattr(args, flag, None)}")
