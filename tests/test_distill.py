@@ -183,14 +183,15 @@ def first_batch(world, B, w_min, w_max):
     return x_t, t, w, context, y, data.null()
 
 
-def target_by_hand(kind, nets, x_t, t, w, context, y, null, N=50, final="strong"):
+def target_by_hand(kind, nets, x_t, t, w, context, y, null, N=50, final="strong", target="step"):
     """Algorithm 1's target written from the paper's equations, in float64, with two separate
     forwards per guided velocity (Eq. 2): "cfg" is Eq. 2 itself; the reflection teachers take the
     sampler's step t -> t_next (samplers.schedule_step, pinned in test_samplers) in three moves
-    (Eq. 3-4) with the authors' flow-matching settings (Z-Sampling inverts at w_inv = -0.5 with the
-    label max(0, t - 20 / 1000) for N = 50; W2SD's weak model at w = 0; Eq. 4: the strong model
-    moves, or the main one), and the target is (x_next - x_t) / (t_next - t); a plain step where
-    the sampler does not reflect."""
+    (Eq. 3-4): Z-Sampling with its authors' flow-matching settings (it inverts at w_inv = -0.5 with
+    the label max(0, t - 20 / 1000) for N = 50), W2SD as Eq. 3 writes it (the weak model at w = 0
+    inverts AT t); Eq. 4: the strong model moves, or the main one. The target is (x_next - x_t) /
+    (t_next - t) (target "step") or Eq. 4's velocity at the reflected point ("reflected"); a plain
+    step where the sampler does not reflect."""
     context_null, y_null = (n.double().expand_as(c) for n, c in zip(null, (context, y)))
     context, y, x_t, w = context.double(), y.double(), x_t.double(), w.double().view(-1, 1, 1, 1)
 
@@ -206,10 +207,12 @@ def target_by_hand(kind, nets, x_t, t, w, context, y, null, N=50, final="strong"
     else:
         moves = [(nets["strong"], w), (nets["weak"], torch.zeros_like(w)), (nets[final], w)]
     x1 = x_t + h * cfg(*moves[0][:1], x_t, t, moves[0][1])  # Eq. 3, denoise
-    x2 = x1 - h * cfg(moves[1][0], x1, (t - 0.02).clamp(min=0), moves[1][1])  # Eq. 3, invert
-    x3 = x2 + h * cfg(moves[2][0], x2, t, moves[2][1])  # Eq. 4
+    label = t if kind == "w2sd" else (t - 0.02).clamp(min=0)  # Eq. 3's t for W2SD; CoRe's for Z-Sampling
+    x2 = x1 - h * cfg(moves[1][0], x1, label, moves[1][1])  # Eq. 3, invert
+    v3 = cfg(moves[2][0], x2, t, moves[2][1])  # Eq. 4
+    x3 = x2 + h * v3
     plain = cfg(moves[2][0], x_t, t, w)
-    return torch.where(reflect.view(-1, 1, 1, 1), (x3 - x_t) / h, plain)
+    return torch.where(reflect.view(-1, 1, 1, 1), (x3 - x_t) / h if target == "step" else v3, plain)
 
 
 def doubled(path_or_model):
@@ -217,25 +220,30 @@ def doubled(path_or_model):
     return model.double().requires_grad_(False)
 
 
-@pytest.mark.parametrize("method, sampler", [("teefusion", "zsampling"), ("teefusion", "w2sd"), ("gonly", "cfg"),
-                                             ("distillcfg", "cfg"), ("dice", "cfg")])
-def test_first_loss_of_every_method_and_teacher(world, tmp_path, method, sampler):
+@pytest.mark.parametrize("method, sampler, extra", [
+    ("teefusion", "zsampling", []), ("teefusion", "w2sd", []), ("teefusion", "w2sd", ["--target", "reflected"]),
+    ("teefusion", "cfg", ["--fused-scale", "0.25"]), ("gonly", "cfg", []), ("gonly-scaled", "w2sd", []),
+    ("distillcfg", "cfg", []), ("dice", None, [])])
+def test_first_loss_of_every_method_and_teacher(world, tmp_path, method, sampler, extra):
     """The first step's loss against the target written by hand from the paper's equations (see
     target_by_hand; W2SD with the --weak pair and --teacher as its strong model, Eq. 4) and each
-    method's student input by hand: Eq. 7, G only, DistillCFG's new MLP and DICE's enhancer with the
-    default initialisation drawn from --seed. DICE trains its enhancer alone, at w = 4 only: the
-    MMDiT must come out unchanged."""
-    extra = ["--weak", world["weak"]] if sampler == "w2sd" else []
+    method's student input by hand: Eq. 7 (at 1/256, or --fused-scale), G only (the paper's unscaled
+    row, and at Eq. 7's scale), DistillCFG's new MLP and DICE's enhancer with the default
+    initialisation drawn from --seed. DICE learns from an Euler + CFG teacher by default (its paper's
+    CFG supervision) and trains its enhancer alone, at w = 4 only: the MMDiT must come out unchanged."""
+    extra = list(extra) + (["--weak", world["weak"]] if sampler == "w2sd" else [])
     lr = [] if method == "dice" else ["--lr", "1e-3"]
-    args = args_for(world, tmp_path, "--steps", "1", "--global-batch", "2", *lr, "--method", method,
-                    "--teacher-sampler", sampler, *extra)
+    chosen = ["--teacher-sampler", sampler] if sampler else []
+    args = args_for(world, tmp_path, "--steps", "1", "--global-batch", "2", *lr, "--method", method, *chosen, *extra)
     final = distill.main(args)
     if method == "dice":
         assert args.w_min == args.w_max == 4.0 and args.lr == 2e-4  # DICE's own settings
+        assert args.teacher_sampler == "cfg"  # and its own teacher: CFG at that one scale (DICE Sec. 3.1)
     x_t, t, w, context, y, null = first_batch(world, 2, args.w_min, args.w_max)
     nets = {"teacher": doubled(world["teacher"]), "weak": doubled(world["weak"])}
     nets["strong"] = nets["teacher"]
-    target = target_by_hand(sampler, nets, x_t, t, w, context, y, null)
+    target = target_by_hand(args.teacher_sampler, nets, x_t, t, w, context, y, null, target=args.target)
+    scale = 0.25 if "--fused-scale" in extra else 1 / 256
     teacher = load_mmdit(world["teacher"])
     torch.manual_seed(0)  # distill draws the new modules' initialisation from --seed
     fusion = embed.make_fusion(method, teacher.config)
@@ -243,10 +251,12 @@ def test_first_loss_of_every_method_and_teacher(world, tmp_path, method, sampler
     with torch.no_grad():
         c = embed.sd3_conditioning(teacher, t, y)
         G_w = teacher.t_embedder(embed.timestep_embedding(w))
-        if method == "gonly":
+        if method == "gonly":  # the paper's row: G(psi(w)) at full scale
+            v = teacher(x_t, t, context, y, vec=c + G_w)
+        elif method == "gonly-scaled":
             v = teacher(x_t, t, context, y, vec=c + G_w / 256)
         elif method == "teefusion":
-            v = teacher(x_t, t, context, y, vec=c + G_w * teacher.y_embedder(y - y_null) / 256)
+            v = teacher(x_t, t, context, y, vec=c + G_w * teacher.y_embedder(y - y_null) * scale)
         elif method == "distillcfg":
             v = teacher(x_t, t, context, y, vec=c + fusion.guidance_in(embed.timestep_embedding(w)))
         else:
@@ -463,6 +473,10 @@ def test_export_diffusers_and_draws(world, tmp_path):
     (["--preset", "flow", "--tau", "t-2"], 1, "tau must be one of"),
     (["--method", "dice", "--export-diffusers"], 1, "only fits --method teefusion"),
     (["--ema", "1.5"], 1, "decay must be in"),
+    (["--method", "distillcfg", "--fused-scale", "0.25"], 1, "applies to --method teefusion or gonly-scaled"),
+    (["--fused-scale", "0"], 1, "must be finite and > 0"),
+    (["--fused-scale", "nan"], 1, "must be finite and > 0"),
+    (["--fused-scale", "0.25", "--export-diffusers"], 1, "computes Eq. 7 at 1/256"),
 ])
 def test_refused_arguments(world, tmp_path, extra, world_size, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-").replace("+", r"\+")):
@@ -493,10 +507,12 @@ def test_full_runs_every_student_into_its_own_folder(tmp_path):
     assert out == str(tmp_path)
     assert [(r.method, r.teacher_sampler) for r in runs] == [
         ("teefusion", "cfg"), ("teefusion", "zsampling"), ("teefusion", "w2sd"), ("gonly", "w2sd"),
-        ("distillcfg", "w2sd"), ("dice", "w2sd")]
+        ("gonly-scaled", "w2sd"), ("distillcfg", "w2sd"), ("dice", "cfg")]  # DICE <- Euler + CFG, as its paper
     assert len({r.out for r in runs}) == len(runs) and all(os.path.dirname(r.out) == str(tmp_path) for r in runs)
     assert all(r.steps == 7 and r.no_report and not r.full for r in runs)
-    assert [r.lr for r in runs] == [options.TOY_DEFAULTS["lr"]] * 5 + [2e-4]  # DICE's own learning rate
+    assert [r.lr for r in runs] == [options.TOY_DEFAULTS["lr"]] * 6 + [2e-4]  # DICE's own learning rate
+    scales = [r.fused_scale for r in runs]  # Eq. 7's scale only where the method has one, the same for all
+    assert scales == [options.TOY_DEFAULTS["fused_scale"]] * 3 + [None, options.TOY_DEFAULTS["fused_scale"], None, None]
     assert options.full_runs(options.parse_args(["--full"]))[0] == "runs/full"
     # the default command is unchanged: one TeEFusion student from the W2SD + CFG teacher into runs/toy
     args = options.fill_defaults(options.parse_args([]))

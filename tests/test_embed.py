@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import embed
 import mmdit
+import oracles  # tests/oracles.py: z written from the paper on the raw weights
 from mmdit import CONFIGS, MMDiT
 
 import diffusers  # test oracle (requirements-test.txt)
@@ -132,29 +133,45 @@ def test_ablations(model):
         assert last.abs().max() > 0 and abs(last.std().item() - 1 / math.sqrt(3 * last.shape[1])) < 0.3 / math.sqrt(
             last.shape[1])  # kaiming-uniform(a=sqrt(5)): std 1 / sqrt(3 fan_in), not zero
         assert (vec - c).abs().max() > 1e-3 and dcfg.trains_model
-        # G only: Eq. 6 + G(psi(w)) / 256 (Eq. 7 without its text factor, at its scale), and not Eq. 7
+        # G only, as the paper's Table 3 writes it: Eq. 6 + G(psi(w)), at full scale (no 1/256)
         _, _, vec_g = embed.make_fusion("gonly", model.config)(*args)
-        G5 = mlp_by_hand(model.t_embedder.mlp, embed.timestep_embedding(torch.tensor([5.0])))
-        assert (vec_g - c - G5 / 256).abs().max() <= 1e-5
+        G5 = mlp_by_hand(model.t_embedder.mlp, psi_by_hand(torch.tensor([5.0])))
+        assert (vec_g - c - G5).abs().max() <= 5e-3  # psi of 5000 rad: fp32 phase rounding
         assert (embed.gonly_conditioning(model, t, y, 5.0) - vec_g).abs().max() == 0
+        # and at Eq. 7's scale (like for like with TeEFusion's student): G(psi(w)) / 256
+        _, _, vec_s = embed.make_fusion("gonly-scaled", model.config)(*args)
+        assert (vec_s - c - G5 / 256).abs().max() <= 5e-5
+        assert (embed.gonly_conditioning(model, t, y, 5.0, scale=1 / 256) - vec_s).abs().max() == 0
         _, _, vec_t = embed.make_fusion("teefusion", model.config)(*args)
-        assert (vec_g - vec_t).abs().max() > 1e-3
+        assert (vec_s - vec_t).abs().max() > 1e-3 and (vec_g - vec_s).abs().max() > 1e-1
     with pytest.raises(ValueError, match="unknown method 'cfg'"):
         embed.make_fusion("cfg", model.config)
 
 
-def test_prepare_then_add_G_equals_the_fusion(model):
-    """The samplers add G(psi(t)) per step to what `prepare` computed once: the same z as forward."""
+@pytest.mark.parametrize("scale", [None, 0.25])
+def test_every_fusion_against_the_paper_by_hand(model, scale):
+    """Each student input's z, as training makes it (forward) and as a sampler makes it (prepare once, then
+    G(psi(t)) per step), against z written from the paper's text on the raw weights (tests/oracles.py:
+    psi from diffusers' Timesteps, G and F by hand), at the released scale and at another one."""
     B = 2
     t, context, y, null_ctx, y_null = torch.rand(B), torch.randn(B, 5, 32), torch.randn(B, 24), torch.randn(1, 5, 32), \
         torch.randn(1, 24)
+    w = torch.tensor([3.0, 9.0])
     with torch.no_grad():
         for name in embed.FUSIONS:
-            fusion = embed.make_fusion(name, model.config)
-            ctx, yy, vec = fusion(model, t, context, y, null_ctx, y_null, 3.0)
-            ctx_p, yy_p, text = fusion.prepare(model, context, y, null_ctx, y_null, 3.0)
-            assert torch.equal(ctx, ctx_p) and torch.equal(yy, yy_p)
-            assert torch.equal(vec, embed.timestep_term(model, t) + text), name
+            torch.manual_seed(0)
+            fusion = embed.make_fusion(name, model.config, scale if name in embed.SCALED else None)
+            ctx, yy, vec = fusion(model, t, context, y, null_ctx, y_null, w)
+            ctx_p, yy_p, text = fusion.prepare(model, context, y, null_ctx, y_null, w)
+            mlp = fusion.guidance_in.mlp if name == "distillcfg" else None
+            expected = oracles.conditioning(model, name, t, y, y_null, w, scale, guidance_mlp=mlp)
+            assert (vec - expected).abs().max() <= 1e-5, name
+            assert (embed.timestep_term(model, t) + text - expected).abs().max() <= 1e-5, name
+            assert torch.equal(ctx, ctx_p) and torch.equal(yy, yy_p) and torch.equal(yy, y), name
+            if name != "dice":  # DICE's tokens: test_dice_enhancer
+                assert torch.equal(ctx, context), name
+    with pytest.raises(ValueError, match="has no Eq. 7 scale"):
+        embed.make_fusion("distillcfg", model.config, 0.25)
 
 
 def test_dice_enhancer(model):
@@ -314,3 +331,24 @@ def test_prompt_encoding_errors_and_truncation(encoders, tmp_path):
     assert context.shape == (1, 77 + 8, 48)
     with pytest.raises(FileNotFoundError, match="missing text-encoder folders"):
         embed.TextEncoders.from_pretrained(str(tmp_path))
+
+
+def test_a_student_file_keeps_its_eq7_scale(model, tmp_path):
+    """distill.py records --fused-scale in the student's metadata; load_student applies it again (absent:
+    the released 1/256, as for the authors' weights and a diffusers export)."""
+    B = 2
+    t, y, y_null, w = torch.rand(B), torch.randn(B, 24), torch.randn(1, 24), torch.tensor([2.0, 6.0])
+    cases = {"s.safetensors": ({"teefusion_method": "teefusion", embed.SCALE_METADATA: repr(0.25)}, 0.25),
+             "r.safetensors": ({"teefusion_method": "teefusion"}, None),
+             "g.safetensors": ({"teefusion_method": "gonly-scaled", embed.SCALE_METADATA: repr(0.5)}, 0.5),
+             "u.safetensors": ({"teefusion_method": "gonly"}, None)}
+    for name, (meta, scale) in cases.items():
+        path = mmdit.save_mmdit(model, str(tmp_path / name), metadata=meta)
+        loaded, fusion = embed.load_student(path)
+        with torch.no_grad():
+            _, _, vec = fusion(loaded, t, None, y, None, y_null, w)
+            expected = oracles.conditioning(model, meta["teefusion_method"], t, y, y_null, w, scale)
+        assert (vec - expected).abs().max() <= 1e-5, name
+    mmdit.save_mmdit_diffusers(model, str(tmp_path / "export"), extra_config={"txt_align_guidance": True})
+    loaded, fusion = embed.load_student(str(tmp_path / "export"))
+    assert fusion.scale == embed.RELEASED_SCALE == 1 / 256

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import embed
+import oracles  # tests/oracles.py: z written from the paper on the raw weights
 import samplers
 from mmdit import CONFIGS, MMDiT
 from samplers import (
@@ -271,9 +272,10 @@ def test_student_is_one_forward_per_step():
     counter = NFECounter()
     with torch.no_grad():
         out = samplers.student(model, context, y, y_null, w, counter)(noise, t)
-        ref = model(noise, t, context, y, vec=embed.teefusion_conditioning(model, t, y, y_null.expand_as(y), w))
+        # z of Eq. 7 written from the paper on the raw weights (tests/oracles.py), through the network
+        ref = model(noise, t, context, y, vec=oracles.conditioning(model, "teefusion", t, y, y_null, w))
     assert counter.calls == 1 and counter.per_sample(2) == 1  # one forward, conditional tokens only
-    assert torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="w must be >= 0"):
         samplers.student(model, context, y, y_null, -1.0)
     _, nfe = sample("student", model, noise, context, y, y_null=y_null, w=5.0, steps=5)
@@ -307,13 +309,18 @@ def test_ablation_students_through_a_fusion_module():
     model = tiny_mmdit(0)
     noise, context, y, context_null, y_null = mmdit_inputs(B=2)
     t, w = torch.tensor([0.8, 0.4]), 3.0
-    for name in ("teefusion", "gonly", "distillcfg", "dice"):
+    for name in embed.FUSIONS:
+        torch.manual_seed(0)
         fusion = embed.make_fusion(name, model.config)
         counter = NFECounter()
         with torch.no_grad():
             out = samplers.student(model, context, y, y_null, w, counter, fusion, context_null)(noise, t)
-            c_s, y_s, vec = fusion(model, t, context, y, context_null, y_null.expand_as(y), w)
-            assert torch.equal(out, model(noise, t, c_s, y_s, vec=vec)), name
+            # z by hand from the paper (tests/oracles.py); the tokens: the conditional ones, or DICE's
+            # enhanced ones (pinned by hand in tests/test_embed.py::test_dice_enhancer)
+            mlp = fusion.guidance_in.mlp if name == "distillcfg" else None
+            z = oracles.conditioning(model, name, t, y, y_null, w, guidance_mlp=mlp)
+            tokens = fusion.prepare(model, context, y, context_null, y_null, w)[0] if name == "dice" else context
+            torch.testing.assert_close(out, model(noise, t, tokens, y, vec=z), rtol=0, atol=1e-5, msg=name)
         assert counter.per_sample(2) == 1, name
         _, nfe = sample("student", model, noise, context, y, context_null, y_null, w=w, steps=3, fusion=fusion)
         assert nfe == 3, name
@@ -336,10 +343,12 @@ def _teacher_setup():
     return x_t, (mu,), (mu_null,), t, t_next, w, nets
 
 
-def _paper_step(kind, x, mu, mu_null, t, t_next, w, nets, w_inv, tau_label, w_weak, final):
+def _paper_step(kind, x, mu, mu_null, t, t_next, w, nets, w_inv, tau_label, w_weak, final, target="step"):
     """One teacher step of one sample, written from the paper's equations with the closed-form
     velocities (no code from samplers.py): Eq. 2 for CFG; Eq. 3 (denoise, invert) and Eq. 4 (move
-    from the reflected point) for the reflection teachers. Returns x at t_next."""
+    from the reflected point) for the reflection teachers. Returns x at t_next; with target
+    "reflected", x + h v where v is Eq. 4's velocity at the reflected point (the other reading of
+    Algorithm 1's refined target)."""
     def cfg(net, x, s, scale):  # Eq. 2 at guidance `scale`, two separate evaluations
         ts = torch.tensor([s], dtype=torch.float64)
         return (1 + scale) * net(x, ts, mu) - scale * net(x, ts, mu_null)
@@ -353,37 +362,67 @@ def _paper_step(kind, x, mu, mu_null, t, t_next, w, nets, w_inv, tau_label, w_we
         denoise, invert, move = (nets["strong"], w), (nets["weak"], w_weak), (nets[final], w)
     x_prime = x + h * cfg(*denoise[:1], x, t, denoise[1])  # Eq. 3: denoise t -> t_next
     x_tilde = x_prime - h * cfg(invert[0], x_prime, tau_label, invert[1])  # Eq. 3: invert back to t
-    return x_tilde + h * cfg(move[0], x_tilde, t, move[1])  # Eq. 4
+    v_move = cfg(move[0], x_tilde, t, move[1])  # Eq. 4: M(x~_t, t)
+    return x_tilde + h * v_move if target == "step" else x + h * v_move
 
 
+def _eq3_label(kind, t, steps=50):
+    """The inversion's time label: W2SD's Eq. 3, x~_t = M_inv^w(M^s(x_t, t), t), inverts AT t; Z-Sampling on
+    a flow model at its authors' CoRe label max(0, t - 1000 // N) on the 1000 scale."""
+    return t if kind == "w2sd" else max(t - (1000 // steps) / 1000, 0.0)
+
+
+@pytest.mark.parametrize("target", ["step", "reflected"])
 @pytest.mark.parametrize("kind, final", [("cfg", None), ("zsampling", None), ("w2sd", "strong"), ("w2sd", "main")])
-def test_one_student_step_on_the_target_is_one_teacher_step(kind, final):
+def test_one_student_step_on_the_target_is_one_teacher_step(kind, final, target):
     """A student matching u takes the teacher's step in ONE Euler step: x_t + (t_next - t) u equals
     the step written from the paper's equations (Eq. 2-4), at the defaults of each teacher:
-    Z-Sampling's flow preset (w_inv = -0.5, tau = t - 0.02 at N = 50), W2SD's weak guidance 0 and
-    Eq. 4's strong final move (or the W2SD release's main model)."""
+    Z-Sampling's flow preset (w_inv = -0.5, tau = t - 0.02 at N = 50), W2SD's Eq. 3 (the weak model
+    inverts at t, its guidance 0) and Eq. 4's strong final move (or the W2SD release's main model).
+    target "reflected": u is Eq. 4's velocity at the reflected point (for CFG, Eq. 2's at x_t)."""
     x_t, (mu,), (mu_null,), t, t_next, w, nets = _teacher_setup()
     counter = NFECounter()
     kw = dict(strong=nets["strong"], weak=nets["weak"], main=nets["main"] if final == "main" else None)
-    u = teacher_target(kind, nets["main"], x_t, t, t_next, (mu,), (mu_null,), w, steps=50, counter=counter, **kw)
+    u = teacher_target(kind, nets["main"], x_t, t, t_next, (mu,), (mu_null,), w, steps=50, counter=counter,
+                       target=target, **kw)
     assert counter.per_sample(3) == {"cfg": 2, "zsampling": 6, "w2sd": 6}[kind]
     x_student = x_t + (t_next - t).view(-1, 1, 1) * u
     for b in range(3):
-        tau_label = max(t[b].item() - 0.02, 0.0)  # the authors' max(0, t - 1000 // 50) on the 1000 scale
         ref = _paper_step(kind, x_t[b:b + 1], mu[b:b + 1], mu_null, t[b].item(), t_next[b].item(), w[b].item(),
-                          nets, -0.5, tau_label, 0.0, final)
-        assert torch.allclose(x_student[b:b + 1], ref, rtol=0, atol=1e-12), (kind, final, b)
+                          nets, -0.5, _eq3_label(kind, t[b].item()), 0.0, final, target)
+        assert torch.allclose(x_student[b:b + 1], ref, rtol=0, atol=1e-12), (kind, final, target, b)
+
+
+def test_w2sd_inverts_at_t_unless_told_otherwise():
+    """Eq. 3's label is the default; CoRe's t - 1/N (Z-Sampling's flow detail) stays a named choice, and
+    the two differ (at N = 50 the offset 0.02 is about 3x the step near t = 1)."""
+    x_t, (mu,), (mu_null,), t, t_next, w, nets = _teacher_setup()
+    kw = dict(strong=nets["strong"], weak=nets["weak"], steps=50)
+    u_core = teacher_target("w2sd", nets["main"], x_t, t, t_next, (mu,), (mu_null,), w, tau="t-1/N", **kw)
+    u_eq3 = teacher_target("w2sd", nets["main"], x_t, t, t_next, (mu,), (mu_null,), w, **kw)
+    for b in range(3):
+        label = max(t[b].item() - 0.02, 0.0)
+        ref = _paper_step("w2sd", x_t[b:b + 1], mu[b:b + 1], mu_null, t[b].item(), t_next[b].item(), w[b].item(),
+                          nets, -0.5, label, 0.0, "strong")
+        h = (t_next[b] - t[b]).item()
+        assert torch.allclose(x_t[b:b + 1] + h * u_core[b:b + 1], ref, rtol=0, atol=1e-12), b
+    assert (u_core - u_eq3).abs().max() > 1e-3
+    assert samplers.reflection_settings("flow", None, None, "w2sd")[1] == "t"
+    assert samplers.reflection_settings("flow", None, None, "zsampling")[1] == "t-1/N"
 
 
 def test_eq4_moves_with_the_strong_model_not_the_teacher():
-    x_t, cond, null, t, t_next, w, nets = _teacher_setup()
-    kw = dict(weak=nets["weak"], steps=50)
-    eq4 = teacher_target("w2sd", nets["strong"], x_t, t, t_next, cond, null, w, **kw)
-    assert torch.equal(eq4, teacher_target("w2sd", nets["main"], x_t, t, t_next, cond, null, w,
-                                           strong=nets["strong"], **kw))  # the strong one moves: net unused
-    with_main = teacher_target("w2sd", nets["main"], x_t, t, t_next, cond, null, w, strong=nets["strong"],
-                               main=nets["main"], **kw)
-    assert (eq4 - with_main).abs().max() > 1e-3
+    """W2SD's target moves with `strong` (Eq. 4), never with the `net` argument, against the paper's step
+    written by hand; the W2SD release's main model is another step."""
+    x_t, (mu,), (mu_null,), t, t_next, w, nets = _teacher_setup()
+    u = teacher_target("w2sd", nets["main"], x_t, t, t_next, (mu,), (mu_null,), w, strong=nets["strong"],
+                       weak=nets["weak"], steps=50)  # net = the main model, unused by Eq. 4
+    for b in range(3):
+        args = (x_t[b:b + 1], mu[b:b + 1], mu_null, t[b].item(), t_next[b].item(), w[b].item(), nets, -0.5,
+                t[b].item(), 0.0)
+        h = (t_next[b] - t[b]).item()
+        assert torch.allclose(x_t[b:b + 1] + h * u[b:b + 1], _paper_step("w2sd", *args, "strong"), rtol=0, atol=1e-12)
+        assert (x_t[b:b + 1] + h * u[b:b + 1] - _paper_step("w2sd", *args, "main")).abs().max() > 1e-4
 
 
 def test_last_step_target_is_the_plain_guided_velocity():
@@ -414,11 +453,22 @@ def test_teacher_target_on_mmdit_costs_one_teacher_step():
         assert counter.per_sample(2) == nfe and counter.calls == nfe // 2, kind  # every call batched
 
 
-def test_reflection_targets_differ_from_cfg():
-    x_t, cond, null, t, t_next, w, nets = _teacher_setup()
+def test_the_reflection_refines_cfg_by_the_papers_amount():
+    """What Eq. 3-4 add to Eq. 2's target, u_reflection - u_cfg, equals the same difference of the paper's
+    steps written by hand (divided by the step), and is not negligible: the refinement Algorithm 1
+    distills."""
+    x_t, (mu,), (mu_null,), t, t_next, w, nets = _teacher_setup()
     kw = dict(strong=nets["strong"], weak=nets["weak"], steps=50)
-    u = {k: teacher_target(k, nets["main"], x_t, t, t_next, cond, null, w, **kw) for k in ("cfg", "zsampling", "w2sd")}
-    assert not torch.allclose(u["cfg"], u["zsampling"]) and not torch.allclose(u["cfg"], u["w2sd"])
+    u = {k: teacher_target(k, nets["main"], x_t, t, t_next, (mu,), (mu_null,), w, **kw)
+         for k in ("cfg", "zsampling", "w2sd")}
+    for kind in ("zsampling", "w2sd"):
+        for b in range(3):
+            args = (x_t[b:b + 1], mu[b:b + 1], mu_null, t[b].item(), t_next[b].item(), w[b].item(), nets, -0.5)
+            h = (t_next[b] - t[b]).item()
+            by_hand = (_paper_step(kind, *args, _eq3_label(kind, t[b].item()), 0.0, "strong")
+                       - _paper_step("cfg", *args, None, 0.0, None)) / h
+            assert torch.allclose(u[kind][b:b + 1] - u["cfg"][b:b + 1], by_hand, rtol=0, atol=1e-9), (kind, b)
+        assert (u[kind] - u["cfg"]).abs().max() > 1e-2, kind
 
 
 # -----------------------------------------------------------------------------
@@ -480,8 +530,9 @@ def test_zsampling_defaults_are_the_authors_flow_matching_zigzag(steps):
 
 @pytest.mark.parametrize("with_main", [False, True])
 def test_w2sd_defaults_are_eq4_with_the_release_guidance(with_main):
-    """W2SD as the paper's Eq. 4 runs it with the W2SD release's guidance: the strong model denoises
-    at g, the weak one inverts at g = 1 (the conditional model), the strong one moves again
+    """W2SD as the paper's Eq. 3-4 run it with the W2SD release's guidance: the strong model denoises
+    at g, the weak one inverts at g = 1 (the conditional model) with the time label t of the step
+    (Eq. 3: x~_t = M_inv^w(M^s(x_t, t), t), as the release labels it), the strong one moves again
     (with_main: the release's third "main" model moves instead)."""
     noise, mu, mu_null, y, y_null = _analytic_inputs(seed=7)
     strong, weak, main, w, steps = _mmdit_like(0.5), _mmdit_like(1.4), _mmdit_like(0.9), 4.5, 8
@@ -500,7 +551,7 @@ def test_w2sd_defaults_are_eq4_with_the_release_guidance(with_main):
         dt = sigmas[i + 1] - sigmas[i]
         if i < steps - 1:
             x = x + dt * guided_eps(strong, x, timestep, 5.5)
-            x = x - dt * guided_eps(weak, x, torch.clamp(timestep - 1000 // steps, min=0), 1.0)
+            x = x - dt * guided_eps(weak, x, timestep, 1.0)  # Eq. 3 and the release: the weak model at t
         x = x + dt * guided_eps(mover, x, timestep, 5.5)
     assert nfe == 6 * (steps - 1) + 2
     assert torch.allclose(ours, x, atol=2e-5), (ours - x).abs().max()

@@ -10,9 +10,10 @@ import os
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import embed
+import oracles  # tests/oracles.py: z written from the paper on the raw weights
 import samplers
 import toy
 import toy_report
@@ -100,17 +101,57 @@ def test_report_on_a_tiny_world(world, tmp_path, capsys):
         assert r["closest_cfg_w"] in toy_report.CFG_WS and r["ms_per_image"] > 0
     assert rows["Euler + CFG"]["rmse_to_cfg"] == (0.0, 0.0, 0.0) and rows["Euler + CFG"]["closest_cfg_w"] == 2.0
 
-    # each student row: its images and its RMSE to ITS teacher, recomputed here
-    ev = toy_report.Evaluation(world, "dev", 1, 2)
-    model, fusion = embed.load_student(students[3]["path"])
-    x_s, _ = ev.sample("student", 2.0, dict(model=model, fusion=fusion))
-    x_t, _ = ev.sample("cfg", 2.0)
-    assert rows["from CFG"]["rmse_to_teacher"][0] == pytest.approx(toy_report.rmse(x_s, x_t).mean().item(), rel=1e-5)
-    x_w, _ = ev.sample("w2sd", 2.0)
-    model, fusion = embed.load_student(students[2]["path"])
-    x_d, _ = ev.sample("student", 2.0, dict(model=model, fusion=fusion))
-    assert rows[labels[2]]["rmse_to_teacher"][0] == pytest.approx(toy_report.rmse(x_d, x_w).mean().item(), rel=1e-5)
-    assert rows[labels[2]]["adherence"][0] == pytest.approx(100 * toy.scores(x_d, ev.prompts)["adherence"].mean().item())
+    # each student row: its images and its RMSE to ITS teacher, against samplers written here from the
+    # paper (Euler on Eq. 2, W2SD's Eq. 3-4, the student on Eq. 7 by hand) on the documented noise
+    ds = world.dataset("dev")
+    context, y = ds.context, ds.y
+    context_null, y_null = world.encoders.encode_null()
+    noise = torch.randn(len(y), 3, toy.H, toy.W, generator=torch.Generator().manual_seed(toy.ToyDataset.SEED_BASE["dev"] + 7))
+    sigmas = samplers.flow_sigmas(2)  # pinned to diffusers' scheduler in test_samplers
+    teacher, weak = load_mmdit(world.teacher_path), load_mmdit(world.weak_path)
+    w = 2.0
+
+    def cfg(net, x, s):  # Eq. 2, two separate forwards
+        tt = torch.full((len(x),), float(s))
+        return (1 + w) * net(x, tt, context, y) - w * net(x, tt, context_null.expand_as(context), y_null.expand_as(y))
+
+    def by_hand(kind, student_path=None):
+        x = noise.clone()
+        with torch.no_grad():
+            if student_path:
+                model, _ = embed.load_student(student_path)
+                mlp = load_file_fusion(student_path)
+            for i in range(2):
+                s, s_next = sigmas[i].item(), sigmas[i + 1].item()
+                h = s_next - s
+                if student_path:  # one forward on z (Eq. 7 or the ablation's), from the raw weights
+                    z = oracles.conditioning(model, embed.student_files(student_path)[0], s, y, y_null, w,
+                                             guidance_mlp=mlp)
+                    x = x + h * model(x, torch.full((len(x),), s), context, y, vec=z)
+                elif kind == "w2sd" and i == 0:  # Eq. 3 (the weak model inverts at t), Eq. 4 (the strong one moves)
+                    x1 = x + h * cfg(teacher, x, s)
+                    x2 = x1 - h * (lambda xx: weak(xx, torch.full((len(xx),), s), context, y))(x1)  # w_weak = 0
+                    x = x2 + h * cfg(teacher, x2, s)
+                else:
+                    x = x + h * cfg(teacher, x, s)
+        return x
+
+    def load_file_fusion(path):
+        folder = os.path.dirname(path)
+        if not os.path.isfile(os.path.join(folder, "fusion.safetensors")):
+            return None
+        module = embed.make_fusion("distillcfg", world.config)
+        module.load_state_dict(load_file(os.path.join(folder, "fusion.safetensors")))
+        return module.guidance_in.mlp
+
+    def rmse(a, b):
+        return ((a - b) ** 2).flatten(1).mean(1).sqrt().mean().item()
+
+    x_s, x_t = by_hand("student", students[3]["path"]), by_hand("cfg")
+    assert rows["from CFG"]["rmse_to_teacher"][0] == pytest.approx(rmse(x_s, x_t), rel=1e-4)
+    x_w, x_d = by_hand("w2sd"), by_hand("student", students[2]["path"])
+    assert rows[labels[2]]["rmse_to_teacher"][0] == pytest.approx(rmse(x_d, x_w), rel=1e-4)
+    assert rows[labels[2]]["adherence"][0] == pytest.approx(100 * toy.scores(x_d, ds.prompts)["adherence"].mean().item())
 
     # comparisons: the claims, paired; Table 3 against the TeEFusion student of the same teacher
     claims = {c["claim"] for c in out["comparisons"]}
