@@ -250,7 +250,7 @@ def runs_main(args):
     world = toy.build_world(args.cache_dir, progress=not args.no_progress)
     start = time.time()
     with toy.one_thread():
-        ev = toy_report.Evaluation(world, "dev", n_seeds=2, steps=20)
+        ev = toy_report.Evaluation(world, "dev", n_seeds=args.seeds, steps=args.sample_steps)
         for config in configs:
             points = results.setdefault(config["name"], {})
             run_dir = os.path.join(args.out, config["name"])
@@ -290,10 +290,11 @@ def rounding_main(args):
     if not os.path.isfile(args.student):
         raise FileNotFoundError(f"--student {args.student}: no such file")
     world = toy.build_world(args.cache_dir, progress=False)
-    lines = [f"bf16 rounding of 1000 w, {args.student}, DEV prompts x 2 seeds, 20 steps: per-image RMSE, mean [95% CI]",
+    lines = [f"bf16 rounding of 1000 w, {args.student}, DEV prompts x {args.seeds} seeds, {args.sample_steps} steps: "
+             "per-image RMSE, mean [95% CI]",
              f"{'w':>5} {'1000 w in bf16':>15} {'fp32 vs bf16 psi':>24} {'w vs w + 1 (fp32)':>24}"]
     with toy.one_thread():
-        ev = toy_report.Evaluation(world, "dev", n_seeds=2, steps=20)
+        ev = toy_report.Evaluation(world, "dev", n_seeds=args.seeds, steps=args.sample_steps)
         specs = {k: dict(path=args.student, label=k) for k in ("fp32", "bf16")}
         fp32 = toy_report.load_students([specs["fp32"]])[0]
         bf16 = toy_report.load_students([specs["bf16"]])[0]
@@ -311,6 +312,8 @@ def rounding_main(args):
 
 
 def main(args):
+    if args.seeds < 1 or args.sample_steps < 1:
+        raise ValueError(f"--seeds {args.seeds} and --sample-steps {args.sample_steps} must be at least 1")
     if args.command == "rounding":
         if args.student is None:
             raise ValueError("rounding needs --student FILE (a TeEFusion student written by distill.py)")
@@ -322,7 +325,7 @@ def main(args):
     return runs_main(args)
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = cli.parser("The toy world's study: Eq. 7's scale, the training budget, the target (DEV prompts).")
     parser.add_argument("command", choices=("ratio", "runs", "rounding"))
     parser.add_argument("--cache-dir", default="cache/toy")
@@ -334,5 +337,11 @@ if __name__ == "__main__":
     parser.add_argument("--config", action="append", default=[], help="runs: METHOD[:SCALE[:TARGET]] (repeatable)")
     parser.add_argument("--student", default=None, help="rounding: a TeEFusion student of the toy world")
     parser.add_argument("--ws", type=float, nargs="+", default=[4.0, 5.0, 7.5], help="rounding: the w to compare")
+    parser.add_argument("--seeds", type=int, default=2, help="runs, rounding: images per DEV prompt")
+    parser.add_argument("--sample-steps", type=int, default=20, help="runs, rounding: sampling steps (the report's 20)")
     parser.add_argument("--no-progress", action="store_true")
-    cli.run(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    cli.run(main, build_parser())
