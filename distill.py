@@ -87,8 +87,10 @@ Files (--out DIR; safetensors and JSON only, never pickle; every file written at
     fusion-ema.safetensors) at the end, their metadata naming the method and the teacher sampler;
     main() returns the student's path (the EMA one with --ema); DIR/diffusers/transformer with
     --export-diffusers (config has txt_align_guidance: true, the flag the authors' released pipeline
-    reads); DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s;
-    DIR/run.lock while a run holds DIR (cli.FolderLock).
+    reads); DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s,
+    step_s, grad_norm (before clipping), and sample_s where a grid was drawn; DIR/samples/step-NNNNNNN.png
+    (sample grids: teacher | student at three w, monitor.py) and DIR/tensorboard with --report-to
+    tensorboard; DIR/run.lock while a run holds DIR (cli.FolderLock).
 
 Faults (the details: training_state.py, cli.py, options.py):
   * Bad input is refused before anything heavy loads: one line `error: ...`, exit status 2; a failure
@@ -122,6 +124,7 @@ from tqdm import tqdm
 import cli
 import embed
 import lora
+import monitor
 import options
 import samplers
 from batches import StepSampler, WithNoise
@@ -488,6 +491,10 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
                         sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
     batches = iter(loader)
+    # sample grids and TensorBoard (rank 0; they leave the training bitwise unchanged)
+    watch = monitor.Monitor(args, rank, start, dataset, toy_world, dict(student=ema or student, teacher=teacher,
+                            weak=weak, main=main), null, (args.bf16 or args.teacher_dtype == "bf16",
+                                                          student_bf16(args)), device)
 
     log = None  # opened at the first record: a run refused before its first step leaves no file
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"distill {args.method}",
@@ -517,7 +524,9 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
             raise NonFinite(f"non-finite loss ({loss_value}) at step {step + 1}: training stopped before the "
                             f"optimizer step; {last_good(args.out, rank)}; lower --lr, or check the data and the teacher")
         if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)  # the norm before clipping
+        elif rank == 0:
+            norm = monitor.grad_norm(params)
         # Algorithm 1: AdamW step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -530,7 +539,9 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
         if rank == 0:
             record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                       "samples_per_s": args.global_batch / dt, "teacher_s": timing["teacher_s"],
-                      "student_s": timing["student_s"], "step_s": dt}
+                      "student_s": timing["student_s"], "step_s": dt,
+                      "grad_norm": norm.item() if torch.isfinite(norm) else None}
+            record.update(watch.step(done, record))  # a sample grid when due: its seconds as sample_s
             log = log or open(log_path, "a")
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -548,6 +559,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
             if distributed:
                 dist.barrier()  # rank 0 saves, then everybody goes on
     bar.close()
+    watch.close()
     if log is not None:
         log.close()
     del batches

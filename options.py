@@ -21,6 +21,7 @@ import os
 import cli
 import embed
 import lora
+import monitor
 import samplers
 
 METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
@@ -124,6 +125,7 @@ def build_parser():
                    help="train low-rank adapters of this rank (lora.py) over the frozen student start instead of "
                         "every weight; writes lora.safetensors (diffusers' SD3 LoRA format)")
     lora.add_arguments(p)
+    monitor.add_arguments(p)  # sample grids, TensorBoard
     p.add_argument("--full", action="store_true", help="toy world: distill every student of FULL (a TeEFusion "
                                                         "student per teacher, the Table 3 ablations, DICE), each "
                                                         "into --out/NAME, then print one table of them all")
@@ -240,6 +242,7 @@ def check_args(args, world_size=1):
         raise ValueError(f"--steps {args.steps}: nothing to train (the student would be the teacher); give at least 1")
     if args.ckpt_every < 1 or args.teacher_steps < 1 or args.keep < 1:
         raise ValueError("--ckpt-every, --teacher-steps and --keep must be >= 1")
+    monitor.check_arguments(args)
     if args.tau is not None:
         try:
             args.tau = float(args.tau)

@@ -35,8 +35,6 @@ import toy
 import vae
 
 import diffusers  # test oracle (requirements-test.txt)
-from test_embed import tiny_clip, tiny_t5, word_tokenizer  # noqa: E402  (tiny text encoders, built on the spot)
-from test_vae import make_reference  # noqa: E402  (a tiny AutoencoderKL shaped like SD3's)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cat on the left", "the big blue square right of a small green circle"]
@@ -44,24 +42,9 @@ STEPS, RES, N = 4, 64, 2
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_vae_config):
-    """(diffusers StableDiffusion3Pipeline, the folder it was saved to with save_pretrained)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
-                                        caption_projection_dim=16, pooled_projection_dim=40, out_channels=16,
-                                        pos_embed_max_size=8).eval()  # images up to 8 * 2 * 8 = 128 px
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=make_reference(tiny_vae_config), text_encoder=tiny_clip(16, 0),
-        tokenizer=word_tokenizer("<s>", "</s>", "</s>", 77), text_encoder_2=tiny_clip(24, 1),
-        tokenizer_2=word_tokenizer("<s>", "</s>", "!", 77), text_encoder_3=tiny_t5(2),
-        tokenizer_3=word_tokenizer(None, "</s>", "<pad>", 256))
-    pipe.set_progress_bar_config(disable=True)
-    folder = tmp_path_factory.mktemp("sd3") / "pipeline"
-    pipe.save_pretrained(folder)
-    return pipe, str(folder)
+def pipeline(sd3_pipeline):
+    """(diffusers StableDiffusion3Pipeline, the folder it was saved to with save_pretrained): conftest's tiny one."""
+    return sd3_pipeline
 
 
 @pytest.fixture(scope="module")
