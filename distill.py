@@ -485,7 +485,8 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
               gradient_as_bucket_view=True) if distributed else student
     context_null, y_null = dataset.null()
     null = (context_null.to(device, torch.float32), y_null.to(device, torch.float32))  # (1, L, Dc), (1, Dy)
-    sampler = StepSampler(len(dataset), args.seed, start, args.steps, args.global_batch, micro, rank, world_size)
+    sampler = StepSampler(len(dataset), args.seed, start, args.steps, args.global_batch, micro, rank, world_size,
+                          buckets=getattr(dataset, "bucket_ids", None))  # prepare.py's buckets: one per global batch
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     loader = DataLoader(WithNoise(dataset, args.seed, args.t_sampling, args.w_min, args.w_max), batch_size=micro,
                         sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
