@@ -101,6 +101,27 @@ def test_same_seeds_same_images_as_diffusers(pipeline, tmp_path, method, w, nega
     assert [r["nfe"] for r in records] == [STEPS * (1 if method == "euler" else 2)] * len(records)
 
 
+@pytest.mark.parametrize("height, width", [(64, 96), (96, 64)])
+def test_non_square_images_equal_diffusers(pipeline, tmp_path, height, width):
+    """--height/--width: the same noise (1, 16, H/8, W/8) from seed + k as diffusers' StableDiffusion3Pipeline
+    at height x width, the same images (uint8 within 1)."""
+    pipe, folder = pipeline
+    out = tmp_path / "out"
+    records = run_main(["--model", folder, "--method", "cfg", "--w", 2, "--steps", STEPS, "--height", height, "--width",
+                        width, "--n-per-prompt", N, "--seed", 3, "--out", out, "--prompt", PROMPTS[1]])
+    ref = pipe(prompt=PROMPTS[1], num_inference_steps=STEPS, height=height, width=width, guidance_scale=3.0,
+               num_images_per_prompt=N, generator=[torch.Generator("cpu").manual_seed(3 + k) for k in range(N)],
+               output_type="np").images  # (N, H, W, 3) in [0, 1]
+    levels = 0
+    for k, record in enumerate(records):
+        png = np.asarray(Image.open(out / record["file"]), dtype=np.int16)
+        assert png.shape == (height, width, 3) and (record["height"], record["width"]) == (height, width)
+        levels = max(levels, int(np.abs(png - (ref[k] * 255).round().astype(np.int16)).max()))
+    print(f"\n{height} x {width}: {levels} uint8 levels from diffusers")
+    assert levels <= 1
+    assert np.abs(png_floats(out / records[0]["file"]) - png_floats(out / records[1]["file"])).max() > 0.05
+
+
 def test_stability_single_file_with_text_encoders_from_a_folder(pipeline, single_file, tmp_path):
     """--model a Stability single file: its VAE (first_stage_model.*) is the default, the text encoders
     come from --text-encoders; the same images as from the pipeline folder."""
@@ -215,6 +236,9 @@ BAD = [
     (["--model", "{folder}", "--prompts", "{root}/empty.txt"], "empty.txt"),
     (["--model", "{folder}", "--prompt", "a cat", "--res", "72"], "--res 72"),
     (["--model", "{folder}", "--prompt", "a cat", "--res", "256"], "position table"),
+    (["--model", "{folder}", "--prompt", "a cat", "--height", "72", "--width", "64"], "--height 72 is not a multiple"),
+    (["--model", "{folder}", "--prompt", "a cat", "--height", "64", "--width", "256"], "--width 256 is beyond the posit"),
+    (["--model", "{folder}", "--prompt", "a cat", "--res", "64", "--height", "64"], "--res is the shorthand"),
     (["--model", "{folder}", "--prompt", "a cat", "--method", "dpm"], "--method"),
     (["--model", "{folder}", "--prompt", "a cat", "--method", "student"], "--student"),
     (["--model", "{folder}", "--prompt", "a cat", "--method", "w2sd"], "--weak"),
@@ -234,7 +258,8 @@ def bad_runs(pipeline, single_file, tmp_path_factory):
     broken = root / "broken"
     shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("tokenizer_2"))
     argvs = [[a.format(folder=folder, root=root, broken=broken, single=single_file) for a in argv]
-             + ([] if "--res" in argv else ["--res", "64"]) + ([] if "--out" in argv else ["--out", str(root / "o")])
+             + ([] if {"--res", "--height"} & set(argv) else ["--res", "64"])
+             + ([] if "--out" in argv else ["--out", str(root / "o")])
              for argv, _ in BAD]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "generate.py"), *argv], stdout=subprocess.PIPE,
