@@ -85,9 +85,11 @@ Files (--out DIR; safetensors and JSON only, never pickle; every file written at
     DIR/lora.safetensors (lora-ema.safetensors with --ema) for --lora, with the merged students in the toy world
     DIR/student.safetensors (+ fusion.safetensors; with --ema student-ema.safetensors and
     fusion-ema.safetensors) at the end, their metadata naming the method and the teacher sampler;
-    main() returns the student's path (the EMA one with --ema); DIR/diffusers/transformer with
-    --export-diffusers (config has txt_align_guidance: true, the flag the authors' released pipeline
-    reads); DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s,
+    main() returns the student's path (the EMA one with --ema); DIR/README.md, the model card (export.py);
+    DIR/diffusers/ with --export-diffusers: transformer/ (config has txt_align_guidance: true, the flag the
+    authors' released pipeline reads), and when --teacher is a diffusers pipeline folder its text encoders,
+    tokenizers, VAE and scheduler (hard-linked) and model_index.json, a folder the released pipeline
+    loads, with its own card (export.py); DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s,
     step_s, grad_norm (before clipping), and sample_s where a grid was drawn; DIR/samples/step-NNNNNNN.png
     (sample grids: teacher | student at three w, monitor.py) and DIR/tensorboard with --report-to
     tensorboard; DIR/run.lock while a run holds DIR (cli.FolderLock).
@@ -123,13 +125,14 @@ from tqdm import tqdm
 
 import cli
 import embed
+import export
 import lora
 import monitor
 import options
 import samplers
 from batches import StepSampler, WithNoise
 from checkpoint import _atomic_save
-from mmdit import load_mmdit, load_mmdit_blend, save_mmdit, save_mmdit_diffusers
+from mmdit import load_mmdit, load_mmdit_blend, save_mmdit
 from options import FULL, build_parser, check_args, fill_defaults, lora_spec
 from training_state import (LATEST, _tensors, _trim_log, check_resume, complete_checkpoints, last_good, load_checkpoint,
                             non_finite, remove_temporaries, replica_checksums, resume_point,
@@ -316,7 +319,8 @@ def describe_source(source):
 
 def student_metadata(args, step):
     """What a student file records of its run (embed.load_student and toy_report read it)."""
-    meta = {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step)}
+    meta = {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step),
+            export.RUN_METADATA: json.dumps(export.run_info(args, step))}  # what the model card says
     if getattr(args, "lora", None) is not None:
         meta[lora.METADATA] = json.dumps(lora_spec(args))
     return meta
@@ -578,12 +582,16 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
             final = save_mmdit(ema.model, os.path.join(args.out, "student-ema.safetensors"), metadata=meta)
             if len(ema.fusion.state_dict()):
                 _atomic_save(_tensors(ema.fusion), os.path.join(args.out, "fusion-ema.safetensors"), meta)
-        if args.export_diffusers:
-            folder = os.path.join(args.out, "diffusers", "transformer")
-            save_mmdit_diffusers(ema.model if ema is not None else student.model, folder,
-                                 extra_config={"txt_align_guidance": True})
-            print(f"diffusers export: {folder}")
-    if rank == 0:
+        if args.export_diffusers:  # a pipeline folder with the teacher's parts when the teacher is one (export.py)
+            folder = os.path.join(args.out, "diffusers")
+            how = export.export_pipeline(ema.model if ema is not None else student.model, folder,
+                                         args.teacher if export.is_pipeline(args.teacher) else None,
+                                         export.run_info(args, args.steps))
+            parts = f", the teacher's text encoders, VAE and scheduler {how}" if how else ""
+            print(f"diffusers export: {folder} (transformer/{parts}, README.md)")
+    if rank == 0:  # the model card beside the final files: what they are, w's convention, the loaders
+        export.write_card(args.out, export.run_info(args, args.steps),
+                          export.run_files(args, ema is not None, base is not None, toy_world is not None))
         print(f"student: {final}")
         if toy_world is not None and not args.no_report:  # the toy world's Table 4, figures, CIs
             import toy_report

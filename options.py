@@ -20,6 +20,7 @@ import os
 
 import cli
 import embed
+import export
 import lora
 import monitor
 import samplers
@@ -236,6 +237,8 @@ def check_args(args, world_size=1):
     if args.export_diffusers and args.method != "teefusion":
         raise ValueError(f"--export-diffusers writes the authors' txt_align_guidance pipeline format, which only "
                          f"fits --method teefusion (got {args.method}); use the safetensors files in --out")
+    if args.export_diffusers and export.is_pipeline(args.teacher):  # its parts join the export: all there?
+        export.check_components(args.teacher)
     if args.ema is not None and not 0 < args.ema < 1:
         raise ValueError(f"--ema {args.ema}: the decay must be in (0, 1), e.g. 0.9999")
     if args.steps < 1:
