@@ -277,7 +277,8 @@ class Monitor:
         elif self.world is not None:
             import toy
 
-            labels = [toy.caption(*p) for p in toy.DEV_PROMPTS[:GRID_PROMPTS]]  # held out: never trained on
+            spread = toy.DEV_PROMPTS[::len(toy.DEV_PROMPTS) // GRID_PROMPTS][:GRID_PROMPTS]  # across the sorted list
+            labels = [toy.caption(*p) for p in spread]  # held out: never trained on
             context, y = self.world.encoders.encode(labels)  # (P, L, Dc), (P, Dy)
         else:  # the first captions of --data, with their stored text embeddings
             items = [dataset[i] for i in range(min(GRID_PROMPTS, len(dataset)))]
