@@ -89,10 +89,10 @@ Files (--out DIR; safetensors and JSON only, never pickle; every file written at
     DIR/diffusers/ with --export-diffusers: transformer/ (config has txt_align_guidance: true, the flag the
     authors' released pipeline reads), and when --teacher is a diffusers pipeline folder its text encoders,
     tokenizers, VAE and scheduler (hard-linked) and model_index.json, a folder the released pipeline
-    loads, with its own card (export.py); DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s,
-    step_s, grad_norm (before clipping), and sample_s where a grid was drawn; DIR/samples/step-NNNNNNN.png
-    (sample grids: teacher | student at three w, monitor.py) and DIR/tensorboard with --report-to
-    tensorboard; DIR/run.lock while a run holds DIR (cli.FolderLock).
+    loads, with its own card (export.py); DIR/log.jsonl: one line per step: step, loss, lr,
+    samples_per_s, teacher_s, student_s, step_s, grad_norm (before clipping), and sample_s where a grid
+    was drawn; DIR/samples/step-NNNNNNN.png (sample grids: teacher | student at three w, monitor.py)
+    and DIR/tensorboard with --report-to tensorboard; DIR/run.lock while a run holds DIR (cli.FolderLock).
 
 Faults (the details: training_state.py, cli.py, options.py):
   * Bad input is refused before anything heavy loads: one line `error: ...`, exit status 2; a failure

@@ -262,8 +262,8 @@ def run_files(args, ema, lora_run, merged):
         if lora_run:
             files[f"lora{s}.safetensors"] = f"the adapter{label}: diffusers' SD3 LoRA format"
         if not lora_run or merged:
-            files[f"student{s}.safetensors"] = (f"the student{label}: the MMDiT in Stability's layout, its metadata naming "
-                                                "the method, the teacher sampler and the step")
+            files[f"student{s}.safetensors"] = (f"the student{label}: the MMDiT in Stability's layout, its metadata "
+                                                "naming the method, the teacher sampler and the step")
         if args.method in ("distillcfg", "dice"):
             files[f"fusion{s}.safetensors"] = f"the {args.method} module{label}, which the student needs"
     if args.export_diffusers:
@@ -341,8 +341,9 @@ def export_pipeline(model, folder, components=None, info=None):
         files["model_index.json"] = (f"_class_name {PIPELINE_CLASS}; transformer {TRANSFORMER_ENTRY} (the released "
                                      "class: copy the authors' sd3_model.py into transformer/), the rest the teacher's")
     else:
-        files["(no components)"] = ("the teacher was no diffusers pipeline folder: add its text encoders, tokenizers, "
-                                    "VAE and scheduler with `python export.py --components PIPELINE` (its card shows how)")
+        files["(no components)"] = ("the teacher was no diffusers pipeline folder: add its text encoders, "
+                                    "tokenizers, VAE and scheduler with `python export.py --components PIPELINE` "
+                                    "(its card shows how)")
     write_card(folder, info or {"method": "teefusion"}, files, "export", how)
     return how
 

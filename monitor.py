@@ -188,8 +188,8 @@ def tensorboard_writer(folder, purge_step):
     return SummaryWriter(folder, purge_step=purge_step)
 
 
-SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "samples_per_s": "speed/samples_per_s",
-           "sample_s": "speed/sample_grid_s"}
+SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+           "samples_per_s": "speed/samples_per_s", "sample_s": "speed/sample_grid_s"}
 MILLISECONDS = {"teacher_s": "speed/teacher_ms", "student_s": "speed/student_ms", "step_s": "speed/step_ms"}
 
 
@@ -312,9 +312,10 @@ class Monitor:
         context_null = dataset.null()[0]  # (1, L, Dc): the data's token count and width
         sources = _index_sources(self.args.data)
         use_t5 = bool(sources.get("use_t5", True))
-        encoders = embed.TextEncoders.from_pretrained(
-            text_encoders_source(self.args), self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-            use_t5=use_t5, max_t5_tokens=context_null.shape[1] - 77, context_dim=context_null.shape[2])
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        encoders = embed.TextEncoders.from_pretrained(text_encoders_source(self.args), self.device, dtype, use_t5=use_t5,
+                                                      max_t5_tokens=context_null.shape[1] - 77,
+                                                      context_dim=context_null.shape[2])
         context, y = encoders.encode(prompts)  # (P, L, Dc), (P, Dy)
         del encoders
         gc.collect()

@@ -296,7 +296,8 @@ def prepare(samples, out, vae, resolution, root=".", text_encoder=None, shard_si
     """Encode `samples` [(path relative to root, caption), ...] into shards under `out`.
 
     buckets: "aspect" (each image to the bucket of bucket_sizes(resolution) nearest its aspect ratio) or
-    "square" (every image to resolution x resolution; shards as written before buckets). vae: a vae.VAE. text_encoder: None (latents and captions only) or an object with
+    "square" (every image to resolution x resolution; shards as written before buckets).
+    vae: a vae.VAE. text_encoder: None (latents and captions only) or an object with
     encode(prompts) -> (context (B, L, Dc), y (B, Dy)) and encode_null() -> (context (1, L, Dc),
     y (1, Dy)), e.g. embed.TextEncoders. This process handles shards rank, rank + world_size, ...
     and skips shards already on disk. Returns {"built": [...], "reused": [...], "index": the
@@ -369,8 +370,8 @@ def prepare(samples, out, vae, resolution, root=".", text_encoder=None, shard_si
             tensors = {latent_name(sizes[b]): torch.stack([z for bz, z in latents if bz == b])  # (N_b, 16, h, w)
                        for b in sorted({b for b, _ in latents})}
         if null is not None:
-            tensors.update(context=torch.cat([part["context"] for part in parts]) if parts else null["context"][:0],
-                           y=torch.cat([part["y"] for part in parts]) if parts else null["y"][:0])  # (N, L, Dc), (N, Dy)
+            context = torch.cat([part["context"] for part in parts]) if parts else null["context"][:0]  # (N, L, Dc)
+            tensors.update(context=context, y=torch.cat([part["y"] for part in parts]) if parts else null["y"][:0])
         metadata = {
             "shard_format": SHARD_FORMAT, "settings": json.dumps(settings), "inputs_sha256": _fingerprint(items),
             "num_samples": str(len(kept)), "captions": json.dumps([c for _, c in kept], ensure_ascii=False),
@@ -500,7 +501,8 @@ class ShardDataset(Dataset):
         buckets = self.index.get("buckets")
         self.bucket_sizes = [tuple(b["size"]) for b in buckets] if buckets is not None else None
         self.bucket_ids = [k for s in self.index["shards"] for k in s["buckets"]] if buckets is not None else None
-        self._open = {}  # shard number -> (safe_open handle, text tensor names, captions, (latent tensor, row) per sample)
+        # shard number -> (safe_open handle, text tensor names, captions, (latent tensor, row) of each sample)
+        self._open = {}
 
     def __len__(self):
         return self.starts[-1]
@@ -590,7 +592,8 @@ def main(args):
     if rank == 0:
         print(f"{len(samples)} images with captions from {args.captions or args.images}; "
               f"{math.ceil(len(samples) / args.shard_size)} shards of up to {args.shard_size} -> {args.out}; "
-              f"buckets (width x height): {', '.join(f'{w}x{h}' for h, w in bucket_sizes(args.resolution, args.buckets))}")
+              "buckets (width x height): "
+              + ", ".join(f"{w}x{h}" for h, w in bucket_sizes(args.resolution, args.buckets)))
     vae = load_vae(args.vae, device=device, dtype=precision)
     text_encoder = None
     if args.text_encoders:

@@ -218,7 +218,8 @@ def test_export_command_and_a_lora_run_card(sd3_pipeline, sd3_data, tmp_path, ca
     export_argv = [str(tmp_path / "pipe") if a == "PIPELINE_OUT" else a for a in export_argv]
     cli.run(export.main, export.build_parser(), export_argv)
     assert "components hard-linked" in capsys.readouterr().out
-    assert os.path.isfile(tmp_path / "pipe" / "model_index.json") and "rank 2" in (tmp_path / "pipe" / "README.md").read_text()
+    assert os.path.isfile(tmp_path / "pipe" / "model_index.json")
+    assert "rank 2" in (tmp_path / "pipe" / "README.md").read_text()
     # refusals: the teacher's own folder as --out; a missing student; one line, exit 2
     for bad, named in (([*export_argv[:-2], "--out", teacher], "--out"), (["--student", str(tmp_path / "none"),
                                                                           "--out", str(tmp_path / "x")], "--student")):

@@ -237,7 +237,7 @@ BAD = [
     (["--model", "{folder}", "--prompt", "a cat", "--res", "72"], "--res 72"),
     (["--model", "{folder}", "--prompt", "a cat", "--res", "256"], "position table"),
     (["--model", "{folder}", "--prompt", "a cat", "--height", "72", "--width", "64"], "--height 72 is not a multiple"),
-    (["--model", "{folder}", "--prompt", "a cat", "--height", "64", "--width", "256"], "--width 256 is beyond the posit"),
+    (["--model", "{folder}", "--prompt", "a cat", "--height", "64", "--width", "256"], "--width 256 is beyond"),
     (["--model", "{folder}", "--prompt", "a cat", "--res", "64", "--height", "64"], "--res is the shorthand"),
     (["--model", "{folder}", "--prompt", "a cat", "--method", "dpm"], "--method"),
     (["--model", "{folder}", "--prompt", "a cat", "--method", "student"], "--student"),

@@ -98,6 +98,8 @@ def test_shards_hold_latents_embeddings_and_captions(images, tmp_path, vae, caps
 
     ds = ShardDataset(str(tmp_path / "out"))
     assert len(ds) == 7 and ds.has_text
+    # square shards, written as before buckets (one "latents" tensor, no sizes): one bucket
+    assert "buckets" not in index and ds.bucket_ids is None and ds.bucket_sizes is None
     names = sorted(GOOD)
     errors = []
     for i, name in enumerate(names):
