@@ -85,10 +85,14 @@ Files (--out DIR; safetensors and JSON only, never pickle; every file written at
     DIR/lora.safetensors (lora-ema.safetensors with --ema) for --lora, with the merged students in the toy world
     DIR/student.safetensors (+ fusion.safetensors; with --ema student-ema.safetensors and
     fusion-ema.safetensors) at the end, their metadata naming the method and the teacher sampler;
-    main() returns the student's path (the EMA one with --ema); DIR/diffusers/transformer with
-    --export-diffusers (config has txt_align_guidance: true, the flag the authors' released pipeline
-    reads); DIR/log.jsonl: one line per step: step, loss, lr, samples_per_s, teacher_s, student_s;
-    DIR/run.lock while a run holds DIR (cli.FolderLock).
+    main() returns the student's path (the EMA one with --ema); DIR/README.md, the model card (export.py);
+    DIR/diffusers/ with --export-diffusers: transformer/ (config has txt_align_guidance: true, the flag the
+    authors' released pipeline reads), and when --teacher is a diffusers pipeline folder its text encoders,
+    tokenizers, VAE and scheduler (hard-linked) and model_index.json, a folder the released pipeline
+    loads, with its own card (export.py); DIR/log.jsonl: one line per step: step, loss, lr,
+    samples_per_s, teacher_s, student_s, step_s, grad_norm (before clipping), and sample_s where a grid
+    was drawn; DIR/samples/step-NNNNNNN.png (sample grids: teacher | student at three w, monitor.py)
+    and DIR/tensorboard with --report-to tensorboard; DIR/run.lock while a run holds DIR (cli.FolderLock).
 
 Faults (the details: training_state.py, cli.py, options.py):
   * Bad input is refused before anything heavy loads: one line `error: ...`, exit status 2; a failure
@@ -121,12 +125,14 @@ from tqdm import tqdm
 
 import cli
 import embed
+import export
 import lora
+import monitor
 import options
 import samplers
 from batches import StepSampler, WithNoise
 from checkpoint import _atomic_save
-from mmdit import load_mmdit, load_mmdit_blend, save_mmdit, save_mmdit_diffusers
+from mmdit import load_mmdit, load_mmdit_blend, save_mmdit
 from options import FULL, build_parser, check_args, fill_defaults, lora_spec
 from training_state import (LATEST, _tensors, _trim_log, check_resume, complete_checkpoints, last_good, load_checkpoint,
                             non_finite, remove_temporaries, replica_checksums, resume_point,
@@ -314,7 +320,8 @@ def describe_source(source):
 
 def student_metadata(args, step):
     """What a student file records of its run (embed.load_student and toy_report read it)."""
-    meta = {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step)}
+    meta = {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step),
+            export.RUN_METADATA: json.dumps(export.run_info(args, step))}  # what the model card says
     if args.fused_scale is not None:  # Eq. 7's factor, which embed.load_student applies again
         meta[embed.SCALE_METADATA] = repr(args.fused_scale)
     if getattr(args, "lora", None) is not None:
@@ -485,12 +492,17 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
               gradient_as_bucket_view=True) if distributed else student
     context_null, y_null = dataset.null()
     null = (context_null.to(device, torch.float32), y_null.to(device, torch.float32))  # (1, L, Dc), (1, Dy)
-    sampler = StepSampler(len(dataset), args.seed, start, args.steps, args.global_batch, micro, rank, world_size)
+    sampler = StepSampler(len(dataset), args.seed, start, args.steps, args.global_batch, micro, rank, world_size,
+                          buckets=getattr(dataset, "bucket_ids", None))  # prepare.py's buckets: one per global batch
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     loader = DataLoader(WithNoise(dataset, args.seed, args.t_sampling, args.w_min, args.w_max), batch_size=micro,
                         sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
     batches = iter(loader)
+    # sample grids and TensorBoard (rank 0; they leave the training bitwise unchanged)
+    watch = monitor.Monitor(args, rank, start, dataset, toy_world, dict(student=ema or student, teacher=teacher,
+                            weak=weak, main=main), null, (args.bf16 or args.teacher_dtype == "bf16",
+                                                          student_bf16(args)), device)
 
     log = None  # opened at the first record: a run refused before its first step leaves no file
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"distill {args.method}",
@@ -520,7 +532,9 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
             raise NonFinite(f"non-finite loss ({loss_value}) at step {step + 1}: training stopped before the "
                             f"optimizer step; {last_good(args.out, rank)}; lower --lr, or check the data and the teacher")
         if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)  # the norm before clipping
+        elif rank == 0:
+            norm = monitor.grad_norm(params)
         # Algorithm 1: AdamW step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -533,7 +547,9 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
         if rank == 0:
             record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                       "samples_per_s": args.global_batch / dt, "teacher_s": timing["teacher_s"],
-                      "student_s": timing["student_s"], "step_s": dt}
+                      "student_s": timing["student_s"], "step_s": dt,
+                      "grad_norm": norm.item() if torch.isfinite(norm) else None}
+            record.update(watch.step(done, record))  # a sample grid when due: its seconds as sample_s
             log = log or open(log_path, "a")
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -551,6 +567,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
             if distributed:
                 dist.barrier()  # rank 0 saves, then everybody goes on
     bar.close()
+    watch.close()
     if log is not None:
         log.close()
     del batches
@@ -568,12 +585,16 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
             final = save_mmdit(ema.model, os.path.join(args.out, "student-ema.safetensors"), metadata=meta)
             if len(ema.fusion.state_dict()):
                 _atomic_save(_tensors(ema.fusion), os.path.join(args.out, "fusion-ema.safetensors"), meta)
-        if args.export_diffusers:
-            folder = os.path.join(args.out, "diffusers", "transformer")
-            save_mmdit_diffusers(ema.model if ema is not None else student.model, folder,
-                                 extra_config={"txt_align_guidance": True})
-            print(f"diffusers export: {folder}")
-    if rank == 0:
+        if args.export_diffusers:  # a pipeline folder with the teacher's parts when the teacher is one (export.py)
+            folder = os.path.join(args.out, "diffusers")
+            how = export.export_pipeline(ema.model if ema is not None else student.model, folder,
+                                         args.teacher if export.is_pipeline(args.teacher) else None,
+                                         export.run_info(args, args.steps))
+            parts = f", the teacher's text encoders, VAE and scheduler {how}" if how else ""
+            print(f"diffusers export: {folder} (transformer/{parts}, README.md)")
+    if rank == 0:  # the model card beside the final files: what they are, w's convention, the loaders
+        export.write_card(args.out, export.run_info(args, args.steps),
+                          export.run_files(args, ema is not None, base is not None, toy_world is not None))
         print(f"student: {final}")
         if toy_world is not None and not args.no_report:  # the toy world's Table 4, figures, CIs
             import toy_report

@@ -332,6 +332,11 @@ def table_plans(args):
     return plans
 
 
+def pixels(height, width):
+    """An image size for a title: "1024px" for a square, "1216x832px" (width x height) otherwise."""
+    return f"{height}px" if height == width else f"{width}x{height}px"
+
+
 def cmd_table4(args):
     scorers = score_specs(args.score or [])
     plans = table_plans(args)
@@ -350,7 +355,7 @@ def cmd_table4(args):
         generate.free_memory(device)
     first = plans[0][2]
     title = (f"{len(first.prompts)} prompts x {first.args.n_per_prompt} images, {first.args.steps} steps, "
-             f"{first.res}px, seed {first.args.seed}")
+             f"{pixels(*first.size)}, seed {first.args.seed}")
     print(write_table(rows, os.path.join(args.out, "table4"), title=f"Table 4: {title}"))
     by_label = {}  # label -> {w: (plan, records)}
     for label, w, plan in plans:
@@ -427,8 +432,10 @@ def cmd_speed(args):
         raise ValueError("W2SD needs both --strong and --weak (or neither: the table then leaves W2SD out)")
     if args.strong and not args.mmdit:
         raise ValueError("--strong/--weak need --mmdit (the random tiny default has no weak/strong pair)")
-    if args.res % 16:
-        raise ValueError(f"--res {args.res} is not a multiple of 16 (the VAE's 8 x the MMDiT's 2 x 2 patches)")
+    height, width = args.height or args.res, args.width or args.res
+    for flag, side in (("--height" if args.height else "--res", height), ("--width" if args.width else "--res", width)):
+        if side % 16:
+            raise ValueError(f"{flag} {side} is not a multiple of 16 (the VAE's 8 x the MMDiT's 2 x 2 patches)")
     for flag in ("steps", "batch", "repeats", "tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)} must be at least 1")
@@ -444,8 +451,7 @@ def cmd_speed(args):
         strong = weak = None
     cfg = model.config
     g = torch.Generator().manual_seed(args.seed)
-    side = args.res // 8
-    noise = torch.randn(args.batch, cfg.in_channels, side, side, generator=g).to(device)  # (B, C, H, W)
+    noise = torch.randn(args.batch, cfg.in_channels, height // 8, width // 8, generator=g).to(device)  # (B, C, H, W)
     # random conditioning of the right shapes: the cost does not depend on the prompt
     context = torch.randn(args.batch, args.tokens, cfg.context_dim, generator=g).to(device, dtype)  # (B, L, Dc)
     y = torch.randn(args.batch, cfg.pooled_dim, generator=g).to(device, dtype)  # (B, Dy)
@@ -453,7 +459,7 @@ def cmd_speed(args):
     y_null = torch.randn(1, cfg.pooled_dim, generator=g).to(device, dtype)
     rows = speed_table(model, noise, context, y, context_null, y_null, w=args.w, steps=args.steps,
                        strong=strong, weak=weak, repeats=args.repeats)
-    title = f"speed: {args.steps} steps, w = {args.w}, {args.res}px, batch {args.batch}, {device.type}"
+    title = f"speed: {args.steps} steps, w = {args.w}, {pixels(height, width)}, batch {args.batch}, {device.type}"
     print(write_table(rows, args.out, title=title))
 
 
@@ -516,7 +522,9 @@ def build_parser():
     p.add_argument("--mmdit", help="MMDiT checkpoint (default: a tiny random MMDiT)")
     p.add_argument("--strong", help="strong model for W2SD")
     p.add_argument("--weak", help="weak model for W2SD")
-    p.add_argument("--res", type=int, default=256)
+    p.add_argument("--res", type=int, default=256, help="a square image's side in pixels (default 256)")
+    p.add_argument("--height", type=int, help="image height in pixels (default --res)")
+    p.add_argument("--width", type=int, help="image width in pixels (default --res)")
     p.add_argument("--tokens", type=int, default=333, help="text tokens (SD3: 333)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--w", type=float, default=5.0)

@@ -36,7 +36,10 @@ Noise, as DESIGN.md fixes it: image k of a prompt starts from torch.randn(1, 16,
 generator=torch.Generator("cpu").manual_seed(seed + k)) in float32, moved to the device. That is what
 diffusers' StableDiffusion3Pipeline draws with generator=torch.Generator("cpu").manual_seed(seed + k), so
 a seed gives the same image in both (tests/test_generate.py: within 1e-4 at a tiny size), and the same
-image on CPU and GPU up to the dtype.
+image on CPU and GPU up to the dtype. Image sizes: --res R for R x R, or --height H --width W (multiples
+of 16, each side within the MMDiT's position table: 192 patches of 16 px, 3072 px, for SD3-medium); a
+non-square image is drawn the same way, its noise (1, 16, H/8, W/8) (tests/test_generate.py: 64 x 96 and
+96 x 64 against diffusers).
 
 Order of work, so that SD3-medium with T5 fits a 24 GB GPU in bf16 (an ESTIMATE, no GPU was at hand:
 `python benchmarks/memory_generate.py` gives 11.6 GB while the text encoders run, then 6.4 GB for one
@@ -48,7 +51,8 @@ MMDiT and the VAE, 14.5 GB for W2SD with --w2sd-main; 17.5 GB and 25.6 GB if all
     3. OUT/index.jsonl and the contact sheet OUT/contact.png, rebuilt from the PNGs.
 
 Output: OUT/images/PPPPP-KK.png (prompt P, image K, seed + K) with the prompt, negative prompt, method,
-w, steps, seed, NFE, model file name, seconds per image (sampling + decoding) in its PNG text metadata.
+w, steps, seed, height, width, NFE, model file name, seconds per image (sampling + decoding) in its PNG
+text metadata.
 Images already there are skipped (re-running a killed job continues it) if made with the same settings
 (else: an error). --toy: the toy world of toy.py (its cached teacher, W2SD pair and text encoders;
 images are its 16 x 16 latents, saved 8x larger with nearest neighbour).
@@ -88,7 +92,7 @@ SHEET = (8, 8)  # the contact sheet: at most this many prompts x images per prom
 ENCODE_CHUNK = 16  # prompts through the text encoders at once
 # the fields of a PNG's record that must match for an existing image to count as done
 SETTINGS = ("prompt", "negative_prompt", "method", "w", "steps", "seed", "model", "student", "student_method",
-            "res", "dtype", "preset", "w_rounding", "no_t5", "w2sd", "lora")
+            "height", "width", "dtype", "preset", "w_rounding", "no_t5", "w2sd", "lora")
 
 
 # -----------------------------------------------------------------------------
@@ -170,7 +174,12 @@ def add_arguments(parser, exclude=()):
         "another y_null is untrained). Default: the empty string (the paper's null prompt)")
     add("--seed", type=int, default=0, help="image k of every prompt uses seed + k (as diffusers' generator)")
     add("--n-per-prompt", type=int, default=1, help="images per prompt")
-    add("--res", type=int, help="image side in pixels, a multiple of 16 (default 1024; the toy world has its own)")
+    add("--res", type=int, help="a square image's side in pixels, a multiple of 16 (default 1024; the toy world has its "
+        "own): the shorthand for --height RES --width RES")
+    add("--height", type=int, help="image height in pixels, a multiple of 16 within the MMDiT's position table "
+        "(default --res)")
+    add("--width", type=int, help="image width in pixels, a multiple of 16 within the MMDiT's position table "
+        "(default --res)")
     add("--out", default="runs/generate", help="output folder: OUT/images/*.png, OUT/index.jsonl, OUT/contact.png "
         "(default runs/generate)")
     add("--student", help="--method student: the student's MMDiT as distill.py writes it (fusion.safetensors "
@@ -213,7 +222,7 @@ class Plan:
     prompts: list
     jobs: list  # (prompt index, image index k) of every image of the run
     done: dict  # job -> record of the images already there
-    res: int
+    size: tuple  # (height, width) in pixels
     device: torch.device
     dtype: torch.dtype
     record: dict  # the settings every image of the run carries
@@ -260,14 +269,26 @@ def _sources(a):
     return encoders, vae_path
 
 
-def _check_res(res, configs):
-    for flag, cfg in configs:
-        p = cfg.patch_size
-        if res % (8 * p):
-            raise ValueError(f"--res {res} is not a multiple of {8 * p} (the VAE's 8 x the MMDiT's {p} x {p} patches)")
-        if res // (8 * p) > cfg.pos_embed_max_size:
-            raise ValueError(f"--res {res} is beyond the position table of {flag} ({cfg.pos_embed_max_size} patches "
-                             f"per side): at most {cfg.pos_embed_max_size * 8 * p}")
+def requested_size(a):
+    """(height, width) in pixels from --res, --height, --width (--res is the square shorthand; default 1024)."""
+    if a.res is not None and (a.height is not None or a.width is not None):
+        raise ValueError("--res is the shorthand for --height RES --width RES: give --res, or --height and --width")
+    side = 1024 if a.res is None else a.res
+    return (side if a.height is None else a.height), (side if a.width is None else a.width)
+
+
+def _check_size(size, configs, square):
+    """Each side a multiple of the VAE's 8 x the patch size, and within every MMDiT's position table."""
+    for name, side in zip(("--height", "--width"), size):
+        name = "--res" if square else name
+        for flag, cfg in configs:
+            p = cfg.patch_size
+            if side % (8 * p):
+                raise ValueError(f"{name} {side} is not a multiple of {8 * p} (the VAE's 8 x the MMDiT's {p} x {p} "
+                                 "patches)")
+            if side // (8 * p) > cfg.pos_embed_max_size:
+                raise ValueError(f"{name} {side} is beyond the position table of {flag} ({cfg.pos_embed_max_size} "
+                                 f"patches per side): at most {cfg.pos_embed_max_size * 8 * p}")
 
 
 def _check_writable(out):
@@ -314,14 +335,14 @@ def _check_models(a, toy_world):
     for flag in ("student", "strong", "weak", "w2sd_finetuned", "lora"):
         _need(getattr(a, flag), "--" + flag.replace("_", "-"))
     if toy_world:
-        given = [f for f in ("model", "text_encoders", "vae", "res") if getattr(a, f) is not None]
+        given = [f for f in ("model", "text_encoders", "vae", "res", "height", "width") if getattr(a, f) is not None]
         if given or a.no_t5:
             raise ValueError(f"--{(given or ['no-t5'])[0].replace('_', '-')}: the toy world brings its own models, "
                              "text encoders and image size")
         import toy  # only here: the SD3 path does not need the toy world
         if a.lora:
             lora.check_adapter(a.lora, toy.TEACHER_CONFIG)
-        return toy.W, None, None
+        return (toy.H, toy.W), None, None
     if a.model is None:
         raise ValueError("--model is required (an SD3 checkpoint), or --toy for the toy world")
     _need(a.model, "--model")
@@ -336,9 +357,9 @@ def _check_models(a, toy_world):
             raise ValueError(f"{flag} does not take --model's inputs: {cfg.in_channels} latent channels, context "
                              f"{cfg.context_dim}, pooled {cfg.pooled_dim} vs {base.in_channels}, "
                              f"{base.context_dim}, {base.pooled_dim}")
-    res = 1024 if a.res is None else a.res
-    _check_res(res, configs)
-    return res, text_encoders, vae_path
+    size = requested_size(a)
+    _check_size(size, configs, square=a.height is None and a.width is None)
+    return size, text_encoders, vae_path
 
 
 def check(args, world=None):
@@ -359,7 +380,7 @@ def check(args, world=None):
         raise ValueError(f"--seed {a.seed} must be >= 0")
     toy_world = a.toy or world is not None
     w = _check_method(a, toy_world)
-    res, text_encoders, vae_path = _check_models(a, toy_world)
+    size, text_encoders, vae_path = _check_models(a, toy_world)
     if a.lora and a.student_method not in (None, *lora.METHODS):
         raise ValueError(f"--student-method {a.student_method}: a LoRA student is one of {', '.join(lora.METHODS)}")
     student_method = embed.student_files(a.student or a.lora, a.student_method)[0] if a.method == "student" else None
@@ -374,12 +395,12 @@ def check(args, world=None):
     _check_writable(a.out)
     record = dict(negative_prompt=a.negative_prompt, method=a.method, w=w, steps=a.steps,
                   model="toy world" if toy_world else _name(a.model), student=_name(a.student),
-                  student_method=student_method, res=res, dtype=str(dtype).split(".")[-1],
+                  student_method=student_method, height=size[0], width=size[1], dtype=str(dtype).split(".")[-1],
                   preset=a.preset if a.method in ("zsampling", "w2sd") else None,
                   w_rounding=a.w_rounding if a.method == "student" else None, no_t5=a.no_t5,
                   w2sd=_w2sd_description(a) if a.method == "w2sd" else None, lora=_name(a.lora))
     jobs = [(i, k) for i in range(len(prompts)) for k in range(a.n_per_prompt)]
-    plan = Plan(a, prompts, jobs, {}, res, device, dtype, record, text_encoders, vae_path, student_method, world)
+    plan = Plan(a, prompts, jobs, {}, size, device, dtype, record, text_encoders, vae_path, student_method, world)
     for job in jobs:  # images already made: skipped if they were made with these settings
         path = image_path(plan, job)
         if os.path.isfile(path):
@@ -495,7 +516,7 @@ def iter_images(plan, jobs):
         hw, decode = (toy.H, toy.W), (lambda x: x)
     else:
         decoder = vae.load_vae(plan.vae, device, torch.float32 if plan.dtype == torch.float16 else plan.dtype)
-        hw, decode = (plan.res // decoder.config.downsample,) * 2, decoder.decode
+        hw, decode = tuple(side // decoder.config.downsample for side in plan.size), decoder.decode  # (h, w)
     ctx_null, yn = context_null.to(device), y_null.to(device)
     for b in range(0, len(jobs), a.batch):
         batch = jobs[b:b + a.batch]

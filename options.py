@@ -21,7 +21,9 @@ import os
 
 import cli
 import embed
+import export
 import lora
+import monitor
 import samplers
 
 METHODS = tuple(embed.FUSIONS)  # teefusion, gonly, distillcfg, dice
@@ -147,6 +149,7 @@ def build_parser():
                    help="train low-rank adapters of this rank (lora.py) over the frozen student start instead of "
                         "every weight; writes lora.safetensors (diffusers' SD3 LoRA format)")
     lora.add_arguments(p)
+    monitor.add_arguments(p)  # sample grids, TensorBoard
     p.add_argument("--full", action="store_true", help="toy world: distill every student of FULL (a TeEFusion "
                                                         "student per teacher, the Table 3 ablations, DICE), each "
                                                         "into --out/NAME, then print one table of them all")
@@ -267,12 +270,15 @@ def check_args(args, world_size=1):
     if args.export_diffusers and args.fused_scale != embed.RELEASED_SCALE:
         raise ValueError(f"--export-diffusers writes the authors' pipeline format, which computes Eq. 7 at 1/256; this "
                          f"student's --fused-scale is {args.fused_scale:g}: use the safetensors files in --out")
+    if args.export_diffusers and export.is_pipeline(args.teacher):  # its parts join the export: all there?
+        export.check_components(args.teacher)
     if args.ema is not None and not 0 < args.ema < 1:
         raise ValueError(f"--ema {args.ema}: the decay must be in (0, 1), e.g. 0.9999")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: nothing to train (the student would be the teacher); give at least 1")
     if args.ckpt_every < 1 or args.teacher_steps < 1 or args.keep < 1:
         raise ValueError("--ckpt-every, --teacher-steps and --keep must be >= 1")
+    monitor.check_arguments(args)
     if args.tau is not None:
         try:
             args.tau = float(args.tau)

@@ -10,13 +10,35 @@ Inputs, one of:
                        from --images when given, else from the file's folder
 
 Output folder (--out):
-    shard-00000.safetensors   latents (N, 16, R/8, R/8): a posterior sample (or the mean, with
-                              --posterior mean) after resize + centre crop to R x R; with
-                              --text-encoders also context (N, L, 4096) and y (N, 2048); the
-                              captions and source paths as JSON in the safetensors metadata
+    shard-00000.safetensors   the latents: a posterior sample (or the mean, with --posterior mean)
+                              of each image after resize + centre crop to its bucket (below): one
+                              tensor latents_HxW (N_b, 16, H/8, W/8) per bucket present in the shard,
+                              and each sample's [H, W] in the metadata ("sizes", in sample order);
+                              with --buckets square a single latents (N, 16, R/8, R/8), as shards
+                              were written before buckets. With --text-encoders also context
+                              (N, L, 4096) and y (N, 2048), in sample order; the captions and source
+                              paths as JSON in the safetensors metadata
     null.safetensors          the null prompt (the encoded empty string), stored once:
                               context (1, L, 4096), y (1, 2048)
     index.json                shards, counts, shapes, settings, and the skipped images
+
+Buckets (--buckets aspect, the default): each image keeps its aspect ratio. For --resolution R the
+buckets are the sizes of about R x R pixels at the aspect ratios (width : height) 1:1, 5:4, 4:5,
+3:2, 2:3, 16:9 and 9:16: width = 16 round(R sqrt(a) / 16), height = 16 round(R / sqrt(a) / 16),
+a bucket kept when its area is within 10% of R^2 (at small R the 16-pixel grid leaves fewer: 3 at
+R = 64, 1 at R = 32; `python -c "import prepare; print(prepare.bucket_sizes(512))"` lists them as
+(height, width)). R = 1024: 1024x1024, 1152x912,
+912x1152, 1248x832, 832x1248, 1360x768, 768x1360 (width x height; the longest side 1360 px, 170
+patches of 2 x 8 px: within SD3's 192-patch position table). An image goes to the bucket whose
+aspect ratio is nearest to its own (the smallest |log(a_bucket / a_image)|, EXIF rotation applied),
+is resized (bicubic) to cover it and centre-cropped. For every image between 9:16 and 16:9 at
+R >= 128 the bucket's aspect ratio is within a factor 1.14 of the image's (tests/test_prepare.py),
+so the crop removes at most 12% of one side (a square crop of a 16:9 image removes 44%); a wider
+image goes to the widest bucket and loses more. distill.py draws every global batch from one
+bucket (batches.py). index.json gains "buckets" ([{"size": [H, W], "latent_shape", "num_samples"}],
+one per bucket of R, in that order) and, per shard, "buckets": the bucket number of each of its
+samples; its "latent_shape" is then null and "bytes_per_sample" the mean over the samples. A folder
+written with --buckets square (or before buckets) has neither, and reads as one bucket.
 
 Every file is written to a temporary name and renamed, so a shard is either whole or absent.
 A re-run skips finished shards (after checking that they hold the same inputs and settings),
@@ -32,8 +54,10 @@ Reading the shards (a map-style Dataset, so DistributedSampler can split it):
     ds = ShardDataset("data/shards")
     ds[0]       # {"latents": (16, h, w), "context": (L, 4096), "y": (2048,), "caption": str}
     ds.null()   # (context (1, L, 4096), y (1, 2048))
+    ds.bucket_ids   # the bucket number of every sample (None: one bucket), for batches.StepSampler
 
-Shape legend: N samples in a shard, R resolution, h = w = R/8, L text tokens.
+Shape legend: N samples in a shard (N_b of them in bucket b), R resolution, H x W a bucket's size in
+pixels, h w = H/8 W/8, L text tokens.
 """
 
 import bisect
@@ -53,13 +77,16 @@ from tqdm import tqdm
 
 import cli
 from checkpoint import atomic_write
-from vae import from_uint8, load_image, load_vae
+from vae import from_uint8, image_size, load_image, load_vae
 
 SHARD_FORMAT = "teefusion-shard/1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PATH_COLUMNS = ("path", "file_name", "image")
 CAPTION_COLUMNS = ("caption", "text")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BUCKETS = ("aspect", "square")  # --buckets: keep each image's aspect ratio, or crop every image to R x R
+ASPECTS = (1.0, 5 / 4, 3 / 2, 16 / 9)  # width : height of the buckets, and their inverses
+AREA_TOLERANCE = 0.1  # a bucket's area is within 10% of R x R
 
 
 # -----------------------------------------------------------------------------
@@ -133,22 +160,52 @@ def _read_captions_file(path):
     return samples
 
 
-class _ImageFiles(Dataset):
-    """Reads and resizes images in DataLoader workers. An unreadable image comes back as an
-    error string, so that one bad file among millions is reported instead of fatal."""
+# -----------------------------------------------------------------------------
+# Buckets: sizes of about R x R pixels that keep an image's aspect ratio (the module docstring)
 
-    def __init__(self, root, paths, resolution):
-        self.root, self.paths, self.resolution = root, paths, resolution
+
+def bucket_sizes(resolution, buckets="aspect"):
+    """[(height, width)] of the buckets of --resolution R, portrait to landscape: R x R alone for
+    "square"; for "aspect" the ASPECTS and their inverses on the 16-pixel grid, each within
+    AREA_TOLERANCE of R^2, duplicates dropped."""
+    if buckets == "square":
+        return [(resolution, resolution)]
+    sizes = []
+    for a in ASPECTS:
+        for ratio in (a,) if a == 1 else (a, 1 / a):
+            width = 16 * round(resolution * math.sqrt(ratio) / 16)
+            height = 16 * round(resolution / math.sqrt(ratio) / 16)
+            if abs(width * height / resolution**2 - 1) <= AREA_TOLERANCE and (height, width) not in sizes:
+                sizes.append((height, width))
+    return sorted(sizes, key=lambda s: s[1] / s[0])
+
+
+def nearest_bucket(width, height, sizes):
+    """The number of the bucket whose aspect ratio is nearest to width / height (in log ratio; ties:
+    the first)."""
+    return min(range(len(sizes)), key=lambda b: abs(math.log(sizes[b][1] / sizes[b][0] * height / width)))
+
+
+class _ImageFiles(Dataset):
+    """Reads and resizes images in DataLoader workers, each to its bucket (an index into `sizes`,
+    [(height, width)]). An unreadable image comes back as an error string, so that one bad file
+    among millions is reported instead of fatal."""
+
+    def __init__(self, root, paths, sizes):
+        self.root, self.paths, self.sizes = root, paths, sizes
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            image = load_image(os.path.join(self.root, self.paths[i]), self.resolution)
-            return i, torch.from_numpy(np.array(image)), None  # (R, R, 3) uint8
+            path = os.path.join(self.root, self.paths[i])
+            b = 0 if len(self.sizes) == 1 else nearest_bucket(*image_size(path), self.sizes)
+            height, width = self.sizes[b]
+            image = load_image(path, height if height == width else (width, height))
+            return i, torch.from_numpy(np.array(image)), None, b  # (H, W, 3) uint8
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-            return i, None, f"{type(e).__name__}: {e}"
+            return i, None, f"{type(e).__name__}: {e}", None
 
 
 def _as_list(batch):
@@ -192,21 +249,33 @@ def _check_existing_shard(path, settings, fingerprint):
                          "since it was written); use a new --out folder, or delete the old shards")
 
 
-def check_settings(resolution, shard_size, batch_size, posterior):
+def check_settings(resolution, shard_size, batch_size, posterior, buckets="aspect"):
     """Refuse settings that cannot work (before any model is loaded, from the command line)."""
     if not isinstance(resolution, int) or resolution <= 0 or resolution % 16:
         raise ValueError(f"resolution {resolution} must be a positive multiple of 16 (the VAE divides it "
                          "by 8 and the MMDiT's 2x2 patches by 2 more)")
+    if buckets not in BUCKETS:
+        raise ValueError(f"buckets must be one of {BUCKETS}, got {buckets!r}")
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be at least 1")
     if posterior not in ("sample", "mean"):
         raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
 
 
-def encode_batch(vae, text_encoder, images, captions, generator, dtype):
-    """uint8 images (b, R, R, 3) and their captions -> {"latents": (b, 16, R/8, R/8), and with a
-    text encoder "context": (b, L, Dc), "y": (b, Dy)}, on the CPU in the storage dtype."""
-    out = {"latents": vae.encode(from_uint8(images), generator=generator).to(dtype)}  # x0 for Algorithm 1
+def encode_batch(vae, text_encoder, images, captions, buckets, generator, dtype):
+    """uint8 images [(H_k, W_k, 3)], their captions and their bucket numbers -> {"latents": [(bucket,
+    latent (16, H_k/8, W_k/8))] in the images' order, and with a text encoder "context": (b, L, Dc),
+    "y": (b, Dy)}, on the CPU in the storage dtype. The images of one bucket go through the VAE
+    together, the buckets in ascending order (so the posterior samples drawn from `generator` are the
+    same at every rebuild; with one bucket, one call for the whole batch as before buckets)."""
+    latents = [None] * len(images)
+    for b in sorted(set(buckets)):
+        members = [k for k, bk in enumerate(buckets) if bk == b]
+        x = from_uint8(torch.stack([images[k] for k in members]))  # (n, 3, H, W) in [-1, 1]
+        z = vae.encode(x, generator=generator).to(dtype)  # (n, 16, H/8, W/8): x0 for Algorithm 1
+        for k, zk in zip(members, z):
+            latents[k] = (b, zk)
+    out = {"latents": latents}
     if text_encoder is not None:
         context, y = text_encoder.encode(captions)  # (b, L, Dc), (b, Dy)
         if context.ndim != 3 or y.ndim != 2 or len(context) != len(captions) or len(y) != len(captions):
@@ -216,24 +285,34 @@ def encode_batch(vae, text_encoder, images, captions, generator, dtype):
     return out
 
 
+def latent_name(size):
+    """The shard tensor of bucket (H, W): latents_HxW."""
+    return f"latents_{size[0]}x{size[1]}"
+
+
 def prepare(samples, out, vae, resolution, root=".", text_encoder=None, shard_size=256, batch_size=8,
             dtype=torch.bfloat16, posterior="sample", seed=0, rank=0, world_size=1, workers=4, sources=None,
-            progress=True):
+            progress=True, buckets="aspect"):
     """Encode `samples` [(path relative to root, caption), ...] into shards under `out`.
 
+    buckets: "aspect" (each image to the bucket of bucket_sizes(resolution) nearest its aspect ratio) or
+    "square" (every image to resolution x resolution; shards as written before buckets).
     vae: a vae.VAE. text_encoder: None (latents and captions only) or an object with
     encode(prompts) -> (context (B, L, Dc), y (B, Dy)) and encode_null() -> (context (1, L, Dc),
     y (1, Dy)), e.g. embed.TextEncoders. This process handles shards rank, rank + world_size, ...
     and skips shards already on disk. Returns {"built": [...], "reused": [...], "index": the
     index dict, or None while other processes' shards are missing}.
     """
-    check_settings(resolution, shard_size, batch_size, posterior)
+    check_settings(resolution, shard_size, batch_size, posterior, buckets)
     if not samples:
         raise ValueError("no samples to prepare")
     os.makedirs(out, exist_ok=True)
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     settings = dict(resolution=resolution, shard_size=shard_size, dtype=dtype_name, posterior=posterior,
                     seed=seed if posterior == "sample" else None, text=text_encoder is not None)
+    if buckets == "aspect":  # (square shards keep the settings, and so the files, of before buckets)
+        settings["buckets"] = buckets
+    sizes = bucket_sizes(resolution, buckets)  # [(H, W)]
     num_shards = math.ceil(len(samples) / shard_size)
 
     null = None
@@ -260,7 +339,7 @@ def prepare(samples, out, vae, resolution, root=".", text_encoder=None, shard_si
         first, last = len(todo), len(todo) + len(items)
         batches.append([list(range(b, min(b + batch_size, last))) for b in range(first, last, batch_size)])
         todo += items
-    loader = DataLoader(_ImageFiles(root, [p for p, _ in todo], resolution), num_workers=workers,
+    loader = DataLoader(_ImageFiles(root, [p for p, _ in todo], sizes), num_workers=workers,
                         batch_sampler=[b for shard_batches in batches for b in shard_batches], collate_fn=_as_list)
     loaded = iter(loader)
     bar = tqdm(total=len(todo), unit="img", disable=not progress,
@@ -270,30 +349,37 @@ def prepare(samples, out, vae, resolution, root=".", text_encoder=None, shard_si
         generator = torch.Generator().manual_seed(seed * 1_000_003 + s) if posterior == "sample" else None
         parts, kept, skipped = [], [], []
         for _ in shard_batches:
-            batch = next(loaded)  # [(index into todo, (R, R, 3) uint8 or None, error or None), ...]
-            for i, _, error in batch:
+            batch = next(loaded)  # [(index into todo, (H, W, 3) uint8 or None, error or None, bucket), ...]
+            for i, _, error, _ in batch:
                 if error is not None:
                     skipped.append({"path": todo[i][0], "error": error})
                     bar.write(f"skipping unreadable image {os.path.join(root, todo[i][0])}: {error}")
-            ok = [(todo[i], image) for i, image, error in batch if error is None]
+            ok = [(todo[i], image, b) for i, image, error, b in batch if error is None]
             if ok:
-                images = torch.stack([image for _, image in ok])  # (b, R, R, 3) uint8
-                parts.append(encode_batch(vae, text_encoder, images, [c for (_, c), _ in ok], generator, dtype))
-                kept += [sample for sample, _ in ok]
+                parts.append(encode_batch(vae, text_encoder, [image for _, image, _ in ok], [c for (_, c), _, _ in ok],
+                                          [b for _, _, b in ok], generator, dtype))
+                kept += [sample for sample, _, _ in ok]
             bar.update(len(batch))
 
-        h = resolution // vae.config.downsample
-        tensors = {"latents": torch.zeros(0, vae.config.latent_channels, h, h, dtype=dtype)}  # (0, 16, h, w)
+        latents = [z for part in parts for z in part["latents"]]  # (bucket, (16, h, w)) of each kept sample
+        ds, C = vae.config.downsample, vae.config.latent_channels
+        if buckets == "square":  # one tensor, empty when no image of the shard was readable
+            tensors = {"latents": torch.stack([z for _, z in latents]) if latents
+                       else torch.zeros(0, C, resolution // ds, resolution // ds, dtype=dtype)}  # (N, 16, h, w)
+        else:  # one tensor per bucket present, its rows in sample order
+            tensors = {latent_name(sizes[b]): torch.stack([z for bz, z in latents if bz == b])  # (N_b, 16, h, w)
+                       for b in sorted({b for b, _ in latents})}
         if null is not None:
-            tensors.update(context=null["context"][:0], y=null["y"][:0])  # (0, L, Dc), (0, Dy)
-        if parts:  # else: no readable image in this shard, the empty tensors above keep the shapes
-            tensors = {k: torch.cat([part[k] for part in parts]) for k in tensors}  # (N, ...)
+            context = torch.cat([part["context"] for part in parts]) if parts else null["context"][:0]  # (N, L, Dc)
+            tensors.update(context=context, y=torch.cat([part["y"] for part in parts]) if parts else null["y"][:0])
         metadata = {
             "shard_format": SHARD_FORMAT, "settings": json.dumps(settings), "inputs_sha256": _fingerprint(items),
             "num_samples": str(len(kept)), "captions": json.dumps([c for _, c in kept], ensure_ascii=False),
             "paths": json.dumps([p for p, _ in kept], ensure_ascii=False),
             "skipped": json.dumps(skipped, ensure_ascii=False),
         }
+        if buckets == "aspect":  # each sample's size, in sample order: the shard records it
+            metadata["sizes"] = json.dumps([list(sizes[b]) for b, _ in latents])
         _save(tensors, os.path.join(out, _shard_name(s)), metadata)
         built.append(s)
     bar.close()
@@ -308,30 +394,42 @@ def prepare(samples, out, vae, resolution, root=".", text_encoder=None, shard_si
 
 def write_index(out, num_shards, settings, sources):
     """Build index.json from the shards' headers (not from memory), so any process, or a
-    re-run, writes the same index."""
-    shards, skipped, shapes = [], [], {}
+    re-run, writes the same index. With buckets: the bucket of every sample, from each shard's
+    "sizes" (the module docstring)."""
+    sizes = bucket_sizes(settings["resolution"]) if settings.get("buckets") == "aspect" else None
+    shards, skipped, shapes, counts = [], [], {}, {}
     for s in range(num_shards):
         with safe_open(os.path.join(out, _shard_name(s)), framework="pt") as f:
             meta = f.metadata()
             shards.append({"file": _shard_name(s), "num_samples": int(meta["num_samples"])})
             skipped += json.loads(meta["skipped"])
             for name in f.keys():
-                shapes[name] = f.get_slice(name).get_shape()[1:]
+                shape = f.get_slice(name).get_shape()
+                shapes[name] = shape[1:]
+                counts[name] = counts.get(name, 0) + shape[0]
+            if sizes is not None:
+                shards[-1]["buckets"] = [sizes.index(tuple(size)) for size in json.loads(meta["sizes"])]
     itemsize = torch.empty(0, dtype=DTYPES[settings["dtype"]]).element_size()
+    n = sum(s["num_samples"] for s in shards)
     index = {
         "format": "teefusion-shards/1",
-        "num_samples": sum(s["num_samples"] for s in shards),
+        "num_samples": n,
         "num_skipped": len(skipped),
         "settings": settings,
-        "latent_shape": shapes["latents"],
+        "latent_shape": shapes.get("latents"),
         "context_shape": shapes.get("context"),
         "y_shape": shapes.get("y"),
         "null": "null.safetensors" if settings["text"] else None,
-        "bytes_per_sample": itemsize * sum(math.prod(v) for v in shapes.values()),
+        # with buckets: the mean over the samples (the buckets' areas differ by up to 10%)
+        "bytes_per_sample": itemsize * (sum(math.prod(v) * counts[k] for k, v in shapes.items()) // max(n, 1)
+                                        if sizes is not None else sum(math.prod(v) for v in shapes.values())),
         "shards": shards,
         "skipped": skipped,
         "sources": sources,
     }
+    if sizes is not None:
+        index["buckets"] = [{"size": list(size), "latent_shape": shapes.get(latent_name(size)),
+                             "num_samples": counts.get(latent_name(size), 0)} for size in sizes]
 
     def write(tmp):
         with open(tmp, "w") as f:
@@ -365,6 +463,13 @@ def read_index(folder):
                        and s["num_samples"] >= 0 for s in shards):
         raise ValueError(f"{path} is not an index written by prepare.py (it needs \"shards\": [{{\"file\", "
                          "\"num_samples\"}, ...] and \"settings\": {\"text\"}); re-run prepare.py")
+    buckets = index.get("buckets")
+    if buckets is not None and not (
+            isinstance(buckets, list) and all(isinstance(b, dict) and isinstance(b.get("size"), list) for b in buckets)
+            and all(isinstance(s.get("buckets"), list) and len(s["buckets"]) == s["num_samples"]
+                    and all(isinstance(k, int) and 0 <= k < len(buckets) for k in s["buckets"]) for s in shards)):
+        raise ValueError(f"{path} has \"buckets\" but not a bucket for every sample of every shard (\"buckets\": "
+                         "[{\"size\": [H, W]}, ...], and per shard a list of bucket numbers); re-run prepare.py")
     missing = [s["file"] for s in shards if not os.path.isfile(os.path.join(folder, s["file"]))]
     if index["settings"]["text"] and not os.path.isfile(os.path.join(folder, "null.safetensors")):
         missing.append("null.safetensors")
@@ -378,7 +483,9 @@ class ShardDataset(Dataset):
     """All samples of a prepared folder as one map-style dataset (DistributedSampler splits it
     by index). ds[i] = {"latents": (16, h, w), "caption": str} plus, when the shards hold text
     embeddings, "context": (L, Dc) and "y": (Dy,). Tensors keep the stored dtype unless `dtype`
-    is given. Only the requested rows are read (safetensors slices of memory-mapped files)."""
+    is given. Only the requested rows are read (safetensors slices of memory-mapped files).
+    With buckets, h x w is the sample's bucket; bucket_sizes lists the buckets ([(H, W)] pixels)
+    and bucket_ids gives the bucket of every sample (both None for one size: a square folder)."""
 
     max_open = 64  # shard files kept open per process
 
@@ -391,7 +498,11 @@ class ShardDataset(Dataset):
         counts = [s["num_samples"] for s in self.index["shards"]]
         self.starts = np.cumsum([0] + counts).tolist()  # the first sample index of each shard, then the total
         self.has_text = bool(self.index["settings"]["text"])
-        self._open = {}  # shard number -> (safe_open handle, tensor names, captions)
+        buckets = self.index.get("buckets")
+        self.bucket_sizes = [tuple(b["size"]) for b in buckets] if buckets is not None else None
+        self.bucket_ids = [k for s in self.index["shards"] for k in s["buckets"]] if buckets is not None else None
+        # shard number -> (safe_open handle, text tensor names, captions, (latent tensor, row) of each sample)
+        self._open = {}
 
     def __len__(self):
         return self.starts[-1]
@@ -403,18 +514,30 @@ class ShardDataset(Dataset):
             if len(self._open) >= self.max_open:
                 self._open.pop(next(iter(self._open)))  # close the oldest
             path, expected = self.files[s], self.index["shards"][s]["num_samples"]
+            if self.bucket_sizes is None:  # one tensor "latents" of every sample
+                latents = [("latents", row) for row in range(expected)]
+            else:  # latents_HxW of each bucket, its rows in sample order
+                seen = {}
+                latents = []
+                for k in self.index["shards"][s]["buckets"]:
+                    latents.append((latent_name(self.bucket_sizes[k]), seen.get(k, 0)))
+                    seen[k] = seen.get(k, 0) + 1
+            want = {name: sum(1 for n, _ in latents if n == name) for name, _ in latents}  # rows per latent tensor
             try:
                 f = safe_open(path, framework="pt")
-                names = [name for name in ("latents", "context", "y") if name in f.keys()]
+                names = [name for name in ("context", "y") if name in f.keys()]
                 captions = json.loads((f.metadata() or {})["captions"])
                 rows = {name: f.get_slice(name).get_shape()[0] for name in names}
+                held = {name: f.get_slice(name).get_shape()[0] for name in f.keys() if name.startswith("latents")}
             except Exception as e:  # safetensors' own SafetensorError, OSError, a missing or bad "captions"
                 raise ValueError(f"{path} is a corrupt shard ({type(e).__name__}: {e}); delete it and re-run "
                                  "prepare.py with the same arguments to rebuild it") from e
-            if "latents" not in rows or set(rows.values()) != {expected} or len(captions) != expected:
-                raise ValueError(f"{path} holds {rows} rows and {len(captions)} captions, but index.json says "
-                                 f"{expected} samples; delete it and re-run prepare.py with the same arguments")
-            self._open[s] = (f, names, captions)
+            square_empty = self.bucket_sizes is None and expected == 0 and "latents" in held
+            if (held != want and not square_empty) or set(rows.values()) - {expected} or len(captions) != expected:
+                raise ValueError(f"{path} holds {dict(held, **rows)} rows and {len(captions)} captions, but index.json "
+                                 f"says {expected} samples ({want or 'no latents'}); delete it and re-run prepare.py "
+                                 "with the same arguments")
+            self._open[s] = (f, names, captions, latents)
         return self._open[s]
 
     def __getitem__(self, i):
@@ -424,8 +547,10 @@ class ShardDataset(Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
         s = bisect.bisect_right(self.starts, i) - 1
         row = i - self.starts[s]
-        f, names, captions = self._shard(s)
-        item = {name: f.get_slice(name)[row] for name in names}  # reads this row only
+        f, names, captions, latents = self._shard(s)
+        name, latent_row = latents[row]
+        item = {"latents": f.get_slice(name)[latent_row]}  # reads this row only
+        item.update({name: f.get_slice(name)[row] for name in names})
         if self.dtype is not None:
             item = {k: v.to(self.dtype) for k, v in item.items()}
         item["caption"] = captions[row]
@@ -457,7 +582,7 @@ def main(args):
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     precision = DTYPES[args.precision or ("bf16" if device.startswith("cuda") else "fp32")]
     # everything that can be checked is checked before the VAE and the text encoders load
-    check_settings(args.resolution, args.shard_size, args.batch_size, args.posterior)
+    check_settings(args.resolution, args.shard_size, args.batch_size, args.posterior, args.buckets)
     if not os.path.exists(args.vae):
         raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     if args.text_encoders and not os.path.isdir(args.text_encoders):
@@ -466,7 +591,9 @@ def main(args):
     cli.output_folder(args.out, "--out")
     if rank == 0:
         print(f"{len(samples)} images with captions from {args.captions or args.images}; "
-              f"{math.ceil(len(samples) / args.shard_size)} shards of up to {args.shard_size} -> {args.out}")
+              f"{math.ceil(len(samples) / args.shard_size)} shards of up to {args.shard_size} -> {args.out}; "
+              "buckets (width x height): "
+              + ", ".join(f"{w}x{h}" for h, w in bucket_sizes(args.resolution, args.buckets)))
     vae = load_vae(args.vae, device=device, dtype=precision)
     text_encoder = None
     if args.text_encoders:
@@ -481,7 +608,7 @@ def main(args):
     result = prepare(samples, args.out, vae, args.resolution, root=root, text_encoder=text_encoder,
                      shard_size=args.shard_size, batch_size=args.batch_size, dtype=DTYPES[args.dtype],
                      posterior=args.posterior, seed=args.seed, rank=rank, world_size=world_size,
-                     workers=args.workers, sources=sources, progress=rank == 0)
+                     workers=args.workers, sources=sources, progress=rank == 0, buckets=args.buckets)
     who = f"rank {rank}: " if world_size > 1 else ""
     print(f"{who}built {len(result['built'])} shards, reused {len(result['reused'])} finished ones")
     index = result["index"]
@@ -510,7 +637,11 @@ if __name__ == "__main__":
     parser.add_argument("--text-encoders", help="folder for embed.TextEncoders.from_pretrained; "
                                                 "without it the shards hold latents and captions only")
     parser.add_argument("--no-t5", action="store_true", help="encode without T5 (passed to TextEncoders)")
-    parser.add_argument("--resolution", type=int, default=1024, help="resize + centre crop to R x R (multiple of 16)")
+    parser.add_argument("--resolution", type=int, default=1024, help="R, a multiple of 16: the images' area is about "
+                        "R x R (default 1024)")
+    parser.add_argument("--buckets", choices=BUCKETS, default="aspect", help="aspect (default): resize + centre crop "
+                        "each image to the bucket of about R x R pixels nearest its aspect ratio (1:1, 5:4, 3:2, 16:9 "
+                        "and their inverses); square: every image to R x R")
     parser.add_argument("--shard-size", type=int, default=256, help="samples per shard file")
     parser.add_argument("--batch-size", type=int, default=8, help="images per VAE / text encoder call")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the stored tensors")

@@ -321,28 +321,41 @@ def from_pil(images):
 
 
 def resize_center_crop(image, size):
-    """Resize so the shorter side is `size` (bicubic), then crop the centre size x size."""
+    """Resize so that the image covers `size` (bicubic), then crop its centre. size: an int (a square,
+    the shorter side resized to it) or (width, height)."""
+    W, H = (size, size) if isinstance(size, int) else size
     w, h = image.size
-    s = size / min(w, h)
-    new_w, new_h = max(size, round(w * s)), max(size, round(h * s))
+    s = max(W / w, H / h)
+    new_w, new_h = max(W, round(w * s)), max(H, round(h * s))
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    left, top = (new_w - W) // 2, (new_h - H) // 2
+    return image.crop((left, top, left + W, top + H))
 
 
 def load_image(path, size=None):
-    """Read an image file as RGB (EXIF rotation applied, transparency over white); with `size`,
-    resized and centre-cropped to size x size. Raises whatever PIL raises on a bad file."""
+    """Read an image file as RGB (EXIF rotation applied, transparency over white); with `size` (an int
+    for a square, or (width, height)), resized and centre-cropped to it. Raises whatever PIL raises on a
+    bad file."""
     with Image.open(path) as image:
         if size is not None:
-            image.draft("RGB", (size, size))  # JPEG only: decode at 1/2, 1/4, 1/8 scale, never below size
+            side = size if isinstance(size, int) else max(size)  # either orientation: EXIF may rotate it
+            image.draft("RGB", (side, side))  # JPEG only: decode at 1/2, 1/4, 1/8 scale, never below size
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             image = image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
         image = image.convert("RGB")  # a new, fully decoded image: the file can close
     return resize_center_crop(image, size) if size is not None else image
+
+
+def image_size(path):
+    """(width, height) of an image file as load_image returns it (EXIF rotation applied), from its header."""
+    with Image.open(path) as image:
+        w, h = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that turn the picture by 90 degrees
+            w, h = h, w
+    return w, h
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """
 Fixtures shared by more than one test file: one CPU thread per test file, the tiny SD3-shaped VAE
-config (tests/test_vae.py, tests/test_prepare.py), and a tiny random CLIP with a word-level
-tokenizer (tests/test_metrics.py, tests/test_evaluate.py).
+config (tests/test_vae.py, tests/test_prepare.py), a tiny random CLIP with a word-level
+tokenizer (tests/test_metrics.py, tests/test_evaluate.py), and a tiny random SD3 pipeline folder
+(tests/test_generate.py, tests/test_monitor.py, tests/test_export.py).
 """
 
 import pytest
@@ -69,3 +70,57 @@ def clip_folder(clip_parts, tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def sd3_pipeline(tmp_path_factory, tiny_vae_config):
+    """(diffusers StableDiffusion3Pipeline, the folder it was saved to with save_pretrained): a tiny random SD3
+    pipeline (2-layer SD3Transformer2DModel, a tiny AutoencoderKL with SD3's 16 latent channels, scale and
+    shift, tiny CLIP-L, CLIP-G and T5 with word tokenizers); images up to 8 * 2 * 8 = 128 px a side."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from test_embed import tiny_clip, tiny_t5, word_tokenizer  # tiny text encoders, built on the spot
+    from test_vae import make_reference  # a tiny AutoencoderKL shaped like SD3's
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                        caption_projection_dim=16, pooled_projection_dim=40, out_channels=16,
+                                        pos_embed_max_size=8).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=make_reference(tiny_vae_config), text_encoder=tiny_clip(16, 0),
+        tokenizer=word_tokenizer("<s>", "</s>", "</s>", 77), text_encoder_2=tiny_clip(24, 1),
+        tokenizer_2=word_tokenizer("<s>", "</s>", "!", 77), text_encoder_3=tiny_t5(2),
+        tokenizer_3=word_tokenizer(None, "</s>", "<pad>", 256))
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("sd3") / "pipeline"
+    pipe.save_pretrained(folder)
+    return pipe, str(folder)
+
+
+SD3_CAPTIONS = ["a red cat on the left", "the big blue dog", "a small green square", "a photo of a circle",
+                "the red square right of a blue circle", "a big dog on the grass", "a green cat", "the small circle"]
+
+
+@pytest.fixture(scope="session")
+def sd3_data(sd3_pipeline, tmp_path_factory):
+    """Training shards for sd3_pipeline in prepare.py's layout (one shard, index.json, null.safetensors): 8
+    captions encoded by the pipeline's own text encoders (embed.TextEncoders), random 64 x 64 px latents
+    (16 x 8 x 8), the null prompt the encoded empty string."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import embed
+    _, folder = sd3_pipeline
+    encoders = embed.TextEncoders.from_pretrained(folder, context_dim=48)
+    context, y = encoders.encode(SD3_CAPTIONS)  # (N, L, Dc), (N, Dy)
+    context_null, y_null = encoders.encode_null()  # (1, L, Dc), (1, Dy)
+    latents = torch.randn(len(SD3_CAPTIONS), 16, 8, 8, generator=torch.Generator().manual_seed(0))  # (N, 16, 8, 8)
+    data = tmp_path_factory.mktemp("sd3data")
+    meta = {"num_samples": str(len(SD3_CAPTIONS)), "captions": json.dumps(SD3_CAPTIONS)}
+    save_file({"latents": latents, "context": context.contiguous(), "y": y.contiguous()},
+              str(data / "shard-00000.safetensors"), meta)
+    save_file({"context": context_null.contiguous(), "y": y_null.contiguous()}, str(data / "null.safetensors"))
+    (data / "index.json").write_text(json.dumps({"settings": {"text": True}, "shards": [
+        {"file": "shard-00000.safetensors", "num_samples": len(SD3_CAPTIONS)}]}))
+    return str(data)

@@ -331,6 +331,7 @@ def torchrun_distill(argv, timeout=240):
         proc.communicate()
         raise
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
 def test_torchrun_two_ranks_equal_one_process(world, tmp_path):

@@ -36,8 +36,6 @@ import toy
 import vae
 
 import diffusers  # test oracle (requirements-test.txt)
-from test_embed import tiny_clip, tiny_t5, word_tokenizer  # noqa: E402  (tiny text encoders, built on the spot)
-from test_vae import make_reference  # noqa: E402  (a tiny AutoencoderKL shaped like SD3's)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cat on the left", "the big blue square right of a small green circle"]
@@ -45,24 +43,9 @@ STEPS, RES, N = 4, 64, 2
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_vae_config):
-    """(diffusers StableDiffusion3Pipeline, the folder it was saved to with save_pretrained)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
-                                        caption_projection_dim=16, pooled_projection_dim=40, out_channels=16,
-                                        pos_embed_max_size=8).eval()  # images up to 8 * 2 * 8 = 128 px
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=make_reference(tiny_vae_config), text_encoder=tiny_clip(16, 0),
-        tokenizer=word_tokenizer("<s>", "</s>", "</s>", 77), text_encoder_2=tiny_clip(24, 1),
-        tokenizer_2=word_tokenizer("<s>", "</s>", "!", 77), text_encoder_3=tiny_t5(2),
-        tokenizer_3=word_tokenizer(None, "</s>", "<pad>", 256))
-    pipe.set_progress_bar_config(disable=True)
-    folder = tmp_path_factory.mktemp("sd3") / "pipeline"
-    pipe.save_pretrained(folder)
-    return pipe, str(folder)
+def pipeline(sd3_pipeline):
+    """(diffusers StableDiffusion3Pipeline, the folder it was saved to with save_pretrained): conftest's tiny one."""
+    return sd3_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +100,27 @@ def test_same_seeds_same_images_as_diffusers(pipeline, tmp_path, method, w, nega
     seeds = [png_floats(out / "images" / f"00000-0{k}.png") for k in range(2)]
     assert np.abs(seeds[0] - seeds[1]).max() > 0.05  # the images are not all alike
     assert [r["nfe"] for r in records] == [STEPS * (1 if method == "euler" else 2)] * len(records)
+
+
+@pytest.mark.parametrize("height, width", [(64, 96), (96, 64)])
+def test_non_square_images_equal_diffusers(pipeline, tmp_path, height, width):
+    """--height/--width: the same noise (1, 16, H/8, W/8) from seed + k as diffusers' StableDiffusion3Pipeline
+    at height x width, the same images (uint8 within 1)."""
+    pipe, folder = pipeline
+    out = tmp_path / "out"
+    records = run_main(["--model", folder, "--method", "cfg", "--w", 2, "--steps", STEPS, "--height", height, "--width",
+                        width, "--n-per-prompt", N, "--seed", 3, "--out", out, "--prompt", PROMPTS[1]])
+    ref = pipe(prompt=PROMPTS[1], num_inference_steps=STEPS, height=height, width=width, guidance_scale=3.0,
+               num_images_per_prompt=N, generator=[torch.Generator("cpu").manual_seed(3 + k) for k in range(N)],
+               output_type="np").images  # (N, H, W, 3) in [0, 1]
+    levels = 0
+    for k, record in enumerate(records):
+        png = np.asarray(Image.open(out / record["file"]), dtype=np.int16)
+        assert png.shape == (height, width, 3) and (record["height"], record["width"]) == (height, width)
+        levels = max(levels, int(np.abs(png - (ref[k] * 255).round().astype(np.int16)).max()))
+    print(f"\n{height} x {width}: {levels} uint8 levels from diffusers")
+    assert levels <= 1
+    assert np.abs(png_floats(out / records[0]["file"]) - png_floats(out / records[1]["file"])).max() > 0.05
 
 
 def test_stability_single_file_with_text_encoders_from_a_folder(pipeline, single_file, tmp_path):
@@ -275,6 +279,9 @@ BAD = [
     (["--model", "{folder}", "--prompts", "{root}/empty.txt"], "empty.txt"),
     (["--model", "{folder}", "--prompt", "a cat", "--res", "72"], "--res 72"),
     (["--model", "{folder}", "--prompt", "a cat", "--res", "256"], "position table"),
+    (["--model", "{folder}", "--prompt", "a cat", "--height", "72", "--width", "64"], "--height 72 is not a multiple"),
+    (["--model", "{folder}", "--prompt", "a cat", "--height", "64", "--width", "256"], "--width 256 is beyond"),
+    (["--model", "{folder}", "--prompt", "a cat", "--res", "64", "--height", "64"], "--res is the shorthand"),
     (["--model", "{folder}", "--prompt", "a cat", "--method", "dpm"], "--method"),
     (["--model", "{folder}", "--prompt", "a cat", "--method", "student"], "--student"),
     (["--model", "{folder}", "--prompt", "a cat", "--method", "w2sd"], "--weak"),
@@ -294,7 +301,8 @@ def bad_runs(pipeline, single_file, tmp_path_factory):
     broken = root / "broken"
     shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("tokenizer_2"))
     argvs = [[a.format(folder=folder, root=root, broken=broken, single=single_file) for a in argv]
-             + ([] if "--res" in argv else ["--res", "64"]) + ([] if "--out" in argv else ["--out", str(root / "o")])
+             + ([] if {"--res", "--height"} & set(argv) else ["--res", "64"])
+             + ([] if "--out" in argv else ["--out", str(root / "o")])
              for argv, _ in BAD]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "generate.py"), *argv], stdout=subprocess.PIPE,

@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
+import batches
+import prepare as prepare_module
 from prepare import ShardDataset, find_samples, prepare
 from vae import VAE, from_pil, load_image
 
@@ -78,7 +80,7 @@ def images(tmp_path):
 
 def run(images, out, vae, **kw):
     root, samples = find_samples(images=str(images))
-    kw = dict(dict(shard_size=3, batch_size=2, workers=0, progress=False), **kw)
+    kw = dict(dict(shard_size=3, batch_size=2, workers=0, progress=False, buckets="square"), **kw)
     return prepare(samples, str(out), vae, R, root=root, **kw)
 
 
@@ -96,6 +98,8 @@ def test_shards_hold_latents_embeddings_and_captions(images, tmp_path, vae, caps
 
     ds = ShardDataset(str(tmp_path / "out"))
     assert len(ds) == 7 and ds.has_text
+    # square shards, written as before buckets (one "latents" tensor, no sizes): one bucket
+    assert "buckets" not in index and ds.bucket_ids is None and ds.bucket_sizes is None
     names = sorted(GOOD)
     errors = []
     for i, name in enumerate(names):
@@ -183,10 +187,10 @@ def test_changed_settings_or_inputs_are_errors(images, tmp_path, vae):
     root, samples = find_samples(images=str(images))
     with pytest.raises(ValueError, match="shard-00000.safetensors was written with other settings.*"
                                          "resolution: 32 then, 48 now"):
-        prepare(samples, str(out), vae, 48, root=root, shard_size=3, workers=0, progress=False)
+        prepare(samples, str(out), vae, 48, root=root, shard_size=3, workers=0, progress=False, buckets="square")
     samples[4] = (samples[4][0], "a different caption")
     with pytest.raises(ValueError, match="shard-00001.safetensors holds other images/captions"):
-        prepare(samples, str(out), vae, R, root=root, shard_size=3, workers=0, progress=False)
+        prepare(samples, str(out), vae, R, root=root, shard_size=3, workers=0, progress=False, buckets="square")
     with pytest.raises(ValueError, match="text"):  # latents-only shards, now asked for text embeddings
         run(images, out, vae, text_encoder=FakeTextEncoder())
 
@@ -306,3 +310,139 @@ def test_command_line_refuses_bad_input_before_loading(images, tmp_path, case):
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert all(name in lines[0] for name in names), lines[0]
     assert r.stdout == "" and (out.is_file() or not out.exists())
+
+
+# -----------------------------------------------------------------------------
+# Buckets: images keep their aspect ratio, a global batch draws from one bucket
+
+
+def test_buckets_keep_aspect_within_the_stated_tolerance():
+    """Every bucket: multiples of 16, an area within 10% of R^2; for every aspect ratio between 9:16 and
+    16:9 the nearest bucket's is within a factor 1.14 (prepare.py's docstring), at R >= 128."""
+    assert prepare_module.bucket_sizes(1024) == [(1360, 768), (1248, 832), (1152, 912), (1024, 1024), (912, 1152),
+                                                 (832, 1248), (768, 1360)]  # (height, width), as documented
+    assert prepare_module.bucket_sizes(1024, "square") == [(1024, 1024)]
+    assert prepare_module.bucket_sizes(64) == [(80, 48), (64, 64), (48, 80)] and prepare_module.bucket_sizes(32) == [
+        (32, 32)]
+    aspects = np.exp(np.linspace(np.log(9 / 16), np.log(16 / 9), 2001))  # width / height
+    for R in (128, 256, 512, 768, 1024, 1536):
+        sizes = prepare_module.bucket_sizes(R)
+        assert all(h % 16 == 0 and w % 16 == 0 and abs(h * w / R**2 - 1) <= 0.1 for h, w in sizes)
+        worst = 1.0
+        for a in aspects:
+            h, w = sizes[prepare_module.nearest_bucket(a * 100, 100, sizes)]
+            worst = max(worst, max(w / h / a, a * h / w))
+        assert worst <= 1.14, (R, worst)
+        # by hand: the chosen bucket has the smallest |log| ratio gap of all
+        for a in (0.6, 0.8, 1.1, 1.4, 1.7):
+            gaps = [abs(np.log(w / h / a)) for h, w in sizes]
+            assert prepare_module.nearest_bucket(a * 300, 300, sizes) == int(np.argmin(gaps))
+
+
+def test_aspect_buckets_end_to_end(tmp_path, vae):
+    """prepare.py --buckets aspect at R = 64 on images of seven aspect ratios: each sample's latent has its
+    bucket's size and equals the VAE's encoding of the image resized to cover the bucket and centre-cropped
+    (done here by hand); the shards record each sample's size; index.json the buckets."""
+    sizes = {"wide.png": (200, 90), "landscape.png": (90, 60), "square.png": (70, 70), "tall.png": (50, 90),
+             "portrait.png": (60, 72), "near.png": (66, 60), "skinny.png": (30, 120)}  # (width, height)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for k, (name, (w, h)) in enumerate(sizes.items()):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(f"caption {k}")
+    root, samples = find_samples(images=str(folder))
+    index = prepare(samples, str(tmp_path / "out"), vae, 64, root=root, shard_size=4, batch_size=3, workers=0,
+                    progress=False, dtype=torch.float32, posterior="mean", text_encoder=FakeTextEncoder())["index"]
+    buckets = [tuple(b["size"]) for b in index["buckets"]]
+    assert buckets == [(80, 48), (64, 64), (48, 80)] and index["latent_shape"] is None
+    ds = ShardDataset(str(tmp_path / "out"))
+    assert ds.bucket_sizes == buckets and len(ds.bucket_ids) == len(ds) == 7
+    for i in range(len(ds)):
+        item = ds[i]
+        name = item["caption"].split()[-1]
+        w, h = sizes[list(sizes)[int(name)]]
+        H, W = buckets[ds.bucket_ids[i]]
+        assert H % 16 == 0 and W % 16 == 0
+        gaps = [abs(np.log((bw / bh) / (w / h))) for bh, bw in buckets]
+        assert ds.bucket_ids[i] == int(np.argmin(gaps))  # the nearest aspect ratio
+        # resize to cover the bucket (bicubic), then the centre crop, by hand
+        image = Image.open(folder / list(sizes)[int(name)]).convert("RGB")
+        s = max(W / w, H / h)
+        big = image.resize((max(W, round(w * s)), max(H, round(h * s))), Image.Resampling.BICUBIC)
+        left, top = (big.width - W) // 2, (big.height - H) // 2
+        expected = vae.encode(from_pil(big.crop((left, top, left + W, top + H))))[0]  # (16, H/8, W/8)
+        assert item["latents"].shape == (16, H // 8, W // 8)
+        torch.testing.assert_close(item["latents"], expected, rtol=1e-5, atol=1e-5)
+    counts = {tuple(b["size"]): b["num_samples"] for b in index["buckets"]}
+    assert counts == {(80, 48): 2, (64, 64): 3, (48, 80): 2}  # tall, skinny | square, portrait, near | wide, landscape
+    with safe_open(str(tmp_path / "out" / "shard-00000.safetensors"), framework="pt") as f:
+        held = json.loads(f.metadata()["sizes"])
+        assert sorted(f.keys()) == sorted({f"latents_{h}x{w}" for h, w in held} | {"context", "y"})
+    assert index["bytes_per_sample"] == 4 * (sum(16 * h * w // 64 * n for (h, w), n in counts.items()) // 7 + 5 * 8 + 6)
+
+
+def test_a_global_batch_never_mixes_buckets_and_ranks_still_agree():
+    """batches.StepSampler over bucketed data: each step's global batch is from one bucket; one process
+    and 2 ranks x 2 accumulation rounds yield the same samples and positions; a resume at step 7 yields
+    the rest of the same stream; each bucket's samples are all used once per its epoch; the buckets are
+    drawn in proportion to their sizes; one bucket is the stream without buckets."""
+    bucket_of = [0] * 30 + [1] * 50 + [2] * 20  # 100 samples, interleaved below
+    rng = np.random.default_rng(0)
+    bucket_of = [bucket_of[i] for i in rng.permutation(100)]
+    G, steps = 8, 400
+
+    def stream(rank=0, world=1, micro=G, start=0):
+        sampler = batches.StepSampler(100, 3, start, steps, G, micro, rank, world, buckets=bucket_of)
+        return list(sampler)
+
+    one = stream()
+    per_step = [one[s * G:(s + 1) * G] for s in range(steps)]
+    assert all(len({bucket_of[i] for i, _ in batch}) == 1 for batch in per_step)
+    assert all([p for _, p in batch] == list(range(s * G, (s + 1) * G)) for s, batch in enumerate(per_step))
+    two = [stream(rank=r, world=2, micro=2) for r in range(2)]  # 2 ranks, micro 2, 2 rounds per step
+    for s in range(steps):
+        rounds = [two[r][s * 4 + a * 2:s * 4 + a * 2 + 2] for a in range(2) for r in range(2)]
+        assert [x for part in rounds for x in part] == per_step[s]
+    assert stream(start=7) == one[7 * G:]
+    shares = np.bincount([bucket_of[batch[0][0]] for batch in per_step], minlength=3) / steps
+    assert np.abs(shares - [0.3, 0.5, 0.2]).max() < 0.07
+    first = [batch for batch in per_step if bucket_of[batch[0][0]] == 2][:20 // G + 2]  # bucket 2's first epoch
+    seen = [i for batch in first for i, _ in batch][:20]
+    assert sorted(seen) == sorted(i for i in range(100) if bucket_of[i] == 2)
+    single = list(batches.StepSampler(100, 3, 0, 20, G, G, 0, 1, buckets=[5] * 100))
+    plain = list(batches.StepSampler(100, 3, 0, 20, G, G, 0, 1))
+    epoch = lambda e: torch.randperm(100, generator=torch.Generator().manual_seed(3 * 2**20 + e))  # noqa: E731
+    assert single == plain == [(int(epoch(p // 100)[p % 100]), p) for p in range(20 * G)]
+
+
+def test_distill_trains_on_bucketed_shards(tmp_path, vae):
+    """distill.py on aspect-bucketed shards (a tiny MMDiT that takes the tiny VAE's 16 channels and the
+    fake text encoder's widths): every global batch stacks one size (a mixed one could not be collated)."""
+    import distill
+    import options
+    from mmdit import MMDiT, MMDiTConfig, save_mmdit
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for k, (w, h) in enumerate([(90, 50), (64, 64), (50, 90), (100, 56), (70, 70), (48, 80)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+        (folder / f"{k}.txt").write_text(f"caption {k}")
+    root, samples = find_samples(images=str(folder))
+    prepare(samples, str(tmp_path / "data"), vae, 64, root=root, shard_size=4, workers=0, progress=False,
+            text_encoder=FakeTextEncoder())
+    torch.manual_seed(0)
+    teacher = save_mmdit(MMDiT(MMDiTConfig(depth=1, hidden_size=32, num_heads=2, in_channels=16, out_channels=16,
+                                           context_dim=8, pooled_dim=6, pos_embed_max_size=8)),
+                         str(tmp_path / "teacher.safetensors"))
+    seen = []
+    forward = distill.Student.forward
+    distill.Student.forward = lambda self, x_t, *a: seen.append(tuple(x_t.shape[-2:])) or forward(self, x_t, *a)
+    try:
+        distill.main(options.parse_args(["--teacher", teacher, "--data", str(tmp_path / "data"), "--out",
+                                         str(tmp_path / "run"), "--teacher-sampler", "cfg", "--steps", "6",
+                                         "--global-batch", "2", "--no-progress", "--device", "cpu"]))
+    finally:
+        distill.Student.forward = forward
+    # 6 steps, and the finite check's forward before the last checkpoint
+    assert len(seen) == 7 and set(seen) <= {(10, 6), (8, 8), (6, 10)} and len(set(seen)) > 1
