@@ -110,21 +110,29 @@ def ratio_main(args):
 
 
 def parse_config(text):
-    """METHOD[:SCALE[:TARGET]] -> dict(method, fused_scale or None, target) and its run name."""
+    """METHOD[:SCALE[:TARGET[:TEACHER[:LR]]]] -> dict(method, fused_scale, target, teacher, lr) and its run
+    name; an empty field keeps distill.py's toy default (SCALE: --fused-scale, e.g. 0.25 or 1/4; TARGET:
+    --target; TEACHER: --teacher-sampler; LR: --lr)."""
     parts = text.split(":")
-    if not 1 <= len(parts) <= 3 or parts[0] not in options.METHODS:
-        raise ValueError(f"--config {text!r}: expected METHOD[:SCALE[:TARGET]] with METHOD one of {options.METHODS}")
-    scale = None
-    if len(parts) > 1 and parts[1]:
-        try:
-            scale = float(Fraction(parts[1]))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"--config {text!r}: the scale {parts[1]!r} is not a number (e.g. 0.25 or 1/4)") from None
-    target = parts[2] if len(parts) > 2 else "step"
+    if not 1 <= len(parts) <= 5 or parts[0] not in options.METHODS:
+        raise ValueError(f"--config {text!r}: expected METHOD[:SCALE[:TARGET[:TEACHER[:LR]]]] with METHOD one of "
+                         f"{options.METHODS}")
+    parts += [""] * (5 - len(parts))
+    method, scale, target, teacher, lr = parts
+    try:
+        scale = float(Fraction(scale)) if scale else None
+        lr = float(lr) if lr else None
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"--config {text!r}: the scale and the lr must be numbers (e.g. 0.25 or 1/4, 3e-4)") from None
+    target = target or "step"
     if target not in ("step", "reflected"):
         raise ValueError(f"--config {text!r}: the target must be step or reflected")
-    name = parts[0] + (f"-s{scale:g}" if scale is not None else "") + (f"-{target}" if target != "step" else "")
-    return dict(method=parts[0], fused_scale=scale, target=target, name=name)
+    teacher = teacher or "w2sd"
+    if teacher not in ("cfg", "zsampling", "w2sd"):
+        raise ValueError(f"--config {text!r}: the teacher must be cfg, zsampling or w2sd")
+    name = (method + (f"-s{scale:g}" if scale is not None else "") + (f"-{target}" if target != "step" else "")
+            + (f"-{teacher}" if teacher != "w2sd" else "") + (f"-lr{lr:g}" if lr is not None else ""))
+    return dict(method=method, fused_scale=scale, target=target, teacher=teacher, lr=lr, name=name)
 
 
 def train_to(config, out, steps, no_progress):
@@ -132,10 +140,12 @@ def train_to(config, out, steps, no_progress):
     returns the student's path."""
     import distill
 
-    argv = ["--method", config["method"], "--target", config["target"], "--out", out, "--steps", str(steps),
-            "--ckpt-every", str(steps), "--keep", "1", "--no-report", "--resume"]
+    argv = ["--method", config["method"], "--target", config["target"], "--teacher-sampler", config["teacher"],
+            "--out", out, "--steps", str(steps), "--ckpt-every", str(steps), "--keep", "1", "--no-report", "--resume"]
     if config["fused_scale"] is not None:
         argv += ["--fused-scale", repr(config["fused_scale"])]
+    if config["lr"] is not None:
+        argv += ["--lr", repr(config["lr"])]
     if no_progress:
         argv.append("--no-progress")
     args = options.parse_args(argv)
@@ -258,9 +268,9 @@ def runs_main(args):
                 if str(steps) in points:
                     continue
                 path = train_to(config, run_dir, steps, args.no_progress)
-                point = score_point(ev, path)
+                point = score_point(ev, path, config["teacher"])
                 point["loss"] = final_loss(run_dir)
-                point["config"] = {k: config[k] for k in ("method", "fused_scale", "target")}
+                point["config"] = {k: config[k] for k in ("method", "fused_scale", "target", "teacher", "lr")}
                 points[str(steps)] = point
                 atomic_json(dict(results=results), json_path)
                 print(f"{config['name']} at {steps} steps: RMSE to teacher {_ci(point['rmse'])} (CFG "

@@ -21,10 +21,13 @@ def world(tmp_path_factory):
 
 def test_parse_config():
     assert toy_study.parse_config("teefusion") == dict(method="teefusion", fused_scale=None, target="step",
-                                                       name="teefusion")
+                                                       teacher="w2sd", lr=None, name="teefusion")
     c = toy_study.parse_config("teefusion:1/4:reflected")
     assert c["fused_scale"] == 0.25 and c["target"] == "reflected" and c["name"] == "teefusion-s0.25-reflected"
-    for bad in ("nope", "teefusion:x", "teefusion:1/0", "teefusion:1:other", "a:b:c:d"):
+    c = toy_study.parse_config("distillcfg:::cfg:3e-4")
+    assert (c["teacher"], c["lr"], c["fused_scale"], c["name"]) == ("cfg", 3e-4, None, "distillcfg-cfg-lr0.0003")
+    for bad in ("nope", "teefusion:x", "teefusion:1/0", "teefusion:1:other", "teefusion:::euler", "a:b:c:d:e:f",
+                "teefusion::::fast"):
         with pytest.raises(ValueError, match="--config"):
             toy_study.parse_config(bad)
 
