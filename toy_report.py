@@ -31,11 +31,12 @@ below their NFE ratios (on a GPU at SD3 size the two agree, a forward being comp
 import json
 import os
 import time
+from contextlib import ExitStack
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import embed
 import lora
@@ -171,8 +172,8 @@ def load_students(specs, device="cpu"):
 
 
 def _metadata(path):
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    with ExitStack() as stack:
+        return checkpoint.open_safetensors(path, stack).metadata() or {}
 
 
 # -----------------------------------------------------------------------------
@@ -483,13 +484,41 @@ def teacher_table(world, split="dev", n_seeds=2, w=4.0, steps=20, out_dir=None):
                   figures=False)
 
 
+def check_student(path, teacher=None, flag="--student"):
+    """A student file, from its header, before the world is built: a toy-world MMDiT (every key and
+    shape), its method (and fusion file) and the teacher it was distilled from. Returns (method, teacher)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    toy.check_network(path, flag)
+    method, _ = embed.student_files(path)
+    teacher = teacher or _metadata(path).get("teefusion_teacher")
+    if teacher is None:
+        raise ValueError(f"{flag} {path}: which teacher was it distilled from? (give --teacher; distill.py records it "
+                         "in the file's metadata)")
+    return method, samplers.canonical(teacher, samplers.TEACHERS)
+
+
+# what the report writes into --out (toy_report.report)
+OUTPUTS = ("report.json", "report.md", "samples.png", "sweep-adherence.png", "sweep-fidelity.png", "follows-w.png",
+           "loss.png")
+
+
 def main(args):
-    for path in args.student:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--student {path}: no such file")
     if args.seeds < 1 or args.steps < 1:
         raise ValueError(f"--seeds {args.seeds} and --steps {args.steps} must be at least 1")
     samplers.check_w(args.w, "--w")
+    for path in args.student:  # every student is checked before the world is built (or its teacher trained)
+        check_student(path, args.teacher)
+    toy.check_cache_dir(args.cache_dir)
+    cli.not_an_input([("--out", os.path.join(args.out, name)) for name in OUTPUTS],
+                     [("--student", path) for path in args.student])
+    cli.output_folder(args.out, "--out")
+    # the report holds, for every image, its text embedding, its noise and the images of each Table 4 row
+    n = len(toy.TEST_PROMPTS if args.split == "test" else toy.DEV_PROMPTS) * args.seeds
+    cfg = toy.TEACHER_CONFIG
+    per_image = 4 * (toy.TOKENS * cfg.context_dim + cfg.pooled_dim + (1 + len(TEACHER_ROWS) + len(args.student))
+                     * cfg.in_channels * toy.H * toy.W)
+    cli.check_memory(n * per_image, f"{n} images (held-out prompts x --seeds)", "--seeds")
     world = toy.build_world(args.cache_dir)
     specs = [dict(path=p, teacher=args.teacher) for p in args.student]
     report(world, specs, args.out, args.w, args.steps, args.seeds, args.split, figures=not args.no_figures,
