@@ -479,6 +479,7 @@ def cmd_speed(args):
     samplers.check_w(args.w, "--w")
     cli.check_seed(args.seed)
     device = cli.check_device(args.device)
+    cli.check_memory(8 * (args.steps + 1), f"the schedule of {args.steps} steps (its N + 1 times)", "--steps")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if not os.path.basename(args.out) or args.out.endswith(("/", os.sep)):
         raise cli.InputError(f"--out {args.out!r}: an output stem (STEM.md and STEM.json are written), not a folder")

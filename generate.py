@@ -384,6 +384,9 @@ def check(args, world=None):
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)} must be at least 1")
     cli.check_seed(a.seed, "--seed", a.seed + a.n_per_prompt - 1, "image k of a prompt starts from seed + k, and "
                    f"seed + (--n-per-prompt - 1)")
+    cli.check_memory(8 * (a.steps + 1), f"the schedule of {a.steps} steps (its N + 1 times)", "--steps")
+    for flag in ("strong_scale", "weak_scale", "main_scale"):
+        cli.finite(getattr(a, flag), "--" + flag.replace("_", "-"), why="W2SD's blend base + s (fine-tune - base)")
     # every image's record stays in memory until OUT/index.jsonl is written: about RECORD_BYTES each
     cli.check_memory(len(prompts) * a.n_per_prompt * RECORD_BYTES, f"the records of {len(prompts)} x "
                      f"{a.n_per_prompt} images", "--n-per-prompt (or fewer prompts)")

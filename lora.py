@@ -347,7 +347,8 @@ def _open_adapter(path, stack):
         raise CheckpointError(f"{path}: tensors for other networks than the transformer ({checkpoint.listing(others, 3)}): "
                               "only the MMDiT's adapters are read")
     if "lora_adapter_metadata" in meta:  # diffusers' own writer records the alphas: read only alpha = rank
-        cfg = json.loads(meta["lora_adapter_metadata"])
+        with cli.reading(path, f"{path} (its lora_adapter_metadata)"):
+            cfg = json.loads(meta["lora_adapter_metadata"])
         if (cfg.get("alpha_pattern") or {}) != (cfg.get("rank_pattern") or {}) or \
                 float(cfg.get("lora_alpha", cfg.get("r"))) != float(cfg.get("r")):
             raise CheckpointError(f"{path}: its lora_adapter_metadata scales the adapters by lora_alpha / r "
@@ -430,7 +431,8 @@ def load_adapter(base, path):
                     new.lora_B[p * o:(p + 1) * o, :len(A)] = B
             setattr(owner, leaf, new)
     stored = meta.get(METADATA)
-    model.lora_settings = json.loads(stored) if stored else dict(rank=None, alpha=None, targets=[], full=[])
+    with cli.reading(path, f"{path} (its {METADATA} metadata)"):
+        model.lora_settings = json.loads(stored) if stored else dict(rank=None, alpha=None, targets=[], full=[])
     model.lora_trained = []  # a student to sample from: nothing of it trains
     return model, meta
 

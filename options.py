@@ -251,6 +251,8 @@ def check_args(args, world_size=1):
     cli.check_seed(args.seed, "--seed", args.seed * 2**32 + args.steps * args.global_batch - 1,
                    "the draws of the last sample use seed * 2**32 + steps x global batch - 1")
     cli.check_device(args.device)
+    cli.check_memory(8 * (args.teacher_steps + 1), f"the schedule of {args.teacher_steps} steps (its N + 1 times)",
+                     "--teacher-steps")
     check_networks(args, micro)
     return micro
 

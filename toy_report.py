@@ -159,7 +159,8 @@ def load_students(specs, device="cpu"):
                              "records it in the file's metadata)")
         teacher = samplers.canonical(teacher, samplers.TEACHERS)
         stored = _metadata(spec["path"]).get(lora.METADATA)  # a LoRA student (distill.py --lora), merged
-        adapters = json.loads(stored) if stored else None
+        with cli.reading(spec["path"], f"{spec['path']} (its {lora.METADATA} metadata)"):
+            adapters = json.loads(stored) if stored else None
         name = METHOD_NAMES.get(method, method) + (f" LoRA r{adapters['rank']}" if adapters else "")
         label = spec.get("label") or f"{name} <- {TEACHER_NAMES[teacher]}"
         out.append(dict(model=model, fusion=fusion, method=method, teacher=teacher, label=label, path=spec["path"],
@@ -363,7 +364,7 @@ def training_cost(students):
     for s in students:
         if not os.path.isfile(s["log"]):
             continue
-        with open(s["log"]) as f:
+        with cli.reading(s["log"]), open(s["log"], encoding="utf-8") as f:
             log = [json.loads(line) for line in f if line.strip()]
         med = {k: torch.tensor([r[k] for r in log], dtype=torch.float64).median().item()
                for k in ("step_s", "teacher_s", "student_s")}
@@ -388,7 +389,7 @@ def loss_figure(students, path):
     for s in students:
         if not os.path.isfile(s["log"]):
             continue
-        with open(s["log"]) as f:
+        with cli.reading(s["log"]), open(s["log"], encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
         losses = [r["loss"] for r in rows]
         n = 50
@@ -458,6 +459,7 @@ def report(world, students=(), out_dir="runs/toy", w=4.0, steps=20, n_seeds=2, s
     text.append(f"(report: {time.time() - start:.0f} s)")
     out["text"] = "\n\n".join(text)
     print(out["text"])
+    cli.json_text({k: v for k, v in out.items() if k != "text"}, "the report")  # a non-finite score is not written
     atomic_json({k: v for k, v in out.items() if k != "text"}, os.path.join(out_dir, "report.json"))
     _write(os.path.join(out_dir, "report.md"), "```\n" + out["text"] + "\n```\n")
     return out
@@ -507,6 +509,7 @@ def main(args):
     if args.seeds < 1 or args.steps < 1:
         raise ValueError(f"--seeds {args.seeds} and --steps {args.steps} must be at least 1")
     samplers.check_w(args.w, "--w")
+    cli.check_memory(8 * (args.steps + 1), f"the schedule of {args.steps} steps (its N + 1 times)", "--steps")
     for path in args.student:  # every student is checked before the world is built (or its teacher trained)
         check_student(path, args.teacher)
     toy.check_cache_dir(args.cache_dir)

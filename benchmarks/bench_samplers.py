@@ -75,6 +75,7 @@ def check(args):
     cli.finite(args.w, "--w", low=0, why="the paper's guidance w, Eq. 2")
     cli.check_seed(args.seed)
     device = cli.check_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cli.check_memory(8 * (args.steps + 1), f"the schedule of {args.steps} steps (its N + 1 times)", "--steps")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     base = mmdit.CONFIGS[args.config]
     if args.hidden is not None and args.hidden % base.head_size:
