@@ -408,7 +408,7 @@ def load_adapter(base, path):
             for part, module in by_part.items():
                 A, B, bias = (f.get_tensor(f"{prefix}{module}.lora_{k}").float() if f"{prefix}{module}.lora_{k}" in keys
                               else None for k in ("A.weight", "B.weight", "B.bias"))
-                if not all(torch.isfinite(t).all() for t in (A, B, bias) if t is not None):
+                if not all(checkpoint.all_finite(t) for t in (A, B, bias) if t is not None):
                     raise CheckpointError(f"{path}: {prefix}{module} holds non-finite values (NaN or inf): a diverged "
                                           "or corrupt adapter")
                 if swap:
@@ -469,7 +469,7 @@ def merge_files(base_path, lora_path, out_path, dtype=torch.float32):
     meta = {k: v for k, v in meta.items() if k not in ("format", "mmdit_config", "lora_adapter_metadata")}
     meta["teefusion_lora_base"] = os.path.basename(os.path.normpath(base_path))
     merged = merge(student, dtype)
-    bad = [k for k, v in merged.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in merged.state_dict().items() if not checkpoint.all_finite(v)]
     if bad:
         raise cli.Failure(f"the merged student has non-finite weights ({checkpoint.listing(bad, 3)}) in {dtype}: "
                           f"nothing was written to {out_path}" + ("; try --dtype fp32 or bf16 (fp16 overflows)"

@@ -520,7 +520,7 @@ def load_mmdit(path, device="cpu", dtype=torch.float32, compile=False):
         state = {}
         for k in expected:
             t = checkpoint.read_tensor(where, sources, k, path)
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if not checkpoint.all_finite(t):
                 raise CheckpointError(f"{path}: {k} holds non-finite values (NaN or inf): a diverged or corrupt "
                                       "checkpoint, which no command should use")
             state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
@@ -550,8 +550,8 @@ def load_mmdit_blend(base, finetuned, scale, device="cpu", dtype=torch.float32):
             if b.shape != f.shape:
                 raise CheckpointError(f"{k}: {tuple(b.shape)} in {base} but {tuple(f.shape)} in {finetuned}")
             blended = b.float() + scale * (f.float() - b.float()) if b.is_floating_point() else b
-            if b.is_floating_point() and not torch.isfinite(blended).all():
-                bad = base if not torch.isfinite(b).all() else finetuned
+            if not checkpoint.all_finite(blended):
+                bad = base if not checkpoint.all_finite(b) else finetuned
                 raise CheckpointError(f"{bad}: {k} holds non-finite values (NaN or inf), or the blend at scale "
                                       f"{scale:g} overflows: a diverged or corrupt checkpoint")
             state[k] = blended.to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
@@ -581,7 +581,7 @@ def check_values(path):
         _, expected = _check_layout(path, cfg, sources, shapes)
         for k in expected:
             t = checkpoint.read_tensor(where, sources, k, path)
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if not checkpoint.all_finite(t):
                 raise CheckpointError(f"{path}: {k} holds non-finite values (NaN or inf): a diverged or corrupt "
                                       "checkpoint, which no command should use")
             del t

@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 
 import cli
-from checkpoint import listing
+from checkpoint import all_finite, listing
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -535,7 +535,7 @@ def load_vae(path, device="cpu", dtype=torch.float32):
     tensors = _read_vae_tensors(file, dtype)
     config = _infer_config(tensors, file, diffusers_config)
     _check_layout(file, config, {k: tuple(v.shape) for k, v in tensors.items()})
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in tensors.items() if not all_finite(v)]
     if bad:
         raise ValueError(f"{file}: VAE tensors with non-finite values (NaN or inf): {listing(bad, 5)}")
     with torch.device("meta"):
