@@ -534,10 +534,11 @@ def not_an_input(outputs, inputs):
                                  f"replace what it reads; choose another {out_flag.split()[-1]}")
 
 
-def output_file(path, flag="--out", suffixes=None, inputs=()):
+def output_file(path, flag="--out", suffixes=None, inputs=(), create=False):
     """Make sure, before any heavy work, that `path` can be written as a file: a name (not empty, not
     ending in a separator, not an existing folder), with one of `suffixes` when given (what the file
-    is written as), in a folder this process can write into (created if needed), and none of the
+    is written as), in a folder this process can write into (create: made now; else left to the
+    writer, checkpoint.atomic_write, so that a refused run leaves no folder behind), and none of the
     command's `inputs` ((flag, path) pairs). Returns path."""
     if not path or path.endswith((os.sep, "/")) or os.path.basename(path) in ("", ".", ".."):
         raise InputError(f"{flag} {path!r}: not a file name (a folder?); give a file name"
@@ -548,7 +549,7 @@ def output_file(path, flag="--out", suffixes=None, inputs=()):
     if suffixes and not path.lower().endswith(tuple(s.lower() for s in suffixes)):
         raise InputError(f"{flag} {path}: the file is written as {' or '.join(suffixes)}; give a name that ends so")
     not_an_input([(flag, path)], inputs)
-    output_folder(os.path.dirname(os.path.abspath(path)), f"the folder of {flag}")
+    output_folder(os.path.dirname(os.path.abspath(path)), f"the folder of {flag}", create=create)
     return path
 
 

@@ -483,9 +483,6 @@ def cmd_speed(args):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if not os.path.basename(args.out) or args.out.endswith(("/", os.sep)):
         raise cli.InputError(f"--out {args.out!r}: an output stem (STEM.md and STEM.json are written), not a folder")
-    inputs = [("--" + f, getattr(args, f)) for f in ("mmdit", "strong", "weak")]
-    for suffix in (".md", ".json"):
-        cli.output_file(args.out + suffix, "--out", inputs=inputs)
     # the model's size, from the headers: its position table bounds --res, its widths the memory of the inputs
     cfg = mmdit.read_config(args.mmdit) if args.mmdit else mmdit.CONFIGS["tiny-sd3"]
     for path in (args.strong, args.weak):
@@ -501,6 +498,9 @@ def cmd_speed(args):
     nbytes = args.batch * 4 * (2 * L * 3 * cfg.hidden_size + 2 * args.tokens * cfg.context_dim)
     cli.check_memory(nbytes, f"a batch of {args.batch} at {args.res} px with {args.tokens} text tokens",
                      "--batch, --res or --tokens", device)
+    inputs = [("--" + f, getattr(args, f)) for f in ("mmdit", "strong", "weak")]
+    for suffix in (".md", ".json"):  # last: the only check that may create a folder (the one the stem goes into)
+        cli.output_file(args.out + suffix, "--out", inputs=inputs)
     if args.mmdit:
         load = lambda p: mmdit.load_mmdit(p, device, dtype).eval().requires_grad_(False)  # noqa: E731
         model = load(args.mmdit)

@@ -523,8 +523,8 @@ def main(args):
         folder = os.path.dirname(files[0])
         inputs = [("--base", f) for f in files] + [("--lora", args.lora)] + \
                  [("--base", os.path.join(folder, n)) for n in ("config.json", INDEX_JSON)]
-        cli.output_file(args.out, "--out", suffixes=(".safetensors",), inputs=inputs)
         check_adapter(args.lora, read_config(args.base))  # from headers, before the base loads
+        cli.output_file(args.out, "--out", suffixes=(".safetensors",), inputs=inputs)
         path = merge_files(args.base, args.lora, args.out, DTYPES[args.dtype])
         print(f"merged student: {path} (Stability layout, {args.dtype})")
         return path

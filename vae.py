@@ -597,6 +597,7 @@ def main(args):
     else:
         cli.check_memory(images, what + ", the images", "--size")
         cli.check_memory(activations, what + ", the VAE's activations", "--size", device)
+    cli.output_folder(os.path.dirname(os.path.abspath(args.out)), "the folder of --out")  # all checked: made now
     image = _read_image(args.image, args.size)
     vae = load_vae(args.vae, device=device, dtype=dtype)
     n_params = sum(p.numel() for p in vae.parameters())

@@ -395,6 +395,8 @@ def main(args):
         adapters = lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full)
         for config in args.config or grid:
             lora.check_rank(adapters, mmdit.CONFIGS[config], "--lora")
+    if args.json is not None:  # everything checked: its folder is made now, the file written at the end
+        cli.output_folder(os.path.dirname(os.path.abspath(args.json)), "the folder of --json")
     points = [dict(config=config, depth=depth, side=side, text=text, ckpt=ckpt, lora=adapters)
               for config, (depths, sizes, modes) in grid.items() if config in (args.config or grid) for ckpt in modes
               for depth in depths for side, text in sizes]

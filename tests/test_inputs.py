@@ -154,9 +154,10 @@ def root(tmp_path_factory, tiny_vae_config):
 
 
 def snapshot(folder):
-    """{file: sha256} of every file under folder."""
+    """{file: sha256, folder: None} of everything under folder."""
     out = {}
-    for d, _, names in os.walk(folder):
+    for d, dirs, names in os.walk(folder):
+        out.update({os.path.relpath(os.path.join(d, n), folder): None for n in dirs})
         for n in names:
             path = os.path.join(d, n)
             if not os.path.islink(path):
