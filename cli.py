@@ -30,11 +30,27 @@ The same contract covers how a command lives as a process:
   * One run per output folder (FolderLock): a lock file naming the holder's pid, host and
     command; a second run is refused with the holder's name; a lock whose process is gone
     (same host) is taken over with a warning.
+
+Every command checks its inputs, by class, with the shared checks of this file, before anything
+heavy loads (each refusal is one `error:` line naming the flag or file, exit status 2):
+
+    numbers       finite, in range, the bound and its reason in the message     finite, at_least
+    seeds         every seed a command derives fits torch's generator (uint64)    check_seed
+    devices       --device names a device this torch has (cpu, cuda[:N], mps)     check_device
+    memory        an allocation's size against the memory there is (RAM, cgroup  check_memory
+                  limit, or the GPU's free memory), before allocating
+    outputs       a file name (not a folder, the right suffix, a writable folder), output_file,
+                  never one of the command's inputs                               not_an_input
+    files read    JSON syntax, text that is not UTF-8, a zip/npz that is not one, reading, read_json,
+                  a missing key: named with the file (and line)                   read_text
+    results       JSON printed or written holds finite numbers only               json_text
 """
 
 import argparse
+import contextlib
 import ctypes
 import json
+import math
 import os
 import signal
 import socket
@@ -43,6 +59,7 @@ import tempfile
 import threading
 import time
 import traceback
+import zipfile
 
 TRACEBACK_ENV = "TEEFUSION_TRACEBACK"
 BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
@@ -52,6 +69,13 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 class InputError(ValueError):
     """Bad input that is not a ValueError by nature (exit status 2)."""
+
+
+class MissingKey(InputError, KeyError):
+    """A file lacks a key it must have (exit status 2). A KeyError for Python callers; its message is
+    printed as written (a plain KeyError prints the repr of its key)."""
+
+    __str__ = BaseException.__str__
 
 
 class Failure(RuntimeError):
@@ -98,7 +122,8 @@ def _worker_error(lines):
 def one_line(error):
     """The message of an exception on one line (multi-line messages joined with '; ')."""
     text = str(error).strip() or type(error).__name__
-    if isinstance(error, KeyError) and len(error.args) == 1 and not str(error.args[0]).startswith("Caught "):
+    if isinstance(error, KeyError) and not isinstance(error, InputError) and len(error.args) == 1 \
+            and not str(error.args[0]).startswith("Caught "):
         text = f"missing key {error.args[0]!r}"
     parts = [p.strip() for p in _worker_error(text.splitlines()) if p.strip()]
     return "; ".join(parts)
@@ -185,15 +210,22 @@ def die_with_launcher(poll_s=0.5):
 # Output folders: writable, and one run per folder
 
 
-def output_folder(path, flag="--out"):
+def output_folder(path, flag="--out", create=True):
     """Make sure, before any heavy work, that `path` is a folder this process can write into:
     refuses a file, creates the folder (and its parents), writes and removes a probe file (the only
-    test that also holds for root and for read-only mounts). Returns path."""
+    test that also holds for root and for read-only mounts). create=False: nothing is created, the
+    probe goes into the nearest folder that exists (the one the folder would be created in). Returns path."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{flag} {path} is a file, not a folder")
+    where = os.path.abspath(path)
+    while not create and not os.path.exists(where):
+        where = os.path.dirname(where)
     try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        if create:
+            os.makedirs(path, exist_ok=True)
+        elif not os.path.isdir(where):
+            raise NotADirectoryError(20, "Not a directory")
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".write-probe-")
         os.close(fd)
         os.remove(probe)
     except OSError as e:
@@ -343,3 +375,235 @@ class FolderLock:
         except (OSError, ValueError, AttributeError):
             pass
         self.record = None
+
+
+# -----------------------------------------------------------------------------
+# Checking inputs before the work: one check per class of careless input
+
+
+def _bound(low, high, low_open):
+    parts = ([f"> {low:g}" if low_open else f">= {low:g}"] if low is not None else []) + \
+            ([f"<= {high:g}"] if high is not None else [])
+    return " and ".join(parts)
+
+
+def finite(value, flag, low=None, high=None, low_open=False, why=""):
+    """A float flag: finite (no NaN or inf) and within [low, high] ((low, high] with low_open). The
+    message names the flag, the bound and, when given, why the bound holds. Returns value."""
+    ok = value is not None and math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) \
+        and (high is None or value <= high)
+    if not ok:
+        bound = _bound(low, high, low_open)
+        shown = "(none)" if value is None else format(value, "g")
+        raise InputError(f"{flag} {shown}: must be {bound + ', ' if bound else ''}a finite number"
+                         + (f" ({why})" if why else ""))
+    return value
+
+
+def at_least(value, low, flag, high=None, why=""):
+    """An integer flag >= low (and <= high when given), with the reason in the message. Returns value."""
+    if value is None or value < low or (high is not None and value > high):
+        raise InputError(f"{flag} {value}: must be {_bound(low, high, False)}" + (f" ({why})" if why else ""))
+    return value
+
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+
+
+def check_seed(seed, flag="--seed", largest=None, how=""):
+    """A seed >= 0 whose largest derived seed (`largest`, e.g. seed + k for image k; default seed
+    itself) still fits torch's generator (2**64 - 1), so that a run never fails halfway through."""
+    if seed < 0:
+        raise InputError(f"{flag} {seed}: must be >= 0")
+    largest = seed if largest is None else largest
+    if largest > SEED_MAX:
+        raise InputError(f"{flag} {seed}: {how or 'the largest seed it gives'} = {largest} is beyond the largest "
+                         f"seed torch's generator takes (2**64 - 1 = {SEED_MAX}); use a smaller {flag}")
+    return seed
+
+
+def check_device(spec, flag="--device"):
+    """--device as a torch.device, refused (naming the flag) when torch does not know the name, when
+    this torch has no such GPU (a CPU-only build, no driver, an index beyond the GPUs there are), or
+    when it is no device this project runs on (cpu, cuda[:N], mps). None stays None (the default)."""
+    if spec is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise InputError(f"{flag} {spec!r}: not a device name torch knows; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise InputError(f"{flag} {spec}: this torch ({torch.__version__}, {built}) sees no CUDA GPU; "
+                             f"use {flag} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"{flag} {spec}: there are {torch.cuda.device_count()} CUDA GPU(s) here, "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"{flag} {spec}: this torch sees no MPS (Apple GPU) device; use {flag} cpu")
+    elif device.type != "cpu":
+        raise InputError(f"{flag} {spec}: this project runs on cpu, cuda or mps, not {device.type}")
+    return device
+
+
+def _meminfo():
+    """/proc/meminfo in bytes (Linux), or {}."""
+    try:
+        with open("/proc/meminfo") as f:
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if v.split()}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cgroup_headroom():
+    """Bytes this process's cgroup (v2) may still allocate under its memory.max, or None."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.strip().split(":", 2)[2] for line in f if line.startswith("0::"))
+        folder = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+        with open(os.path.join(folder, "memory.max")) as f:
+            limit = f.read().strip()
+        with open(os.path.join(folder, "memory.current")) as f:
+            current = int(f.read())
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return None if limit == "max" else max(0, int(limit) - current)
+
+
+def available_memory(device="cpu"):
+    """(bytes that can still be allocated, where that number comes from) on a device: a GPU's free
+    memory (torch.cuda.mem_get_info); for the CPU the kernel's MemAvailable plus free swap, or less
+    under a cgroup memory limit; (None, ...) where it cannot be read."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {device}"
+    info = _meminfo()
+    if "MemAvailable" in info:
+        free, source = info["MemAvailable"] + info.get("SwapFree", 0), "available RAM + free swap"
+    else:
+        try:
+            free, source = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
+        except (ValueError, OSError, AttributeError):
+            return None, "unknown"
+    headroom = _cgroup_headroom()
+    if headroom is not None and headroom < free:
+        free, source = headroom, "this process's cgroup memory limit"
+    return free, source
+
+
+def gb(nbytes):
+    """Bytes for a message: MB, GB or TB."""
+    if nbytes >= 1e12:
+        return f"{nbytes / 1e12:,.3g} TB" if nbytes < 1e15 else f"{nbytes / 1e12:,.0f} TB"
+    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3g} MB"
+
+
+def check_memory(nbytes, what, flags, device="cpu"):
+    """Refuse, before allocating, work whose memory (`nbytes`, an estimate that does not exceed what
+    the work allocates: `what` says of what) is more than the device has free. flags: the flags that
+    set the size. Where free memory cannot be read, nothing is refused."""
+    free, source = available_memory(device)
+    if free is not None and nbytes > free:
+        raise InputError(f"{flags}: {what} needs at least {gb(nbytes)}, more than the {gb(free)} there is "
+                         f"({source}); lower {flags}")
+    return nbytes
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def not_an_input(outputs, inputs):
+    """Refuse an output that is one of the command's inputs, by any name (a symbolic or hard link, a
+    relative path): outputs and inputs are (flag, path) pairs, the paths of the files (or folders)
+    the command writes and reads. Outputs never replace inputs."""
+    for out_flag, out in outputs:
+        for in_flag, path in inputs:
+            if out and path and os.path.exists(path) and _same_file(out, path):
+                raise InputError(f"{out_flag} {out} is {in_flag} {path}, an input of this command: writing it would "
+                                 f"replace what it reads; choose another {out_flag.split()[-1]}")
+
+
+def output_file(path, flag="--out", suffixes=None, inputs=(), create=False):
+    """Make sure, before any heavy work, that `path` can be written as a file: a name (not empty, not
+    ending in a separator, not an existing folder), with one of `suffixes` when given (what the file
+    is written as), in a folder this process can write into (create: made now; else left to the
+    writer, checkpoint.atomic_write, so that a refused run leaves no folder behind), and none of the
+    command's `inputs` ((flag, path) pairs). Returns path."""
+    if not path or path.endswith((os.sep, "/")) or os.path.basename(path) in ("", ".", ".."):
+        raise InputError(f"{flag} {path!r}: not a file name (a folder?); give a file name"
+                         + (f" ending in {' or '.join(suffixes)}" if suffixes else ""))
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a folder: give a file name"
+                         + (f" ending in {' or '.join(suffixes)}" if suffixes else ""))
+    if suffixes and not path.lower().endswith(tuple(s.lower() for s in suffixes)):
+        raise InputError(f"{flag} {path}: the file is written as {' or '.join(suffixes)}; give a name that ends so")
+    not_an_input([(flag, path)], inputs)
+    output_folder(os.path.dirname(os.path.abspath(path)), f"the folder of {flag}", create=create)
+    return path
+
+
+@contextlib.contextmanager
+def reading(path, what=None):
+    """Errors met while reading the file `path` become one InputError that names it (`what`: how the
+    command calls it, e.g. "--prompts p.json"): JSON syntax (with line and column), text that is not
+    UTF-8, a zip / .npz that is not one (truncated, or another format), a missing key."""
+    name = what or path
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        raise InputError(f"{name}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as "
+                         "UTF-8") from None
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{name}: not a readable zip / .npz file (truncated, or another format: {e})") from None
+    except InputError:
+        raise
+    except KeyError as e:
+        raise InputError(f"{name}: missing key {e.args[0]!r}" if len(e.args) == 1 else f"{name}: {e}") from None
+    except IsADirectoryError:
+        raise InputError(f"{name} is a folder, not a file") from None
+
+
+def read_text(path, what=None):
+    """The text of a UTF-8 file, errors named (`reading`)."""
+    with reading(path, what), open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def read_json(path, what=None):
+    """The JSON value of a file, errors named with the file, line and column (`reading`)."""
+    with reading(path, what), open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _non_finite(obj, where="result"):
+    """The places (dotted) of the non-finite floats in a JSON-like value."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [f"{where} = {obj}"]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _non_finite(v, f"{where}.{k}")]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in _non_finite(v, f"{where}[{i}]")]
+    return []
+
+
+def json_text(obj, what="the result", **kwargs):
+    """json.dumps(obj) for a result that is printed or written: a non-finite number (NaN, inf) is not a
+    result, and not JSON either, so it is a failure (exit status 1) naming where it is."""
+    bad = _non_finite(obj, "")
+    if bad:
+        raise Failure(f"{what} holds non-finite numbers ({', '.join(p.lstrip('.') for p in bad[:3])}"
+                      f"{', ...' if len(bad) > 3 else ''}): not written")
+    return json.dumps(obj, allow_nan=False, **kwargs)

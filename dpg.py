@@ -21,7 +21,7 @@ import os
 from PIL import Image
 from tqdm import tqdm
 
-
+import cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,8 @@ def load_dpg_questions(path):
         reader = csv.DictReader(f)
         need = {"item_id", "proposition_id", "dependency", "category_broad", "question"}
         if not need <= set(reader.fieldnames or ()):
-            raise KeyError(f"DPG-Bench: {path!r} lacks columns {sorted(need - set(reader.fieldnames or ()))}")
+            raise cli.MissingKey(f"DPG-Bench: {path!r} lacks columns "
+                                 f"{sorted(need - set(reader.fieldnames or ()))}")
         for row in reader:
             parents = tuple(int(p) for p in str(row["dependency"]).replace(" ", "").split(",") if p not in ("", "0"))
             out.setdefault(row["item_id"], []).append(
@@ -84,7 +85,7 @@ def dpg_bench(images, questions, vqa, tile=512):
     for item_id, qs in tqdm(sorted(questions.items()), "DPG-Bench"):
         if isinstance(images, dict):
             if item_id not in images:
-                raise KeyError(f"DPG-Bench: no image for prompt {item_id!r}")
+                raise cli.MissingKey(f"DPG-Bench: no image for prompt {item_id!r}")
             image = images[item_id]
         else:
             path = os.path.join(images, f"{item_id}.png")

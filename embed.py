@@ -39,7 +39,6 @@ Their pipeline's `guidance_scale` is this w fed to psi directly, not diffusers' 
 Shape legend: B batch, L tokens, D model width, Dc context width, Dy pooled width.
 """
 
-import json
 import os
 import warnings
 
@@ -47,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 
+import cli
 from mmdit import Embedder, load_mmdit, timestep_embedding  # psi lives with the network that consumes it
 
 __all__ = ["timestep_embedding", "guidance_tensor", "timestep_term", "sd3_conditioning", "teefusion_text_term",
@@ -289,9 +289,9 @@ def _student_metadata(path):
     if os.path.isdir(path):
         config = os.path.join(path, "config.json")
         if os.path.isfile(config):
-            with open(config) as f:
-                if json.load(f).get("txt_align_guidance"):
-                    return "teefusion", RELEASED_SCALE
+            data = cli.read_json(config)
+            if isinstance(data, dict) and data.get("txt_align_guidance"):
+                return "teefusion", RELEASED_SCALE
         path = os.path.join(path, "diffusion_pytorch_model.safetensors")
     if not path.endswith(".safetensors") or not os.path.isfile(path):
         return None, None

@@ -61,6 +61,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -103,8 +104,8 @@ def load_dpg_prompts(folder):
     out = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".txt"):
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                out[name[:-4]] = f.read().strip()
+            path = os.path.join(folder, name)
+            out[name[:-4]] = cli.read_text(path, f"DPG-Bench prompt {path}").strip()
     if not out:
         raise FileNotFoundError(f"DPG-Bench prompts: no .txt files in {folder!r}")
     return out
@@ -114,12 +115,14 @@ def load_coco_captions(path, per_image=1):
     """COCO captions_*.json -> [(image_id, caption)], the first `per_image` captions of each image."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"COCO captions: no file {path!r} (expected captions_val2014.json or similar)")
-    with open(path, encoding="utf-8") as f:
-        anns = json.load(f).get("annotations")
-    if anns is None:
-        raise KeyError(f"COCO captions: {path!r} has no 'annotations' list")
+    data = cli.read_json(path, f"COCO captions {path}")
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(anns, list):
+        raise cli.MissingKey(f"COCO captions: {path!r} has no 'annotations' list")
     seen, out = {}, []
-    for a in anns:
+    for n, a in enumerate(anns):
+        if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or "image_id" not in a:
+            raise ValueError(f"COCO captions {path}: annotation {n} has no string 'caption' and 'image_id'")
         if seen.get(a["image_id"], 0) < per_image:
             seen[a["image_id"]] = seen.get(a["image_id"], 0) + 1
             out.append((a["image_id"], a["caption"].strip()))
@@ -248,8 +251,9 @@ def markdown_table(rows, columns=None):
 def write_table(rows, stem, columns=None, title=None):
     """Writes stem.md and stem.json (the same rows); returns the Markdown text."""
     md = (f"### {title}\n\n" if title else "") + markdown_table(rows, columns)
+    text = cli.json_text({"title": title, "rows": rows}, f"the table {stem}", indent=2)  # finite numbers only
     write_text(stem + ".md", md)
-    write_text(stem + ".json", json.dumps({"title": title, "rows": rows}, indent=2) + "\n")
+    write_text(stem + ".json", text + "\n")
     return md
 
 
@@ -262,23 +266,49 @@ def read_log(path, key="loss"):
     with a header that has "step" and `key`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"log: no file {path!r} (expected .jsonl lines with 'step' and {key!r}, or a .csv)")
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = [json.loads(line) for line in f if line.strip()] if path.endswith(".jsonl") else list(csv.DictReader(f))
-    rows = [r for r in rows if r.get(key) not in (None, "") and r.get("step") not in (None, "")]
+    text = cli.read_text(path, f"log {path}")
+    if path.endswith(".jsonl"):
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                with cli.reading(path, f"log {path} line {n}"):
+                    rows.append((n, json.loads(line)))
+    else:
+        rows = list(enumerate(csv.DictReader(text.splitlines()), 2))  # line 1 is the header
+    rows = [(n, r) for n, r in rows if isinstance(r, dict) and r.get(key) not in (None, "")
+            and r.get("step") not in (None, "")]
     if not rows:
-        raise KeyError(f"log: {path!r} has no rows with both 'step' and {key!r}")
-    return [float(r["step"]) for r in rows], [float(r[key]) for r in rows]
+        raise cli.MissingKey(f"log: {path!r} has no rows with both 'step' and {key!r}")
+    steps, values = [], []
+    for n, r in rows:
+        try:
+            step, value = float(r["step"]), float(r[key])
+        except (TypeError, ValueError):
+            step = value = math.nan
+        if not (math.isfinite(step) and math.isfinite(value)):
+            raise ValueError(f"log {path} line {n}: step {r['step']!r}, {key} {r[key]!r}: not finite numbers")
+        steps.append(step)
+        values.append(value)
+    return steps, values
 
 
 def sweep_plot(results, metric, path):
     """Fig. 5a: results {method: {w: {metric: value}}} (JSON keys may be strings) -> score vs w."""
+    if not isinstance(results, dict) or not all(
+            isinstance(by_w, dict) and all(isinstance(v, dict) for v in by_w.values()) for by_w in results.values()):
+        raise ValueError("sweep results: expected JSON {method: {w: {metric: value}}}")
     series = {}
     for method, by_w in results.items():
-        pts = sorted((float(w), float(v[metric])) for w, v in by_w.items() if metric in v)
+        try:
+            pts = sorted((float(w), float(v[metric])) for w, v in by_w.items() if metric in v)
+        except (TypeError, ValueError):
+            raise ValueError(f"sweep results: {method}'s w and {metric!r} values are not all numbers") from None
+        if not all(math.isfinite(x) and math.isfinite(y) for x, y in pts):
+            raise ValueError(f"sweep results: {method}'s w or {metric!r} values are not all finite")
         if pts:
             series[method] = ([p[0] for p in pts], [p[1] for p in pts])
     if not series:
-        raise KeyError(f"sweep_plot: no {metric!r} values in the results")
+        raise cli.MissingKey(f"no {metric!r} values in the sweep results")
     return line_plot(series, path, title=f"{metric} vs guidance w", xlabel="w", ylabel=metric)
 
 
@@ -310,7 +340,14 @@ def score_specs(specs):
 def table_plans(args):
     """[(label, w, generate.Plan)]: each method of --methods and each --student (NAME=PATH or PATH), at
     each w of --w-sweep (else --w; euler once, without w), into --out/LABEL[/wW], every one checked."""
-    ws = [float(w) for w in args.w_sweep.split(",")] if args.w_sweep else [args.w]
+    ws = [args.w]
+    if args.w_sweep:
+        try:
+            ws = [float(w) for w in args.w_sweep.split(",")]
+        except ValueError:
+            raise ValueError(f"--w-sweep {args.w_sweep!r}: expected comma-separated numbers, e.g. 1,2,3,5") from None
+        for w in ws:
+            cli.finite(w, "--w-sweep", low=0, why="the paper's guidance w, Eq. 2")
     rows = [(m, samplers.canonical(m, samplers.METHODS), None) for m in args.methods.split(",") if m]
     for spec in args.student or []:
         name, _, path = spec.rpartition("=")
@@ -335,10 +372,13 @@ def table_plans(args):
 def pixels(height, width):
     """An image size for a title: "1024px" for a square, "1216x832px" (width x height) otherwise."""
     return f"{height}px" if height == width else f"{width}x{height}px"
+TABLE4_OUTPUTS = ("table4.md", "table4.json", "grid.png", "sweep.json", "sweep-grid.png")
 
 
 def cmd_table4(args):
+    cli.at_least(args.grid_prompts, 1, "--grid-prompts", why="prompts (columns) in OUT/grid.png")
     scorers = score_specs(args.score or [])
+    cli.not_an_input([("--out", os.path.join(args.out, n)) for n in TABLE4_OUTPUTS], [("--prompts", args.prompts)])
     plans = table_plans(args)
     records = {(label, w): generate.run(plan) for label, w, plan in plans}
     rows = [dict(method=label, w="-" if plan.record["w"] is None else plan.record["w"], NFE=records[label, w][0]["nfe"],
@@ -371,7 +411,7 @@ def cmd_table4(args):
         for row, (label, w, plan) in zip(rows, plans):
             if w is not None:
                 results.setdefault(label, {})[w] = {k: row[k] for k in ("NFE", "s_per_image", *scorers)}
-        write_text(os.path.join(args.out, "sweep.json"), json.dumps(results, indent=2) + "\n")
+        write_text(os.path.join(args.out, "sweep.json"), cli.json_text(results, "the w-sweep", indent=2) + "\n")
         for metric in scorers:
             sweep_plot(results, metric, os.path.join(args.out, f"sweep-{metric}.png"))
         ws = sorted({w for r in results.values() for w in r})
@@ -383,12 +423,9 @@ def cmd_table4(args):
 # Command line: every argument is checked before any model loads
 
 
-def check_out(path, what):
-    if not path or os.path.isdir(path):
-        raise IsADirectoryError(f"{what}: {path!r} is a folder (expected a file name to write)")
-
-
 def cmd_score(args):
+    cli.at_least(args.batch, 1, "--batch", why="images scored at once")
+    cli.check_device(args.device)
     paths = list_images(args.images)
     prompts = None
     if args.metric != "aesthetic":
@@ -399,25 +436,32 @@ def cmd_score(args):
             raise ValueError(f"{len(paths)} images in {args.images!r} but {len(prompts)} prompts in {args.prompts!r}")
     metrics.check_weights(args.metric, clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward)
     if args.out:
-        check_out(args.out, "--out")
+        cli.output_file(args.out, "--out", suffixes=(".json",), inputs=[("--prompts", args.prompts)]
+                        + [("--images", p) for p in paths])
     scorer = metrics.load_scorer(args.metric, clip=args.clip, aesthetic=args.aesthetic,
                                  imagereward=args.imagereward, device=args.device)
     names, scores = score_folder(scorer, args.images, prompts, args.batch, desc=args.metric)
     result = metrics.aggregate(scores, args.metric)
+    out = {"metric": args.metric, "score": result, "per_image": dict(zip(names, scores.tolist()))}
+    text = cli.json_text(out, f"the {args.metric} scores", indent=2)  # non-finite scores: a failure, nothing out
     print(json.dumps({"metric": args.metric, "images": len(names), "score": result}))
     if args.out:
-        write_text(args.out, json.dumps({"metric": args.metric, "score": result,
-                                         "per_image": dict(zip(names, scores.tolist()))}, indent=2) + "\n")
+        write_text(args.out, text + "\n")
 
 
 def cmd_fid_stats(args):
+    cli.at_least(args.batch, 1, "--batch", why="images through the Inception network at once")
+    cli.check_device(args.device)
     fid.check_inception(args.inception)
     paths = list_images(args.images)
     if len(paths) < 2:
         raise ValueError(f"--images {args.images!r}: FID statistics need at least 2 images, found {len(paths)}")
-    check_out(args.out, "--out")
+    cli.output_file(args.out, "--out", suffixes=(".npz",), inputs=[("--inception", args.inception)]
+                    + [("--images", p) for p in paths])
     net = fid.load_inception(args.inception, args.device, args.resize)
     mu, sigma = folder_statistics(net, args.images, args.batch)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise cli.Failure(f"the Inception features of {args.images} are not all finite: nothing written to {args.out}")
     fid.save_statistics(args.out, mu, sigma)
     print(json.dumps({"images": len(paths), "resize": args.resize, "out": args.out}))
 
@@ -433,14 +477,35 @@ def cmd_speed(args):
     if args.strong and not args.mmdit:
         raise ValueError("--strong/--weak need --mmdit (the random tiny default has no weak/strong pair)")
     height, width = args.height or args.res, args.width or args.res
-    for flag, side in (("--height" if args.height else "--res", height), ("--width" if args.width else "--res", width)):
-        if side % 16:
-            raise ValueError(f"{flag} {side} is not a multiple of 16 (the VAE's 8 x the MMDiT's 2 x 2 patches)")
     for flag in ("steps", "batch", "repeats", "tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} {getattr(args, flag)} must be at least 1")
-    device = torch.device(args.device)
+    samplers.check_w(args.w, "--w")
+    cli.check_seed(args.seed)
+    device = cli.check_device(args.device)
+    cli.check_memory(8 * (args.steps + 1), f"the schedule of {args.steps} steps (its N + 1 times)", "--steps")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if not os.path.basename(args.out) or args.out.endswith(("/", os.sep)):
+        raise cli.InputError(f"--out {args.out!r}: an output stem (STEM.md and STEM.json are written), not a folder")
+    # the model's size, from the headers: its position table bounds --res, its widths the memory of the inputs
+    cfg = mmdit.read_config(args.mmdit) if args.mmdit else mmdit.CONFIGS["tiny-sd3"]
+    for path in (args.strong, args.weak):
+        if path and mmdit.read_config(path) != cfg:
+            raise ValueError(f"W2SD's pair must be --mmdit's architecture: {path} is another MMDiT")
+    unit = 8 * cfg.patch_size  # pixels per patch side
+    for flag, side in (("--height" if args.height else "--res", height), ("--width" if args.width else "--res", width)):
+        if side < unit or side % unit or side > unit * cfg.pos_embed_max_size:
+            raise ValueError(f"{flag} {side}: must be a positive multiple of {unit} (the VAE's 8 x the MMDiT's "
+                             f"{cfg.patch_size} x {cfg.patch_size} patches) and at most {unit * cfg.pos_embed_max_size} "
+                             f"(its position table holds {cfg.pos_embed_max_size} x {cfg.pos_embed_max_size} patches)")
+    # at least the inputs and one block's qkv for the (B, image + text tokens) rows of CFG's batch of 2
+    L = (height // unit) * (width // unit) + args.tokens
+    nbytes = args.batch * 4 * (2 * L * 3 * cfg.hidden_size + 2 * args.tokens * cfg.context_dim)
+    cli.check_memory(nbytes, f"a batch of {args.batch} at {pixels(height, width)} with {args.tokens} text tokens",
+                     "--batch, --res (--height, --width) or --tokens", device)
+    inputs = [("--" + f, getattr(args, f)) for f in ("mmdit", "strong", "weak")]
+    for suffix in (".md", ".json"):  # last: the only check that may create a folder (the one the stem goes into)
+        cli.output_file(args.out + suffix, "--out", inputs=inputs)
     if args.mmdit:
         load = lambda p: mmdit.load_mmdit(p, device, dtype).eval().requires_grad_(False)  # noqa: E731
         model = load(args.mmdit)
@@ -449,7 +514,6 @@ def cmd_speed(args):
         torch.manual_seed(0)
         model = mmdit.MMDiT(mmdit.CONFIGS["tiny-sd3"]).to(device, dtype).eval().requires_grad_(False)
         strong = weak = None
-    cfg = model.config
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.batch, cfg.in_channels, height // 8, width // 8, generator=g).to(device)  # (B, C, H, W)
     # random conditioning of the right shapes: the cost does not depend on the prompt
@@ -469,9 +533,10 @@ def main(args):
     elif args.command == "fid":
         for path in args.stats:
             fid.check_statistics(path)
-        print(json.dumps({"fid": fid.frechet_distance(*fid.load_statistics(args.stats[0]),
-                                                      *fid.load_statistics(args.stats[1]))}))
+        stats = [fid.load_statistics(path) for path in args.stats]  # each checked: finite, mu (D,), sigma (D, D)
+        print(cli.json_text({"fid": fid.frechet_distance(*stats[0], *stats[1])}, "the FID"))
     elif args.command == "convert-hps":
+        cli.not_an_input([("--out", args.out)], [("the checkpoint", args.checkpoint), ("--tokenizer", args.tokenizer)])
         print(metrics.convert_openclip(args.checkpoint, args.tokenizer, args.out))
     elif args.command == "fid-stats":
         cmd_fid_stats(args)
@@ -480,13 +545,18 @@ def main(args):
     elif args.command == "table4":
         cmd_table4(args)
     elif args.command == "plot-loss":
+        cli.output_file(args.out, "--out", suffixes=(".png",), inputs=[("the log", args.log)])
         steps, values = read_log(args.log, args.key)
         line_plot({args.key: (steps, values)}, args.out, title=f"{args.key} vs step", xlabel="step", ylabel=args.key)
     elif args.command == "plot-sweep":
         if not os.path.isfile(args.results):
             raise FileNotFoundError(f"results: no file {args.results!r} (expected JSON {{method: {{w: {{metric: v}}}}}})")
-        with open(args.results, encoding="utf-8") as f:
-            sweep_plot(json.load(f), args.metric, args.out)
+        cli.output_file(args.out, "--out", suffixes=(".png",), inputs=[("the results", args.results)])
+        results = cli.read_json(args.results, f"results {args.results}")
+        try:
+            sweep_plot(results, args.metric, args.out)
+        except ValueError as e:  # what is wrong in the file, with its name
+            raise type(e)(f"results {args.results}: {e}") from None
 
 
 def build_parser():

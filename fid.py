@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import checkpoint
+import cli
 import metrics
 from checkpoint import atomic_write
 
@@ -86,13 +88,32 @@ def check_statistics(path):
 
 
 def load_statistics(path):
-    """(mu, sigma) from an .npz reference-statistics file (pytorch-fid / clean-fid layout)."""
+    """(mu, sigma) from an .npz reference-statistics file (pytorch-fid / clean-fid layout), checked:
+    an .npz of numpy arrays (never a pickle: allow_pickle=False), 'mu' (D,) and 'sigma' (D, D), every
+    number finite. Each refusal names the file."""
     check_statistics(path)
-    with np.load(path) as f:
-        missing = [k for k in ("mu", "sigma") if k not in f.files]
-        if missing:
-            raise KeyError(f"FID statistics: {path!r} lacks {missing} (has {f.files}; expected 'mu' and 'sigma')")
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    what = f"FID statistics {path}"
+    with cli.reading(path, what):
+        try:
+            f = np.load(path, allow_pickle=False)
+        except ValueError as e:  # a pickle, or bytes that are no numpy format at all
+            raise cli.InputError(f"{what}: not an .npz of numpy arrays ({e})") from None
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise cli.InputError(f"{what}: a single .npy array, not an .npz holding 'mu' and 'sigma'")
+        with f:
+            missing = [k for k in ("mu", "sigma") if k not in f.files]
+            if missing:
+                raise cli.MissingKey(f"{what} lacks {missing} (has {checkpoint.listing(f.files, 6)}; expected 'mu' and "
+                                     "'sigma', as pytorch-fid --save-stats writes them)")
+            try:
+                mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            except (ValueError, TypeError, OSError) as e:  # object arrays (pickles), truncated members, strings
+                raise cli.InputError(f"{what}: 'mu' and 'sigma' are not readable number arrays ({e})") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
+        raise cli.InputError(f"{what}: mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise cli.InputError(f"{what}: mu or sigma holds non-finite numbers (NaN or inf): no FID can come of it")
+    return mu, sigma
 
 
 def save_statistics(path, mu, sigma):
@@ -287,7 +308,7 @@ def load_inception(path, device="cpu", resize="pytorch-fid"):
     missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in expected)
     if missing or unexpected:
-        raise KeyError(f"FID Inception: {path!r} does not match (missing {missing[:5]} of {len(missing)}, "
+        raise cli.MissingKey(f"FID Inception: {path!r} does not match (missing {missing[:5]} of {len(missing)}, "
                        f"unexpected {unexpected[:5]} of {len(unexpected)})")
     net.load_state_dict(state, strict=False)
     return net.to(device).eval().requires_grad_(False)

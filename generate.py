@@ -90,6 +90,8 @@ DEFAULT_W = 5.0  # the released student's inference setting (SPEC.md section 5)
 TOY_VIEW = 8  # toy images are saved this many times larger (nearest neighbour)
 SHEET = (8, 8)  # the contact sheet: at most this many prompts x images per prompt
 ENCODE_CHUNK = 16  # prompts through the text encoders at once
+SD3_TOKENS = 77 + 256  # text tokens per prompt: CLIP's 77, then T5's 256 (zeros with --no-t5)
+RECORD_BYTES = 1000  # memory of one image's record (a dict of about 25 fields), a lower bound
 # the fields of a PNG's record that must match for an existing image to count as done
 SETTINGS = ("prompt", "negative_prompt", "method", "w", "steps", "seed", "model", "student", "student_method",
             "height", "width", "dtype", "preset", "w_rounding", "no_t5", "w2sd", "lora")
@@ -100,23 +102,45 @@ SETTINGS = ("prompt", "negative_prompt", "method", "w", "steps", "seed", "model"
 
 
 def load_prompts(path):
-    """A list of prompts from a .txt (one per line), .json (a list) or .jsonl ({"prompt": ...})."""
+    """A list of prompts from a .txt (one per line), .json (a list of strings) or .jsonl (one object per
+    line with a string "prompt"). Anything else in the file (null, a number, an object where a string
+    belongs, a JSON syntax error, text that is not UTF-8) is refused with the file and the entry named:
+    a prompt is never made up from a value that is not one."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts: no file {path!r} (expected .txt one prompt per line, a .json list, "
                                 f"or .jsonl with a 'prompt' field)")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
-        elif path.endswith(".json"):
-            data = json.load(f)
-            if not isinstance(data, list):
-                raise ValueError(f"prompts: {path!r} is not a JSON list of strings")
-            prompts = [str(p) for p in data]
-        else:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    name = f"prompts {path}"
+    text = cli.read_text(path, name)
+    if path.endswith(".jsonl"):
+        prompts = []
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                with cli.reading(path, f"{name} line {n}"):
+                    row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                    raise ValueError(f"{name} line {n}: expected an object with a string \"prompt\", got "
+                                     f"{_excerpt(row)}")
+                prompts.append(row["prompt"])
+    elif path.endswith(".json"):
+        with cli.reading(path, name):
+            data = json.loads(text)
+        if not isinstance(data, list):
+            raise ValueError(f"{name}: not a JSON list of strings (got {type(data).__name__})")
+        bad = [(i, p) for i, p in enumerate(data) if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"{name}: entry {bad[0][0]} is {_excerpt(bad[0][1])}, not a string (a JSON list of "
+                             f"prompt strings is expected; {len(bad)} such entries)")
+        prompts = data
+    else:
+        prompts = [line for line in text.split("\n") if line.strip()]
     if not prompts:
         raise ValueError(f"prompts: {path!r} holds no prompts")
     return prompts
+
+
+def _excerpt(value, n=40):
+    text = json.dumps(value)
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def write_text(path, text):
@@ -278,11 +302,14 @@ def requested_size(a):
 
 
 def _check_size(size, configs, square):
-    """Each side a multiple of the VAE's 8 x the patch size, and within every MMDiT's position table."""
+    """Each side a positive multiple of the VAE's 8 x the patch size, and within every MMDiT's position table."""
     for name, side in zip(("--height", "--width"), size):
         name = "--res" if square else name
         for flag, cfg in configs:
             p = cfg.patch_size
+            if side < 8 * p:
+                raise ValueError(f"{name} {side}: must be a positive multiple of {8 * p} (the VAE's 8 x the MMDiT's "
+                                 f"{p} x {p} patches)")
             if side % (8 * p):
                 raise ValueError(f"{name} {side} is not a multiple of {8 * p} (the VAE's 8 x the MMDiT's {p} x {p} "
                                  "patches)")
@@ -340,8 +367,12 @@ def _check_models(a, toy_world):
             raise ValueError(f"--{(given or ['no-t5'])[0].replace('_', '-')}: the toy world brings its own models, "
                              "text encoders and image size")
         import toy  # only here: the SD3 path does not need the toy world
+        toy.check_cache_dir(a.toy_cache, "--toy-cache")
         if a.lora:
             lora.check_adapter(a.lora, toy.TEACHER_CONFIG)
+        for flag in ("student", "strong", "weak", "w2sd_finetuned"):  # each must be a toy-world MMDiT
+            if getattr(a, flag):
+                toy.check_network(getattr(a, flag), "--" + flag.replace("_", "-"))
         return (toy.H, toy.W), None, None
     if a.model is None:
         raise ValueError("--model is required (an SD3 checkpoint), or --toy for the toy world")
@@ -376,9 +407,18 @@ def check(args, world=None):
     for flag in ("steps", "n_per_prompt", "batch"):
         if getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)} must be at least 1")
-    if a.seed < 0:
-        raise ValueError(f"--seed {a.seed} must be >= 0")
+    cli.check_seed(a.seed, "--seed", a.seed + a.n_per_prompt - 1, "image k of a prompt starts from seed + k, and "
+                   f"seed + (--n-per-prompt - 1)")
+    cli.check_memory(8 * (a.steps + 1), f"the schedule of {a.steps} steps (its N + 1 times)", "--steps")
+    for flag in ("strong_scale", "weak_scale", "main_scale"):
+        cli.finite(getattr(a, flag), "--" + flag.replace("_", "-"), why="W2SD's blend base + s (fine-tune - base)")
+    # every image's record stays in memory until OUT/index.jsonl is written: about RECORD_BYTES each
+    cli.check_memory(len(prompts) * a.n_per_prompt * RECORD_BYTES, f"the records of {len(prompts)} x "
+                     f"{a.n_per_prompt} images", "--n-per-prompt (or fewer prompts)")
+    device = cli.check_device(a.device)
     toy_world = a.toy or world is not None
+    if toy_world:
+        import toy  # only here: the SD3 path does not need the toy world
     w = _check_method(a, toy_world)
     size, text_encoders, vae_path = _check_models(a, toy_world)
     if a.lora and a.student_method not in (None, *lora.METHODS):
@@ -390,8 +430,11 @@ def check(args, world=None):
         raise ValueError(f"--w-rounding model applies to TeEFusion students, not {student_method!r}")
     if student_method == "dice":
         w = embed.DICE_W  # DICE samples at the one guidance it was trained for
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    inputs = [("--prompts", a.prompts)] + [("--" + f.replace("_", "-"), getattr(a, f)) for f in
+                                           ("model", "student", "lora", "strong", "weak", "w2sd_finetuned", "vae")]
+    cli.not_an_input([("--out", os.path.join(a.out, name)) for name in ("index.jsonl", "contact.png")], inputs)
     _check_writable(a.out)
     record = dict(negative_prompt=a.negative_prompt, method=a.method, w=w, steps=a.steps,
                   model="toy world" if toy_world else _name(a.model), student=_name(a.student),
@@ -410,6 +453,19 @@ def check(args, world=None):
                 raise FileExistsError(f"{path} was made with {bad[0]}={old.get(bad[0])!r}, not {new.get(bad[0])!r}: "
                                       "give another --out for other settings")
             plan.done[job] = old
+    # a batch's images leave the decoder as float32 (B, 3, res, res) and are kept on the CPU until saved
+    side = (toy.H * toy.W) if toy_world else res * res
+    batch = min(a.batch, max(1, len(jobs) - len(plan.done)))
+    cli.check_memory(batch * 3 * side * 4, f"a batch of {batch} decoded images", "--batch")
+    # the text embeddings of every prompt still to draw wait on the CPU while the MMDiT samples (`encode`)
+    todo = len({i for i, k in jobs if (i, k) not in plan.done})
+    if toy_world:
+        width = toy.TOKENS * toy.TEACHER_CONFIG.context_dim + toy.TEACHER_CONFIG.pooled_dim
+    else:
+        cfg = mmdit.read_config(a.model)
+        width = SD3_TOKENS * cfg.context_dim + cfg.pooled_dim
+    cli.check_memory(todo * width * torch.finfo(dtype).bits // 8, f"the text embeddings of {todo} prompts "
+                     f"({torch.finfo(dtype).bits // 8} bytes x {width} numbers each)", "the number of prompts")
     return plan
 
 
@@ -534,7 +590,12 @@ def iter_images(plan, jobs):
         synchronize(device)
         seconds = (time.perf_counter() - start) / len(batch)
         if not torch.isfinite(images).all():
-            raise FloatingPointError(f"non-finite image for prompt {batch[0][0]} in {plan.dtype}; try --dtype fp32")
+            w = plan.record["w"]
+            hint = ("try --dtype fp32" if plan.dtype != torch.float32 else
+                    "float32 already: the guided velocity (1 + w) v(c) - w v(null) overflowed, try a smaller --w"
+                    if w else "float32 already: the model itself gives non-finite velocities")
+            raise FloatingPointError(f"non-finite image for prompt {batch[0][0]} ({a.method}, w = {w}, "
+                                     f"{str(plan.dtype).split('.')[-1]}): nothing was written for it; {hint}")
         yield batch, images.float().cpu(), nfe, seconds
     del models
     free_memory(device)

@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 
 import checkpoint
+import cli
 from checkpoint import CheckpointError
 from mmdit import CONFIGS, MMDiT, load_mmdit, read_config, save_mmdit
 
@@ -79,6 +80,7 @@ FULL = {"embedders": r"[ty]_embedder"}  # what --lora-full may train fully, as w
 DEFAULT_FULL = ("embedders",)
 PREFIX = "transformer."  # diffusers' SD3 LoRA files name the transformer's tensors under it
 METADATA = "teefusion_lora"  # safetensors metadata: the settings, as JSON
+INDEX_JSON = "diffusion_pytorch_model.safetensors.index.json"  # a sharded diffusers transformer's index
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the students a LoRA file can hold: the methods with no modules of their own (embed.FUSIONS: DistillCFG adds an
 # MLP that is no part of SD3, DICE adapts no network)
@@ -134,12 +136,13 @@ class LoRALinear(nn.Linear):
 # Settings, and the student built from them
 
 
-def settings(rank, alpha=None, targets=None, full=None):
+def settings(rank, alpha=None, targets=None, full=None, flag="--lora"):
     """The checked settings as a plain dict (saved in files and checkpoints). alpha defaults to the
     rank (scale 1), targets to DEFAULT_TARGETS, full to DEFAULT_FULL (names as a list or a
-    comma-separated string). Refuses a rank < 1, alpha <= 0, an unknown name, a module named twice."""
+    comma-separated string). Refuses a rank < 1, alpha <= 0, an unknown name, a module named twice.
+    flag: the command's name for the rank (in messages)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"--lora {rank}: the rank must be an integer >= 1")
+        raise ValueError(f"{flag} {rank}: the rank must be an integer >= 1")
     alpha = float(rank if alpha is None else alpha)
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"--lora-alpha {alpha:g}: alpha must be > 0 (the adapters' scale is alpha / rank)")
@@ -150,6 +153,23 @@ def settings(rank, alpha=None, targets=None, full=None):
         raise ValueError(f"--lora-targets {both[0]} is also in --lora-full: a module is adapted or trained fully, "
                          "not both")
     return dict(rank=rank, alpha=alpha, targets=targets, full=full)
+
+
+def check_rank(spec, config, flag="--lora"):
+    """The rank against the layers it adapts (an MMDiTConfig): r <= min(inputs, outputs) of every adapted
+    layer (per part for the fused qkv). B A of a larger rank is no more expressive (its rank is at most
+    that), only larger: past it the "low-rank" adapter has more parameters than the layer itself."""
+    targets = [re.compile(TARGETS[t]) for t in spec["targets"]]
+    with torch.device("meta"):
+        model = MMDiT(config)
+    sizes = [(min(m.in_features, m.out_features // (3 if n.endswith("qkv") else 1)), n)
+             for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(p.fullmatch(n) for p in targets)]
+    if sizes and spec["rank"] > min(sizes)[0]:
+        bound, name = min(sizes)
+        raise ValueError(f"{flag} {spec['rank']}: beyond the rank of the layers it adapts (at most {bound}: {name} has "
+                         f"{bound} as its smaller side); a larger B A is no more expressive, only larger than "
+                         "the layer")
+    return spec
 
 
 def _names(names, known, flag):
@@ -327,7 +347,8 @@ def _open_adapter(path, stack):
         raise CheckpointError(f"{path}: tensors for other networks than the transformer ({checkpoint.listing(others, 3)}): "
                               "only the MMDiT's adapters are read")
     if "lora_adapter_metadata" in meta:  # diffusers' own writer records the alphas: read only alpha = rank
-        cfg = json.loads(meta["lora_adapter_metadata"])
+        with cli.reading(path, f"{path} (its lora_adapter_metadata)"):
+            cfg = json.loads(meta["lora_adapter_metadata"])
         if (cfg.get("alpha_pattern") or {}) != (cfg.get("rank_pattern") or {}) or \
                 float(cfg.get("lora_alpha", cfg.get("r"))) != float(cfg.get("r")):
             raise CheckpointError(f"{path}: its lora_adapter_metadata scales the adapters by lora_alpha / r "
@@ -387,6 +408,9 @@ def load_adapter(base, path):
             for part, module in by_part.items():
                 A, B, bias = (f.get_tensor(f"{prefix}{module}.lora_{k}").float() if f"{prefix}{module}.lora_{k}" in keys
                               else None for k in ("A.weight", "B.weight", "B.bias"))
+                if not all(checkpoint.all_finite(t) for t in (A, B, bias) if t is not None):
+                    raise CheckpointError(f"{path}: {prefix}{module} holds non-finite values (NaN or inf): a diverged "
+                                          "or corrupt adapter")
                 if swap:
                     B, bias = checkpoint.swap_halves(B), bias if bias is None else checkpoint.swap_halves(bias)
                 pieces[part] = (A.to(layer.weight.device), B.to(layer.weight.device), bias)
@@ -407,7 +431,8 @@ def load_adapter(base, path):
                     new.lora_B[p * o:(p + 1) * o, :len(A)] = B
             setattr(owner, leaf, new)
     stored = meta.get(METADATA)
-    model.lora_settings = json.loads(stored) if stored else dict(rank=None, alpha=None, targets=[], full=[])
+    with cli.reading(path, f"{path} (its {METADATA} metadata)"):
+        model.lora_settings = json.loads(stored) if stored else dict(rank=None, alpha=None, targets=[], full=[])
     model.lora_trained = []  # a student to sample from: nothing of it trains
     return model, meta
 
@@ -437,12 +462,19 @@ def save_adapter(model, base, path, metadata=None, dtype=torch.float32):
 
 def merge_files(base_path, lora_path, out_path, dtype=torch.float32):
     """A full student in Stability's layout from a base checkpoint and an adapter file, with the
-    adapter's metadata (the method, teacher and step that embed.load_student and generate.py read)."""
+    adapter's metadata (the method, teacher and step that embed.load_student and generate.py read).
+    Only a student whose every weight is finite in `dtype` is written."""
     base = load_mmdit(base_path, dtype=torch.float32)
     student, meta = load_adapter(base, lora_path)
     meta = {k: v for k, v in meta.items() if k not in ("format", "mmdit_config", "lora_adapter_metadata")}
     meta["teefusion_lora_base"] = os.path.basename(os.path.normpath(base_path))
-    return save_mmdit(merge(student, dtype), out_path, metadata=meta)
+    merged = merge(student, dtype)
+    bad = [k for k, v in merged.state_dict().items() if not checkpoint.all_finite(v)]
+    if bad:
+        raise cli.Failure(f"the merged student has non-finite weights ({checkpoint.listing(bad, 3)}) in {dtype}: "
+                          f"nothing was written to {out_path}" + ("; try --dtype fp32 or bf16 (fp16 overflows)"
+                                                                   if dtype == torch.float16 else ""))
+    return save_mmdit(merged, out_path, metadata=meta)
 
 
 
@@ -486,13 +518,18 @@ def main(args):
         for flag, path in (("--base", args.base), ("--lora", args.lora)):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{flag} {path}: no such file or folder")
-        if not args.out.endswith(".safetensors"):
-            raise ValueError(f"--out {args.out}: the student is written as a .safetensors file")
+        # the files the merge reads, by any name: --out is none of them (the merge never replaces its input)
+        files, _ = checkpoint.resolve_files(args.base)
+        folder = os.path.dirname(files[0])
+        inputs = [("--base", f) for f in files] + [("--lora", args.lora)] + \
+                 [("--base", os.path.join(folder, n)) for n in ("config.json", INDEX_JSON)]
         check_adapter(args.lora, read_config(args.base))  # from headers, before the base loads
+        cli.output_file(args.out, "--out", suffixes=(".safetensors",), inputs=inputs)
         path = merge_files(args.base, args.lora, args.out, DTYPES[args.dtype])
         print(f"merged student: {path} (Stability layout, {args.dtype})")
         return path
-    spec = settings(args.rank, args.lora_alpha, args.lora_targets, args.lora_full)
+    spec = check_rank(settings(args.rank, args.lora_alpha, args.lora_targets, args.lora_full, flag="--rank"),
+                      CONFIGS[args.config], "--rank")
     trained, total, stored = count(CONFIGS[args.config], spec)
     print(f"{args.config}, rank {spec['rank']}, targets {','.join(spec['targets']) or 'none'}, trained fully "
           f"{','.join(spec['full']) or 'none'}: {trained / 1e6:.2f} M trainable parameters of {total / 1e9:.3f} B "

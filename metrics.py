@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import cli
 import vae
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -238,7 +239,8 @@ def openclip_to_transformers(state, vision_heads=None, text_heads=None, hidden_a
     need = ["visual.conv1.weight", "visual.proj", "text_projection", "token_embedding.weight", "logit_scale"]
     missing = [k for k in need if k not in state]
     if missing:
-        raise KeyError(f"not an open_clip CLIP state dict: missing {missing} (has {sorted(state)[:6]} ...)")
+        raise cli.MissingKey(f"not an open_clip CLIP state dict: missing {missing} "
+                             f"(has {sorted(state)[:6]} ...)")
     vis_layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
     txt_layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
     Dv, _, patch, _ = state["visual.conv1.weight"].shape
@@ -307,7 +309,8 @@ def convert_openclip(checkpoint, tokenizer_dir, out_dir, **kwargs):
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if "position_ids" not in k]
     if missing or unexpected:
-        raise KeyError(f"open_clip conversion of {checkpoint!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise cli.MissingKey(f"open_clip conversion of {checkpoint!r}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -386,7 +389,7 @@ def load_aesthetic(path, device="cpu"):
                       "e.g. sac+logos+ava1-l14-linearMSE converted")
     state = load_file(path)
     if "layers.0.weight" not in state:
-        raise KeyError(f"aesthetic predictor: {path!r} has no layers.0.weight (keys: {sorted(state)[:8]})")
+        raise cli.MissingKey(f"aesthetic predictor: {path!r} has no layers.0.weight (keys: {sorted(state)[:8]})")
     mlp = AestheticMLP(state["layers.0.weight"].shape[1])
     mlp.load_state_dict(state)
     return mlp.to(device).eval().requires_grad_(False)
@@ -453,7 +456,7 @@ def imagereward_to_transformers(state):
             "mlp.layers.0.weight"]
     missing = [k for k in need if k not in state]
     if missing:
-        raise KeyError(f"not an ImageReward state dict: missing {missing} (has {sorted(state)[:6]} ...)")
+        raise cli.MissingKey(f"not an ImageReward state dict: missing {missing} (has {sorted(state)[:6]} ...)")
     v_in = {k[len("blip.visual_encoder."):]: t for k, t in state.items() if k.startswith("blip.visual_encoder.")}
     t_in = {k[len("blip.text_encoder."):]: t for k, t in state.items() if k.startswith("blip.text_encoder.")}
     mlp = {k[len("mlp."):]: t for k, t in state.items() if k.startswith("mlp.")}
@@ -511,7 +514,7 @@ def load_image_reward(path, tokenizer_dir, device="cpu", vision_heads=None, text
         missing, unexpected = module.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if "position_ids" not in k]
         if missing or unexpected:
-            raise KeyError(f"ImageReward {name} weights in {path!r}: missing {missing[:5]}, "
+            raise cli.MissingKey(f"ImageReward {name} weights in {path!r}: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     mlp = AestheticMLP(mlp_state["layers.0.weight"].shape[1])
     mlp.load_state_dict(mlp_state)

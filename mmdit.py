@@ -472,9 +472,32 @@ def _read_plan(path, stack):
 
 
 def read_config(path):
-    """The MMDiTConfig of a checkpoint, from its header alone."""
+    """The MMDiTConfig of a checkpoint, from its header alone, after checking that every tensor the
+    MMDiT needs is there with its shape (`_check_layout`): a file that would not load is refused here,
+    before any command does heavy work with it."""
     with ExitStack() as stack:
-        return _read_plan(path, stack)[0]
+        cfg, _, sources, shapes = _read_plan(path, stack)
+        _check_layout(path, cfg, sources, shapes)
+        return cfg
+
+
+def _check_layout(path, cfg, sources, shapes):
+    """Every tensor of the MMDiT of config `cfg` is in the file, with its shape, and nothing else is:
+    (the model on the meta device, {name: expected shape}); else a CheckpointError naming the keys."""
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sources]
+    unexpected = [k for k in sources if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match the MMDiT inferred from it ({_describe(cfg)})\n"
+                              f"  missing keys: {checkpoint.listing(missing) or 'none'}\n"
+                              f"  unexpected keys: {checkpoint.listing(unexpected) or 'none'}")
+    bad = [f"{k}: {shapes[k]} in the file, {expected[k]} expected" for k in expected if shapes[k] != expected[k]]
+    if bad:
+        raise CheckpointError(f"{path}: shapes that do not match the inferred config ({_describe(cfg)})\n  "
+                              + "\n  ".join(bad[:20]))
+    return model, expected
 
 
 def _describe(cfg):
@@ -493,22 +516,13 @@ def load_mmdit(path, device="cpu", dtype=torch.float32, compile=False):
     """
     with ExitStack() as stack:
         cfg, where, sources, shapes = _read_plan(path, stack)
-        with torch.device("meta"):
-            model = MMDiT(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = [k for k in expected if k not in sources]
-        unexpected = [k for k in sources if k not in expected]
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: does not match the MMDiT inferred from it ({_describe(cfg)}).\n"
-                                  f"  missing keys: {checkpoint.listing(missing) or 'none'}\n"
-                                  f"  unexpected keys: {checkpoint.listing(unexpected) or 'none'}")
-        bad = [f"{k}: {shapes[k]} in the file, {expected[k]} expected" for k in expected if shapes[k] != expected[k]]
-        if bad:
-            raise CheckpointError(f"{path}: shapes that do not match the inferred config ({_describe(cfg)}):\n  "
-                                  + "\n  ".join(bad[:20]))
+        model, expected = _check_layout(path, cfg, sources, shapes)
         state = {}
         for k in expected:
             t = checkpoint.read_tensor(where, sources, k, path)
+            if not checkpoint.all_finite(t):
+                raise CheckpointError(f"{path}: {k} holds non-finite values (NaN or inf): a diverged or corrupt "
+                                      "checkpoint, which no command should use")
             state[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(state, assign=True)
     return compile_mmdit(model.eval()) if compile else model.eval()
@@ -527,8 +541,8 @@ def load_mmdit_blend(base, finetuned, scale, device="cpu", dtype=torch.float32):
         cfg_f, where_f, sources_f, shapes_f = _read_plan(finetuned, stack)
         if cfg != cfg_f:
             raise CheckpointError(f"{finetuned} is not a fine-tune of {base}: {_describe(cfg_f)} vs {_describe(cfg)}")
-        with torch.device("meta"):
-            model = MMDiT(cfg)
+        model, _ = _check_layout(base, cfg, sources, shapes)
+        _check_layout(finetuned, cfg_f, sources_f, shapes_f)
         state = {}
         for k in model.state_dict():
             b, f = (checkpoint.read_tensor(w, src, k, path) for w, src, path in ((where, sources, base),
@@ -536,6 +550,10 @@ def load_mmdit_blend(base, finetuned, scale, device="cpu", dtype=torch.float32):
             if b.shape != f.shape:
                 raise CheckpointError(f"{k}: {tuple(b.shape)} in {base} but {tuple(f.shape)} in {finetuned}")
             blended = b.float() + scale * (f.float() - b.float()) if b.is_floating_point() else b
+            if not checkpoint.all_finite(blended):
+                bad = base if not checkpoint.all_finite(b) else finetuned
+                raise CheckpointError(f"{bad}: {k} holds non-finite values (NaN or inf), or the blend at scale "
+                                      f"{scale:g} overflows: a diverged or corrupt checkpoint")
             state[k] = blended.to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
             del b, f, blended
     model.load_state_dict(state, assign=True)
@@ -555,8 +573,25 @@ def save_mmdit_diffusers(model, folder, extra_config=None):
     return checkpoint.save_diffusers(model, folder, checkpoint.metadata_with(asdict(model.config), None), extra_config)
 
 
+def check_values(path):
+    """Read every tensor of a checkpoint, one at a time (the memory of the largest), and refuse one that
+    holds NaN or inf, as load_mmdit would. Returns the number of tensors read."""
+    with ExitStack() as stack:
+        cfg, where, sources, shapes = _read_plan(path, stack)
+        _, expected = _check_layout(path, cfg, sources, shapes)
+        for k in expected:
+            t = checkpoint.read_tensor(where, sources, k, path)
+            if not checkpoint.all_finite(t):
+                raise CheckpointError(f"{path}: {k} holds non-finite values (NaN or inf): a diverged or corrupt "
+                                      "checkpoint, which no command should use")
+            del t
+        return len(expected)
+
+
 def main(args):
+    # the config is printed only for a checkpoint load_mmdit loads: every key, shape and value checked first
     cfg = read_config(args.path)
+    check_values(args.path)
     with torch.device("meta"):
         n = sum(p.numel() for p in MMDiT(cfg).parameters())
     print(json.dumps(asdict(cfg), indent=2))

@@ -16,13 +16,13 @@ Defaults (fill_defaults; a flag that is given always wins):
 """
 
 import copy
-import math
 import os
 
 import cli
 import embed
 import export
 import lora
+import mmdit
 import monitor
 import samplers
 
@@ -218,15 +218,15 @@ def check_args(args, world_size=1):
             raise ValueError("--full distills full students; distill a LoRA student on its own (--lora RANK "
                              "without --full)")
     fill_defaults(args)
+    check_numbers(args)
     check_lora(args)
-    if args.w_min < 0 or args.w_max < 0:
-        raise ValueError(f"--w-min {args.w_min:g} / --w-max {args.w_max:g}: the guidance w must be >= 0 (paper "
-                         "convention, CFG = (1 + w) v_c - w v_null; diffusers' guidance_scale is 1 + w)")
     if args.w_min > args.w_max:
         raise ValueError(f"--w-min {args.w_min:g} is larger than --w-max {args.w_max:g}")
     if args.method == "dice" and args.w_min != args.w_max:
         raise ValueError(f"--method dice is trained at ONE guidance (DICE reproduces CFG at a single scale; its "
                          f"release: w = {embed.DICE_W:g}): give --w-min = --w-max, not {args.w_min:g} and {args.w_max:g}")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise ValueError(f"--micro-batch {args.micro_batch}: must be >= 1 (samples per forward per rank)")
     micro = args.micro_batch or args.global_batch // world_size
     if args.global_batch < 1 or micro < 1 or args.global_batch % (world_size * micro):
         raise ValueError(f"--global-batch {args.global_batch} is not divisible by world size {world_size} x "
@@ -261,9 +261,8 @@ def check_args(args, world_size=1):
         if args.method not in embed.SCALED:
             raise ValueError(f"--fused-scale is the factor of Eq. 7's w term: it applies to --method "
                              f"{' or '.join(embed.SCALED)}, not {args.method}")
-        if not (math.isfinite(args.fused_scale) and args.fused_scale > 0):
-            raise ValueError(f"--fused-scale {args.fused_scale:g}: the factor must be finite and > 0 (1/256 = "
-                             f"{embed.RELEASED_SCALE:g} as released)")
+        cli.finite(args.fused_scale, "--fused-scale", low=0, low_open=True,
+                   why=f"Eq. 7's factor on G(psi(w)) * F(y - y_null); the release's is 1/256 = {embed.RELEASED_SCALE:g}")
     if args.export_diffusers and args.method != "teefusion":
         raise ValueError(f"--export-diffusers writes the authors' txt_align_guidance pipeline format, which only "
                          f"fits --method teefusion (got {args.method}); use the safetensors files in --out")
@@ -286,7 +285,90 @@ def check_args(args, world_size=1):
             pass
     samplers.check_tau(samplers.reflection_settings(args.preset, args.w_inv, args.tau, args.teacher_sampler)[1],
                        args.teacher_steps)
+    # Algorithm 1's draws for stream position p use seed * 2**32 + p (batches.py), p < steps x global batch
+    cli.check_seed(args.seed, "--seed", args.seed * 2**32 + args.steps * args.global_batch - 1,
+                   "the draws of the last sample use seed * 2**32 + steps x global batch - 1")
+    cli.check_device(args.device)
+    cli.check_memory(8 * (args.teacher_steps + 1), f"the schedule of {args.teacher_steps} steps (its N + 1 times)",
+                     "--teacher-steps")
+    check_networks(args, micro)
     return micro
+
+
+def check_numbers(args):
+    """Every number of the command line finite and in its range (NaN and inf are refused by name)."""
+    why_w = "Algorithm 1's w ~ U[w_min, w_max], the paper's w: CFG = (1 + w) v_c - w v_null, diffusers' 1 + w"
+    cli.finite(args.w_min, "--w-min", low=0, why=why_w)
+    cli.finite(args.w_max, "--w-max", low=0, why=why_w)
+    cli.finite(args.lr, "--lr", low=0, low_open=True, why="AdamW's learning rate")
+    cli.finite(args.weight_decay, "--weight-decay", low=0, why="AdamW's decoupled weight decay")
+    cli.finite(args.clip_grad, "--clip-grad", low=0, why="the largest gradient norm; 0 turns clipping off")
+    cli.finite(args.shift, "--shift", low=0, low_open=True, why="the schedule's time shift s t / (1 + (s - 1) t)")
+    for flag in ("strong_scale", "weak_scale", "main_scale", "w_inv"):
+        if getattr(args, flag) is not None:
+            cli.finite(getattr(args, flag), "--" + flag.replace("_", "-"))
+    for flag in ("w_weak", "w_strong"):
+        if getattr(args, flag) is not None:
+            cli.finite(getattr(args, flag), "--" + flag.replace("_", "-"), low=0, why="a guidance w of Eq. 2")
+    if args.workers is not None:
+        cli.at_least(args.workers, 0, "--workers")
+
+
+def check_networks(args, micro):
+    """The teacher (and W2SD pair) from their headers, before anything loads: each a loadable MMDiT
+    (every key and shape), all taking the same inputs, the fine-tune the base's own architecture, the
+    data's latents, text embeddings and image size fitting them, a LoRA rank the layers allow, and no
+    final file of --out that is one of them."""
+    networks = [(f"--{n.replace('_', '-')}", getattr(args, n)) for n in ("teacher", "strong", "weak", "w2sd_finetuned")
+                if getattr(args, n) is not None]
+    outputs = ["student.safetensors", "student-ema.safetensors", "fusion.safetensors", "fusion-ema.safetensors",
+               "lora.safetensors", "lora-ema.safetensors", "log.jsonl"]
+    cli.not_an_input([("--out", os.path.join(args.out, name)) for name in outputs], networks)
+    if not networks:  # the toy world: its teacher fits its data by construction
+        if args.lora is not None:
+            import toy
+            lora.check_rank(lora_spec(args), toy.TEACHER_CONFIG, "--lora")
+        return
+    configs = [(flag, path, mmdit.read_config(path)) for flag, path in networks]
+    flag0, path0, base = configs[0]
+    for flag, path, cfg in configs[1:]:
+        if (cfg.in_channels, cfg.context_dim, cfg.pooled_dim) != (base.in_channels, base.context_dim, base.pooled_dim):
+            raise ValueError(f"{flag} {path} does not take {flag0}'s inputs: {cfg.in_channels} latent channels, "
+                             f"context {cfg.context_dim}, pooled {cfg.pooled_dim} vs {base.in_channels}, "
+                             f"{base.context_dim}, {base.pooled_dim}")
+        if flag == "--w2sd-finetuned" and cfg != base:
+            raise ValueError(f"--w2sd-finetuned {path} is not a fine-tune of --teacher {path0}: another architecture")
+    if args.lora is not None:
+        lora.check_rank(lora_spec(args), base, "--lora")
+    if args.data is not None:
+        check_data_fits(args.data, configs, micro)
+
+
+def check_data_fits(folder, configs, micro):
+    """The shards of prepare.py (index.json) against the networks: latent channels, text widths, and a
+    latent size the position table and the patches allow; and a micro-batch whose float32 inputs (x0,
+    eps and x_t, context, y) fit the memory there is."""
+    from prepare import read_index, sample_shapes
+
+    index = read_index(folder)
+    if not index["settings"]["text"]:
+        raise ValueError(f"--data {folder} holds no text embeddings (prepared without --text-encoders): "
+                         "Algorithm 1 needs c and the null prompt's; run prepare.py with --text-encoders")
+    shapes = sample_shapes(folder, index)
+    if shapes is None:
+        return  # no samples: refused where the data set is opened
+    (C, h, w), (L, Dc), (Dy,) = shapes["latents"], shapes["context"], shapes["y"]
+    for flag, path, cfg in configs:
+        p, M = cfg.patch_size, cfg.pos_embed_max_size
+        if (C, Dc, Dy) != (cfg.in_channels, cfg.context_dim, cfg.pooled_dim):
+            raise ValueError(f"--data {folder} does not fit {flag} {path}: latents of {C} channels, context {Dc}, "
+                             f"pooled {Dy}; the network takes {cfg.in_channels}, {cfg.context_dim}, {cfg.pooled_dim}")
+        if h % p or w % p or h > M * p or w > M * p:
+            raise ValueError(f"--data {folder}: latents of {h} x {w} do not fit {flag} {path}, whose position table "
+                             f"holds {M} x {M} patches of {p} x {p}: at most {M * p} latent pixels per side "
+                             f"({M * p * 8} px), a multiple of {p}")
+    cli.check_memory(micro * 4 * (3 * C * h * w + L * Dc + Dy), f"a micro-batch of {micro} samples in float32",
+                     "--micro-batch (or --global-batch)")
 
 
 def full_runs(args):

@@ -77,7 +77,8 @@ from tqdm import tqdm
 
 import cli
 from checkpoint import atomic_write
-from vae import from_uint8, image_size, load_image, load_vae
+from vae import from_uint8, image_size, load_image, load_vae, weights_file
+from vae import read_config as read_vae_config
 
 SHARD_FORMAT = "teefusion-shard/1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -108,6 +109,10 @@ def find_samples(images=None, captions=None):
         samples = _read_captions_file(captions)
         if not samples:
             raise ValueError(f"{captions} holds no rows: no captions to prepare")
+        missing = [p for p, _ in samples if not os.path.isfile(os.path.join(root, p))]
+        if len(missing) == len(samples):  # some missing are skipped and listed; none there is no data set
+            raise FileNotFoundError(f"--captions {captions}: none of its {len(samples)} images is under {root} "
+                                    f"(e.g. {os.path.join(root, missing[0])}); give the root of its paths as --images")
         return root, samples
 
     if not os.path.isdir(images):
@@ -123,8 +128,7 @@ def find_samples(images=None, captions=None):
     for path in paths:
         txt = os.path.join(images, os.path.splitext(path)[0] + ".txt")
         if os.path.isfile(txt):
-            with open(txt, encoding="utf-8") as f:
-                samples.append((path, f.read().strip()))
+            samples.append((path, cli.read_text(txt, f"caption {txt}").strip()))
         else:
             uncaptioned.append(path)
     if uncaptioned:
@@ -137,15 +141,12 @@ def find_samples(images=None, captions=None):
 def _read_captions_file(path):
     if path.endswith(".jsonl"):
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((n, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path} line {n} is not JSON: {e}") from e
+        for n, line in enumerate(cli.read_text(path, f"--captions {path}").split("\n"), 1):
+            if line.strip():
+                with cli.reading(path, f"--captions {path} line {n}"):
+                    rows.append((n, json.loads(line)))
     elif path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with cli.reading(path, f"--captions {path}"), open(path, encoding="utf-8", newline="") as f:
             rows = list(enumerate(csv.DictReader(f), 2))  # line 1 is the header
     else:
         raise ValueError(f"captions file {path}: expected a .jsonl or .csv file")
@@ -204,6 +205,8 @@ class _ImageFiles(Dataset):
             height, width = self.sizes[b]
             image = load_image(path, height if height == width else (width, height))
             return i, torch.from_numpy(np.array(image)), None, b  # (H, W, 3) uint8
+        except MemoryError:
+            raise  # no fault of the image: the run fails (exit status 1) rather than skip every image
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
             return i, None, f"{type(e).__name__}: {e}", None
 
@@ -252,7 +255,7 @@ def _check_existing_shard(path, settings, fingerprint):
 def check_settings(resolution, shard_size, batch_size, posterior, buckets="aspect"):
     """Refuse settings that cannot work (before any model is loaded, from the command line)."""
     if not isinstance(resolution, int) or resolution <= 0 or resolution % 16:
-        raise ValueError(f"resolution {resolution} must be a positive multiple of 16 (the VAE divides it "
+        raise ValueError(f"--resolution {resolution} must be a positive multiple of 16 (the VAE divides it "
                          "by 8 and the MMDiT's 2x2 patches by 2 more)")
     if buckets not in BUCKETS:
         raise ValueError(f"buckets must be one of {BUCKETS}, got {buckets!r}")
@@ -260,6 +263,26 @@ def check_settings(resolution, shard_size, batch_size, posterior, buckets="aspec
         raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be at least 1")
     if posterior not in ("sample", "mean"):
         raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
+
+
+def shard_bytes(config, resolution, shard_size, dtype, text):
+    """A shard's tensors, all held in memory until the shard is written: latents (C, R/8, R/8) (a bucket of
+    about R x R pixels holds about as many) and, with text embeddings, SD3's context (333, 4096) and pooled y
+    (2048), per sample in the storage dtype."""
+    h = resolution // config.downsample
+    numbers = config.latent_channels * h * h + ((77 + 256) * 4096 + 2048 if text else 0)
+    return shard_size * numbers * (torch.finfo(dtype).bits // 8)
+
+
+def batch_bytes(config, resolution, batch_size, workers, precision):
+    """Lower bounds of the memory prepare.py needs at a resolution: (on the CPU, the decoded images in
+    flight, each read and resized by PIL and held as uint8 (2 x 3 bytes a pixel), a batch per worker
+    and one being encoded, then as float32 (12 bytes a pixel); on the VAE's device, the encoder's
+    full-resolution activations of a chunk of up to 4 images (VAE.encode): at least three tensors of
+    the first level's channels alive at once)."""
+    pixels, itemsize = resolution * resolution, torch.finfo(precision).bits // 8
+    images = batch_size * pixels * (2 * 3 * (max(workers, 0) + 1) + 12)
+    return images, min(batch_size, 4) * pixels * 3 * config.block_out_channels[0] * itemsize
 
 
 def encode_batch(vae, text_encoder, images, captions, buckets, generator, dtype):
@@ -409,6 +432,10 @@ def write_index(out, num_shards, settings, sources):
                 counts[name] = counts.get(name, 0) + shape[0]
             if sizes is not None:
                 shards[-1]["buckets"] = [sizes.index(tuple(size)) for size in json.loads(meta["sizes"])]
+    if not sum(s["num_samples"] for s in shards):
+        first = f" (first: {skipped[0]['path']}: {skipped[0]['error']})" if skipped else ""
+        raise cli.Failure(f"none of the {len(skipped)} images could be read{first}: index.json was not written. Fix or "
+                          f"remove them, delete {out}/shard-*.safetensors, and run again")
     itemsize = torch.empty(0, dtype=DTYPES[settings["dtype"]]).element_size()
     n = sum(s["num_samples"] for s in shards)
     index = {
@@ -477,6 +504,29 @@ def read_index(folder):
         raise FileNotFoundError(f"{path} lists {len(missing)} file(s) missing from {folder}: {', '.join(missing[:5])}"
                                 f"{', ...' if len(missing) > 5 else ''}; re-run prepare.py with the same arguments")
     return index
+
+
+def sample_shapes(folder, index):
+    """{"latents": (C, h, w), "context": (L, Dc), "y": (Dy,)} of one sample of a prepared folder, from
+    index.json when it records them, else from the header of its first shard with samples (None if
+    none has any, or if that header cannot be read: ShardDataset names the shard when it reads it).
+    Reads no tensor."""
+    shapes = dict(latents=index.get("latent_shape"), context=index.get("context_shape"), y=index.get("y_shape"))
+    if not all(isinstance(v, list) for v in shapes.values()):
+        first = next((s["file"] for s in index["shards"] if s["num_samples"] > 0), None)
+        if first is None:
+            return None
+        path = os.path.join(folder, first)
+        try:
+            with safe_open(path, framework="pt") as f:
+                shapes = {name: f.get_slice(name).get_shape()[1:] for name in shapes if name in f.keys()}
+        except Exception:  # safetensors' own SafetensorError, OSError: the dataset reports it, where it is read
+            return None
+    expected = dict(latents=3, context=2, y=1)
+    if any(len(shapes.get(k) or ()) != n for k, n in expected.items()):
+        raise ValueError(f"{folder}: its samples are {shapes}; expected latents (C, h, w), context (L, Dc) and y "
+                         "(Dy,): re-run prepare.py with --text-encoders")
+    return {k: tuple(v) for k, v in shapes.items()}
 
 
 class ShardDataset(Dataset):
@@ -579,15 +629,35 @@ class ShardDataset(Dataset):
 
 def main(args):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets these
+    cli.check_device(args.device)
+    cli.output_folder(args.out, "--out", create=False)  # created below, once everything else is checked
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     precision = DTYPES[args.precision or ("bf16" if device.startswith("cuda") else "fp32")]
     # everything that can be checked is checked before the VAE and the text encoders load
     check_settings(args.resolution, args.shard_size, args.batch_size, args.posterior, args.buckets)
+    cli.at_least(args.workers, 0, "--workers")
     if not os.path.exists(args.vae):
         raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     if args.text_encoders and not os.path.isdir(args.text_encoders):
         raise FileNotFoundError(f"--text-encoders folder not found: {args.text_encoders}")
     root, samples = find_samples(args.images, args.captions)
+    num_shards = math.ceil(len(samples) / args.shard_size)
+    cli.check_seed(args.seed, "--seed", args.seed * 1_000_003 + num_shards - 1,
+                   "shard s draws its posterior samples from seed * 1000003 + s")
+    vae_file = weights_file(args.vae)
+    outputs = [("--out", os.path.join(args.out, n)) for n in ("index.json", "null.safetensors", _shard_name(0))]
+    cli.not_an_input(outputs, [("--captions", args.captions), ("--vae", vae_file)])
+    config = read_vae_config(args.vae)  # from its header: a file that is no VAE is refused before any image is read
+    images, activations = batch_bytes(config, args.resolution, args.batch_size, args.workers, precision)
+    what = f"a batch of {args.batch_size} images of {args.resolution} x {args.resolution}"
+    if device.startswith("cuda"):
+        cli.check_memory(images, what, "--resolution or --batch-size")
+        cli.check_memory(activations, what + " through the VAE", "--resolution or --batch-size", device)
+    else:
+        cli.check_memory(images + activations, what + " through the VAE", "--resolution or --batch-size")
+    shard = min(args.shard_size, len(samples))
+    cli.check_memory(shard_bytes(config, args.resolution, shard, DTYPES[args.dtype], args.text_encoders is not None),
+                     f"a shard of {shard} samples, held until it is written", "--shard-size or --resolution")
     cli.output_folder(args.out, "--out")
     if rank == 0:
         print(f"{len(samples)} images with captions from {args.captions or args.images}; "

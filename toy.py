@@ -55,8 +55,8 @@ from tqdm import tqdm
 
 import cli
 import embed
-from checkpoint import atomic_json, atomic_write
-from mmdit import MMDiT, MMDiTConfig, load_mmdit, save_mmdit
+from checkpoint import CheckpointError, atomic_json, atomic_write
+from mmdit import MMDiT, MMDiTConfig, load_mmdit, read_config, save_mmdit
 
 # -----------------------------------------------------------------------------
 # The world: what can be drawn and said
@@ -445,20 +445,90 @@ class one_thread:
         torch.set_num_threads(self.before)
 
 
+CACHE_FILES = ("text_encoders.safetensors", "teacher.safetensors", "weak.safetensors")  # world.json lists their sha256
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_cache_dir(path, flag="--cache-dir"):
+    """The toy world's cache folder, before any work: a folder (not a file); one that does not hold a
+    complete cache yet must be writable (the teacher will be trained into it)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise cli.InputError(f"{flag} {path} is a file, not a folder (the toy world's cache)")
+    if not os.path.isfile(os.path.join(path, "world.json")):
+        cli.output_folder(path, flag, create=False)
+    return path
+
+
+def check_network(path, flag):
+    """A checkpoint that can run in the toy world (its latents, text widths and image size), from its
+    header (mmdit.read_config checks every key and shape)."""
+    cfg, toy = read_config(path), TEACHER_CONFIG
+    if (cfg.in_channels, cfg.context_dim, cfg.pooled_dim) != (toy.in_channels, toy.context_dim, toy.pooled_dim) \
+            or cfg.pos_embed_max_size * cfg.patch_size < max(H, W):
+        raise cli.InputError(f"{flag} {path} is not a toy-world network: {cfg.in_channels} latent channels, context "
+                             f"{cfg.context_dim}, pooled {cfg.pooled_dim}, at most "
+                             f"{cfg.pos_embed_max_size * cfg.patch_size} latent pixels per side; the toy world has "
+                             f"{toy.in_channels}, {toy.context_dim}, {toy.pooled_dim} and {H} x {W}")
+    return cfg
+
+
+def _check_cache(cache_dir, info):
+    """A cache whose key matches is reused only if its files are the ones it was built with (their
+    sha256 in world.json) or, for a cache written before world.json held them, if they read as the
+    world's text encoders and teacher networks; else it is refused, naming the file."""
+    again = f"delete {cache_dir} (or that file) to train the teacher again"
+    hashes = info.get("sha256") if isinstance(info.get("sha256"), dict) else {}
+    for name in CACHE_FILES:
+        path = os.path.join(cache_dir, name)
+        if name in hashes:
+            if _sha256(path) != hashes[name]:
+                raise cli.InputError(f"{path} is not the file this toy-world cache was built with (its sha256 differs "
+                                     f"from {os.path.join(cache_dir, 'world.json')}'s): {again}")
+        elif name == "text_encoders.safetensors":
+            try:
+                keys = set(load_file(path))
+            except Exception as e:  # safetensors' own SafetensorError, OSError
+                raise cli.InputError(f"{path}: not readable as the toy world's text encoders ({e}): {again}") from None
+            with torch.random.fork_rng():  # the encoders' seeded draws leave the caller's random stream alone
+                expected = set(encoder_state(make_encoders()))
+            if keys != expected:
+                raise cli.InputError(f"{path}: not the toy world's text encoders (other tensors): {again}")
+        else:
+            try:
+                cfg = read_config(path)
+            except CheckpointError as e:
+                raise cli.InputError(f"{e}: {again}") from None
+            if cfg != TEACHER_CONFIG:
+                raise cli.InputError(f"{path}: not a toy-world teacher (another MMDiT config): {again}")
+
+
 def _build_world(cache_dir, device, progress, settings):
+    check_cache_dir(cache_dir, "the toy world's cache")
     os.makedirs(cache_dir, exist_ok=True)
     info_path = os.path.join(cache_dir, "world.json")
     enc_path = os.path.join(cache_dir, "text_encoders.safetensors")
     key = settings.key()
-    files = [info_path, enc_path] + [os.path.join(cache_dir, f) for f in ("teacher.safetensors", "weak.safetensors")]
+    files = [info_path] + [os.path.join(cache_dir, f) for f in CACHE_FILES]
     if all(os.path.isfile(f) for f in files):
-        with open(info_path) as f:
-            info = json.load(f)
+        info = cli.read_json(info_path)
+        if not isinstance(info, dict):
+            raise cli.InputError(f"{info_path}: not a toy-world record (a JSON object): delete {cache_dir} to train "
+                                 "the teacher again")
         if info.get("key") == key:
+            _check_cache(cache_dir, info)
+            with cli.reading(info_path):
+                seconds, final, losses = info["train_seconds"], info["final_loss"], info["losses"]
             if progress:
-                print(f"toy world: reusing the teacher in {cache_dir} (trained in {info['train_seconds']:.0f} s, "
-                      f"final loss {info['final_loss']:.4f})")
-            return ToyWorld(make_encoders(load_file(enc_path), device), cache_dir, info["losses"], device)
+                print(f"toy world: reusing the teacher in {cache_dir} (trained in {seconds:.0f} s, final loss "
+                      f"{final:.4f})")
+            return ToyWorld(make_encoders(load_file(enc_path), device), cache_dir, losses, device)
     encoders = make_encoders(device=device)
     if progress:
         print(f"toy world: training the teacher ({settings.steps} steps, batch {settings.batch_size}) into {cache_dir}")
@@ -467,12 +537,14 @@ def _build_world(cache_dir, device, progress, settings):
     seconds = time.time() - start
     atomic_write(enc_path, lambda tmp: save_file(encoder_state(encoders), tmp))
     curve = [float(np.mean(losses[i:i + 100])) for i in range(0, len(losses), 100)]  # mean per 100 steps
-    info = dict(key=key, settings=vars(settings), train_seconds=seconds, final_loss=curve[-1], losses=curve)
+    info = dict(key=key, settings=vars(settings), train_seconds=seconds, final_loss=curve[-1], losses=curve,
+                sha256={name: _sha256(os.path.join(cache_dir, name)) for name in CACHE_FILES})
     atomic_json(info, info_path)  # written last: its presence means the cache is complete
     return ToyWorld(encoders, cache_dir, curve, device)
 
 
 def main(args):
+    check_cache_dir(args.cache_dir)
     world = build_world(args.cache_dir)
     info = os.path.join(world.cache_dir, "world.json")
     print(f"toy world in {world.cache_dir}: teacher {world.teacher_path}, W2SD's weak model {world.weak_path}, "

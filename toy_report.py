@@ -31,11 +31,12 @@ below their NFE ratios (on a GPU at SD3 size the two agree, a forward being comp
 import json
 import os
 import time
+from contextlib import ExitStack
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import embed
 import lora
@@ -159,7 +160,8 @@ def load_students(specs, device="cpu"):
                              "records it in the file's metadata)")
         teacher = samplers.canonical(teacher, samplers.TEACHERS)
         stored = _metadata(spec["path"]).get(lora.METADATA)  # a LoRA student (distill.py --lora), merged
-        adapters = json.loads(stored) if stored else None
+        with cli.reading(spec["path"], f"{spec['path']} (its {lora.METADATA} metadata)"):
+            adapters = json.loads(stored) if stored else None
         name = METHOD_NAMES.get(method, method) + (f" LoRA r{adapters['rank']}" if adapters else "")
         label = spec.get("label") or f"{name} <- {TEACHER_NAMES[teacher]}"
         out.append(dict(model=model, fusion=fusion, method=method, teacher=teacher, label=label, path=spec["path"],
@@ -172,8 +174,8 @@ def load_students(specs, device="cpu"):
 
 
 def _metadata(path):
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    with ExitStack() as stack:
+        return checkpoint.open_safetensors(path, stack).metadata() or {}
 
 
 # -----------------------------------------------------------------------------
@@ -363,7 +365,7 @@ def training_cost(students):
     for s in students:
         if not os.path.isfile(s["log"]):
             continue
-        with open(s["log"]) as f:
+        with cli.reading(s["log"]), open(s["log"], encoding="utf-8") as f:
             log = [json.loads(line) for line in f if line.strip()]
         med = {k: torch.tensor([r[k] for r in log], dtype=torch.float64).median().item()
                for k in ("step_s", "teacher_s", "student_s")}
@@ -388,7 +390,7 @@ def loss_figure(students, path):
     for s in students:
         if not os.path.isfile(s["log"]):
             continue
-        with open(s["log"]) as f:
+        with cli.reading(s["log"]), open(s["log"], encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
         losses = [r["loss"] for r in rows]
         n = 50
@@ -458,6 +460,7 @@ def report(world, students=(), out_dir="runs/toy", w=4.0, steps=20, n_seeds=2, s
     text.append(f"(report: {time.time() - start:.0f} s)")
     out["text"] = "\n\n".join(text)
     print(out["text"])
+    cli.json_text({k: v for k, v in out.items() if k != "text"}, "the report")  # a non-finite score is not written
     atomic_json({k: v for k, v in out.items() if k != "text"}, os.path.join(out_dir, "report.json"))
     _write(os.path.join(out_dir, "report.md"), "```\n" + out["text"] + "\n```\n")
     return out
@@ -484,13 +487,42 @@ def teacher_table(world, split="dev", n_seeds=2, w=4.0, steps=20, out_dir=None):
                   figures=False)
 
 
+def check_student(path, teacher=None, flag="--student"):
+    """A student file, from its header, before the world is built: a toy-world MMDiT (every key and
+    shape), its method (and fusion file) and the teacher it was distilled from. Returns (method, teacher)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    toy.check_network(path, flag)
+    method, _ = embed.student_files(path)
+    teacher = teacher or _metadata(path).get("teefusion_teacher")
+    if teacher is None:
+        raise ValueError(f"{flag} {path}: which teacher was it distilled from? (give --teacher; distill.py records it "
+                         "in the file's metadata)")
+    return method, samplers.canonical(teacher, samplers.TEACHERS)
+
+
+# what the report writes into --out (toy_report.report)
+OUTPUTS = ("report.json", "report.md", "samples.png", "sweep-adherence.png", "sweep-fidelity.png", "follows-w.png",
+           "loss.png")
+
+
 def main(args):
-    for path in args.student:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--student {path}: no such file")
     if args.seeds < 1 or args.steps < 1:
         raise ValueError(f"--seeds {args.seeds} and --steps {args.steps} must be at least 1")
     samplers.check_w(args.w, "--w")
+    cli.check_memory(8 * (args.steps + 1), f"the schedule of {args.steps} steps (its N + 1 times)", "--steps")
+    for path in args.student:  # every student is checked before the world is built (or its teacher trained)
+        check_student(path, args.teacher)
+    toy.check_cache_dir(args.cache_dir)
+    cli.not_an_input([("--out", os.path.join(args.out, name)) for name in OUTPUTS],
+                     [("--student", path) for path in args.student])
+    cli.output_folder(args.out, "--out")
+    # the report holds, for every image, its text embedding, its noise and the images of each Table 4 row
+    n = len(toy.TEST_PROMPTS if args.split == "test" else toy.DEV_PROMPTS) * args.seeds
+    cfg = toy.TEACHER_CONFIG
+    per_image = 4 * (toy.TOKENS * cfg.context_dim + cfg.pooled_dim + (1 + len(TEACHER_ROWS) + len(args.student))
+                     * cfg.in_channels * toy.H * toy.W)
+    cli.check_memory(n * per_image, f"{n} images (held-out prompts x --seeds)", "--seeds")
     world = toy.build_world(args.cache_dir)
     specs = [dict(path=p, teacher=args.teacher) for p in args.student]
     report(world, specs, args.out, args.w, args.steps, args.seeds, args.split, figures=not args.no_figures,

@@ -29,7 +29,6 @@ Round-trip one image and print the reconstruction PSNR (a quick check of a check
 Shape legend: B batch, C channels, H x W pixels, h x w latent pixels.
 """
 
-import json
 import math
 import os
 import re
@@ -43,7 +42,7 @@ from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 
 import cli
-from checkpoint import listing
+from checkpoint import all_finite, listing
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
@@ -417,8 +416,9 @@ def _resolve(path):
     config_file = os.path.join(path, "config.json")
     config = None
     if os.path.exists(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
+        config = cli.read_json(config_file)
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file}: not a diffusers VAE config (a JSON object)")
     names = sorted(os.listdir(path))
     defaults = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
     weights = [n for n in defaults if n in names]
@@ -430,6 +430,11 @@ def _resolve(path):
     if len(weights) > 1 and not weights[0].startswith("diffusion_pytorch_model"):
         raise ValueError(f"VAE folder {path} holds several .safetensors files {weights}: pass the file itself")
     return os.path.join(path, weights[0]), config
+
+
+def weights_file(path):
+    """The safetensors file a VAE path names: the file itself, or the weights of a vae/ folder."""
+    return _resolve(path)[0]
 
 
 def _vae_prefix(keys, path):
@@ -453,22 +458,66 @@ def _read_vae_tensors(path, dtype):
             tensors = {k[len(prefix):]: f.get_tensor(k).to(dtype) for k in keys if k.startswith(prefix)}
     except SafetensorError as e:
         raise _unreadable(path, e) from e
-    if any(re.match(r"(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.", k) for k in tensors):  # diffusers
-        levels = {int(m[1]) for k in tensors if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
-        tensors = {diffusers_to_stability(k, len(levels)): v for k, v in tensors.items()}
+    tensors = _stability_names(tensors)
     for k, v in tensors.items():
         if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 2:
             tensors[k] = v[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
     return tensors
 
 
+def _stability_names(tensors):
+    """{name: tensor or shape} under Stability names (a diffusers VAE's renamed, diffusers_to_stability)."""
+    if any(re.match(r"(encoder|decoder)\.(down_blocks|up_blocks|mid_block)\.", k) for k in tensors):  # diffusers
+        levels = {int(m[1]) for k in tensors if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
+        tensors = {diffusers_to_stability(k, len(levels)): v for k, v in tensors.items()}
+    return tensors
+
+
+def read_config(path):
+    """The VAEConfig of a checkpoint from its header alone (no tensor is read), its tensor names and
+    shapes checked as load_vae checks them: a file that is no SD3-style VAE is refused before any
+    command does heavy work with it."""
+    file, diffusers_config = _resolve(path)
+    _refuse_pickle_name(file)
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            prefix = _vae_prefix(keys, file)
+            shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
+    except SafetensorError as e:
+        raise _unreadable(file, e) from e
+    shapes = _stability_names(shapes)
+    config = _infer_config(shapes, file, diffusers_config)
+    _check_layout(file, config, shapes)
+    return config
+
+
+def _check_layout(file, config, shapes):
+    """Every tensor of the VAE of `config` is there with its shape ((C, C) Linear weights of a diffusers
+    attention stand for (C, C, 1, 1) convs), and nothing else is; else a ValueError naming them."""
+    with torch.device("meta"):
+        vae = VAE(config)
+    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{file}: the VAE weights do not match an SD3 VAE of inferred config {config}:\n"
+                         f"  missing: {listing(missing, 40) or 'none'}\n"
+                         f"  unexpected: {listing(unexpected, 40) or 'none'}")
+    linear = re.compile(r".*attn_1\.(q|k|v|proj_out)\.weight$")  # the loader makes these (C, C, 1, 1)
+    wrong = [f"{k} {tuple(shapes[k])} (expected {s})" for k, s in expected.items()
+             if tuple(shapes[k]) != s and not (linear.match(k) and tuple(shapes[k]) + (1, 1) == s)]
+    if wrong:
+        raise ValueError(f"{file}: VAE tensors with unexpected shapes: {'; '.join(wrong[:20])}")
+
+
 def _infer_config(tensors, path, diffusers_config):
-    """Sizes from tensor shapes; norm groups, scaling and shift from a diffusers config.json
-    when there is one (SD3's values otherwise: shapes cannot tell them)."""
+    """Sizes from tensor shapes (tensors: {name: tensor or shape}); norm groups, scaling and shift from
+    a diffusers config.json when there is one (SD3's values otherwise: shapes cannot tell them)."""
     def shape(key):
         if key not in tensors:
             raise ValueError(f"{path}: VAE tensor {key} is missing, so the VAE's size cannot be inferred")
-        return tensors[key].shape
+        return tuple(getattr(tensors[key], "shape", tensors[key]))
 
     levels = sorted({int(m[1]) for k in tensors if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     if not levels:
@@ -498,25 +547,44 @@ def load_vae(path, device="cpu", dtype=torch.float32):
     file, diffusers_config = _resolve(path)
     tensors = _read_vae_tensors(file, dtype)
     config = _infer_config(tensors, file, diffusers_config)
+    _check_layout(file, config, {k: tuple(v.shape) for k, v in tensors.items()})
+    bad = [k for k, v in tensors.items() if not all_finite(v)]
+    if bad:
+        raise ValueError(f"{file}: VAE tensors with non-finite values (NaN or inf): {listing(bad, 5)}")
     with torch.device("meta"):
         vae = VAE(config)
-    expected = {k: v.shape for k, v in vae.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{file}: the VAE weights do not match an SD3 VAE of inferred config {config}:\n"
-                         f"  missing: {listing(missing, 40) or 'none'}\n"
-                         f"  unexpected: {listing(unexpected, 40) or 'none'}")
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {tuple(s)})"
-             for k, s in expected.items() if tensors[k].shape != s]
-    if wrong:
-        raise ValueError(f"{file}: VAE tensors with unexpected shapes: {'; '.join(wrong[:20])}")
     vae.load_state_dict(tensors, strict=True, assign=True)
     return vae.to(device).eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
 # Command line: round-trip one image
+
+
+def round_trip_bytes(config, size, dtype):
+    """Lower bounds of the memory `python vae.py` needs at size x size: (on the CPU, the image as PIL,
+    decoded and resized, 2 x 3 bytes a pixel, and as float32, x, its reconstruction and the two side by
+    side, 4 x 12 bytes; on the VAE's device, the encoder's and decoder's full-resolution activations: at
+    least three tensors of the first level's channels alive at once, a GroupNorm's input and output and
+    a conv's output)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    return size * size * (2 * 3 + 4 * 12), size * size * 3 * config.block_out_channels[0] * itemsize
+
+
+def _read_image(path, size=None):
+    """--image decoded at size x size (load_image), or with size None its header only (is it an image?);
+    a file PIL cannot read is bad input naming --image, a MemoryError a failure (no fault of the image)."""
+    try:
+        if size is None:
+            with Image.open(path):
+                return None
+        return load_image(path, size)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--image {path}: no such file") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ValueError(f"--image {path} cannot be read as an image ({type(e).__name__}: {e})") from e
 
 
 def main(args):
@@ -527,17 +595,24 @@ def main(args):
         raise IsADirectoryError(f"--out {args.out} is a folder: give an image file name, e.g. roundtrip.png")
     if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
         raise ValueError(f"--out {args.out}: not an image file name PIL can write (e.g. .png, .jpg)")
-    cli.output_folder(os.path.dirname(os.path.abspath(args.out)), "the folder of --out")
+    device = cli.check_device(args.device)
     if not os.path.exists(args.vae):
         raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
-    try:
-        image = load_image(args.image, args.size)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--image {args.image}: no such file") from None
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise ValueError(f"--image {args.image} cannot be read as an image ({type(e).__name__}: {e})") from e
+    vae_file = weights_file(args.vae)
+    cli.output_file(args.out, "--out", inputs=[("--image", args.image), ("--vae", vae_file)])
+    _read_image(args.image)  # its header: is it an image at all?
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    vae = load_vae(args.vae, device=args.device, dtype=dtype)
+    config = read_config(args.vae)  # from its header: a file that is no VAE is refused before any heavy work
+    images, activations = round_trip_bytes(config, args.size, dtype)
+    what = f"the round trip of a {args.size} x {args.size} image ({config.block_out_channels[0]} channels at full size)"
+    if device.type == "cpu":
+        cli.check_memory(images + activations, what, "--size")
+    else:
+        cli.check_memory(images, what + ", the images", "--size")
+        cli.check_memory(activations, what + ", the VAE's activations", "--size", device)
+    cli.output_folder(os.path.dirname(os.path.abspath(args.out)), "the folder of --out")  # all checked: made now
+    image = _read_image(args.image, args.size)
+    vae = load_vae(args.vae, device=device, dtype=dtype)
     n_params = sum(p.numel() for p in vae.parameters())
     print(f"loaded {args.vae}: {vae.config} ({n_params / 1e6:.1f}M parameters, {dtype})")
     x = from_pil(image)  # (1, 3, size, size)

@@ -69,6 +69,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
+import cli  # noqa: E402
 import distill  # noqa: E402
 import embed  # noqa: E402
 import lora  # noqa: E402
@@ -375,13 +376,27 @@ def main(args):
     if args.point:
         print(json.dumps(measure(json.loads(args.point), args.threads, args.optimizer)))
         return
+    cli.at_least(args.threads, 1, "--threads")
+    cli.at_least(args.gpus, 1, "--gpus", why="GPUs to share the sharded terms over")
+    if args.json is not None:  # checked now, not after the grid's minutes of measuring
+        cli.output_file(args.json, "--json", suffixes=(".json",), inputs=[("--load", args.load)])
     if args.load:  # analyse points measured before
-        with open(args.load) as f:
-            results = json.load(f)
-        extrapolate(report(results), args.gpus)
+        if not os.path.isfile(args.load):
+            raise FileNotFoundError(f"--load {args.load}: no such file (a --json file of measured points)")
+        results = cli.read_json(args.load, f"--load {args.load}")
+        with cli.reading(args.load, f"--load {args.load}"):
+            if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
+                raise cli.InputError(f"--load {args.load}: not a list of measured points (as --json writes)")
+            extrapolate(report(results), args.gpus)
         return
     grid = QUICK if args.quick else GRID
-    adapters = lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full) if args.lora else None
+    adapters = None
+    if args.lora is not None:  # a LoRA student: its rank checked against each model it is measured on
+        adapters = lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full)
+        for config in args.config or grid:
+            lora.check_rank(adapters, mmdit.CONFIGS[config], "--lora")
+    if args.json is not None:  # everything checked: its folder is made now, the file written at the end
+        cli.output_folder(os.path.dirname(os.path.abspath(args.json)), "the folder of --json")
     points = [dict(config=config, depth=depth, side=side, text=text, ckpt=ckpt, lora=adapters)
               for config, (depths, sizes, modes) in grid.items() if config in (args.config or grid) for ckpt in modes
               for depth in depths for side, text in sizes]
@@ -405,7 +420,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few points only (checks the machinery)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--gpus", type=int, default=8, help="GPUs to share the sharded terms over, in the table")
@@ -418,4 +433,4 @@ if __name__ == "__main__":
     lora.add_arguments(parser)
     parser.add_argument("--load", default=None, help="analyse the points of a --json file instead of measuring")
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)  # internal: measure one point
-    main(parser.parse_args())
+    cli.run(main, parser)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
 import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import mmdit  # noqa: E402
 
 
@@ -133,17 +134,42 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def main(args):
-    from diffusers import SD3Transformer2DModel
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def check(args):
+    """Every argument, before a model is built: sizes >= 1, --res within the config's position table, the
+    models' weights and one forward's inputs within the device's memory. Returns (device, dtype, cfg)."""
+    for flag in ("depth", "tokens", "batch", "rounds"):
+        cli.at_least(getattr(args, flag), 1, "--" + flag)
+    cli.at_least(args.warmup, 0, "--warmup")
+    if args.threads is not None:
+        cli.at_least(args.threads, 1, "--threads")
+    device = cli.check_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     base = mmdit.CONFIGS[args.config]
     cfg = dataclasses.replace(base, depth=args.depth,
                               dual_attention_layers=tuple(i for i in base.dual_attention_layers if i < args.depth))
+    side = 8 * cfg.patch_size
+    if args.res < side or args.res % side or args.res > side * cfg.pos_embed_max_size:
+        raise cli.InputError(f"--res {args.res}: must be a positive multiple of {side} (the VAE's 8 x the patches) and "
+                             f"at most {side * cfg.pos_embed_max_size} ({args.config}'s position table holds "
+                             f"{cfg.pos_embed_max_size} x {cfg.pos_embed_max_size} patches)")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in mmdit.MMDiT(cfg).parameters())
+    copies = 4 + 2 * args.compile  # ours, diffusers', the two variants' deep copies (and two compiled ones)
+    L = (args.res // side) ** 2 + args.tokens
+    nbytes = torch.finfo(dtype).bits // 8 * (copies * n + args.batch * (L * 3 * cfg.hidden_size
+                                                                         + args.tokens * cfg.context_dim))
+    cli.check_memory(nbytes, f"{copies} copies of a {n / 1e9:.2f} B-parameter model and a batch's inputs",
+                     "--depth, --res, --tokens or --batch", device)
+    return device, dtype, cfg
+
+
+def main(args):
+    device, dtype, cfg = check(args)
+    from diffusers import SD3Transformer2DModel  # a test/benchmark-only dependency, and a slow import: after the checks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     ours = mmdit.MMDiT(cfg)
     with torch.no_grad():  # random, non-zero weights (adaLN-zero init would make a trivial model)
         for p in ours.parameters():
@@ -191,7 +217,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="sd3-medium", choices=sorted(mmdit.CONFIGS))
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--res", type=int, default=512, help="image side in pixels (latent = res / 8)")
@@ -204,4 +230,4 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
-    main(parser.parse_args())
+    cli.run(main, parser)

@@ -32,6 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
+import cli  # noqa: E402
 import embed  # noqa: E402
 import mmdit  # noqa: E402
 import samplers  # noqa: E402
@@ -62,17 +63,45 @@ def timed(fn, device):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def check(args):
+    """Every argument, before a model is built: sizes >= 1, a width of whole heads, --res of whole patches,
+    w finite, and the three models (whose position table grows with --res) and one batch's inputs within
+    the device's memory. Returns (device, dtype, cfg)."""
+    for flag in ("tokens", "steps", "repeats", "threads"):
+        cli.at_least(getattr(args, flag), 1, "--" + flag)
+    for flag in ("depth", "hidden"):
+        if getattr(args, flag) is not None:
+            cli.at_least(getattr(args, flag), 1, "--" + flag)
+    cli.finite(args.w, "--w", low=0, why="the paper's guidance w, Eq. 2")
+    cli.check_seed(args.seed)
+    device = cli.check_device(args.device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cli.check_memory(8 * (args.steps + 1), f"the schedule of {args.steps} steps (its N + 1 times)", "--steps")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
     base = mmdit.CONFIGS[args.config]
+    if args.hidden is not None and args.hidden % base.head_size:
+        raise cli.InputError(f"--hidden {args.hidden}: must be a multiple of the head size {base.head_size} "
+                             f"({args.config}'s), so that the width is whole heads")
+    side = 8 * base.patch_size
+    if args.res < side or args.res % side:
+        raise cli.InputError(f"--res {args.res}: must be a positive multiple of {side} (the VAE's 8 x the patches)")
     cfg = dataclasses.replace(
         base, depth=args.depth or base.depth, hidden_size=args.hidden or base.hidden_size,
         num_heads=(args.hidden or base.hidden_size) // base.head_size if args.hidden else base.num_heads,
         pos_embed_max_size=max(base.pos_embed_max_size, args.res // 8 // base.patch_size),
         dual_attention_layers=tuple(i for i in base.dual_attention_layers if i < (args.depth or base.depth)))
+    with torch.device("meta"):
+        n = sum(p.numel() for p in mmdit.MMDiT(cfg).parameters()) + cfg.pos_embed_max_size ** 2 * cfg.hidden_size
+    L = (args.res // side) ** 2 + args.tokens
+    nbytes = torch.finfo(dtype).bits // 8 * (3 * n + 2 * (L * 3 * cfg.hidden_size + args.tokens * cfg.context_dim))
+    cli.check_memory(nbytes, f"three {n / 1e9:.3g} B-number models (the position table grows with --res) and a "
+                     "batch's inputs", "--depth, --hidden, --res or --tokens", device)
+    return device, dtype, cfg
+
+
+def main(args):
+    device, dtype, cfg = check(args)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     model, strong, weak = (random_mmdit(cfg, seed, device, dtype) for seed in (0, 1, 2))
 
     g = torch.Generator().manual_seed(args.seed)
@@ -147,7 +176,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny-sd3", choices=sorted(mmdit.CONFIGS))
     parser.add_argument("--depth", type=int, default=None, help="override the config's depth")
     parser.add_argument("--hidden", type=int, default=None, help="override the config's width (same head size)")
@@ -160,4 +189,4 @@ if __name__ == "__main__":
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives the steadiest timings)")
-    main(parser.parse_args())
+    cli.run(main, parser)

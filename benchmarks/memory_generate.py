@@ -20,6 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
+import cli  # noqa: E402
 import generate  # noqa: E402
 import mmdit  # noqa: E402
 import vae  # noqa: E402
@@ -51,8 +52,14 @@ def text_encoders():
 
 
 def main(args):
-    b = 2 if args.dtype in ("bf16", "fp16") else 4  # bytes per weight and activation
     cfg = mmdit.CONFIGS["sd3-medium"]
+    side = 8 * cfg.patch_size  # pixels per patch
+    if args.res < side or args.res % side or args.res > side * cfg.pos_embed_max_size:
+        raise cli.InputError(f"--res {args.res}: must be a positive multiple of {side} and at most "
+                             f"{side * cfg.pos_embed_max_size} (SD3-medium's position table holds "
+                             f"{cfg.pos_embed_max_size} x {cfg.pos_embed_max_size} patches of {side} px)")
+    cli.at_least(args.batch, 1, "--batch")
+    b = 2 if args.dtype in ("bf16", "fp16") else 4  # bytes per weight and activation
     n_text = text_encoders()
     n_mmdit = count(lambda: mmdit.MMDiT(cfg))
     n_vae = count(lambda: vae.VAE(vae.VAEConfig()))
@@ -89,10 +96,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--res", type=int, default=1024)
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--method", choices=("euler", "cfg", "zsampling", "w2sd", "student"), default="cfg")
     parser.add_argument("--w2sd-main", action="store_true")
     parser.add_argument("--batch", type=int, default=1)
-    main(parser.parse_args())
+    cli.run(main, parser)

@@ -475,8 +475,8 @@ def test_export_diffusers_and_draws(world, tmp_path):
     (["--method", "dice", "--export-diffusers"], 1, "only fits --method teefusion"),
     (["--ema", "1.5"], 1, "decay must be in"),
     (["--method", "distillcfg", "--fused-scale", "0.25"], 1, "applies to --method teefusion or gonly-scaled"),
-    (["--fused-scale", "0"], 1, "must be finite and > 0"),
-    (["--fused-scale", "nan"], 1, "must be finite and > 0"),
+    (["--fused-scale", "0"], 1, "--fused-scale 0: must be > 0, a finite number"),
+    (["--fused-scale", "nan"], 1, "--fused-scale nan: must be > 0, a finite number"),
     (["--fused-scale", "0.25", "--export-diffusers"], 1, "computes Eq. 7 at 1/256"),
 ])
 def test_refused_arguments(world, tmp_path, extra, world_size, message):
