@@ -453,20 +453,29 @@ def run_path(args, merged):
     return os.path.join(args.out, f"student{ema}.safetensors" if merged else f"lora{ema}.safetensors")
 
 
-def save_run(args, student, ema, base, merged, meta):
+def save_run(args, student, ema, base, merged, meta, part=None):
     """distill.py's final files of a LoRA run (args: its arguments; meta: the student metadata):
     lora.safetensors (diffusers' SD3 LoRA format; lora-ema.safetensors with --ema) and, in the toy
     world (merged=True), the merged students student.safetensors /
     student-ema.safetensors (Stability layout) that the toy report reads; for SD3 the merge is
-    `python lora.py merge` (it streams the base from disk). Returns run_path."""
+    `python lora.py merge` (it streams the base from disk). part(name, write): how each file is
+    written (final_files.py passes relaunch.Record.write, which skips a file already there; write()
+    returns the paths it wrote); default: write it. Returns run_path."""
+    part = part or (lambda name, write: write())
     for suffix, s in (("", student), ("-ema", ema)):
         if s is None:
             continue
-        path = save_adapter(s.model, base, os.path.join(args.out, f"lora{suffix}.safetensors"), meta,
-                            DTYPES[args.lora_dtype])
-        print(f"adapter: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+        path = os.path.join(args.out, f"lora{suffix}.safetensors")
+
+        def adapter(s=s, path=path):
+            save_adapter(s.model, base, path, meta, DTYPES[args.lora_dtype])
+            print(f"adapter: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+            return [path]
+
+        part(f"lora{suffix}", adapter)
         if merged:
-            save_mmdit(merge(s.model), os.path.join(args.out, f"student{suffix}.safetensors"), metadata=meta)
+            part(f"student{suffix}", lambda s=s, suffix=suffix: [save_mmdit(
+                merge(s.model), os.path.join(args.out, f"student{suffix}.safetensors"), metadata=meta)])
         elif args.teacher is not None:
             print(f"full student: python lora.py merge --base {base_file(args)} --lora {path} "
                   f"--out {os.path.join(args.out, f'student{suffix}.safetensors')}")

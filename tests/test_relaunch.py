@@ -23,8 +23,11 @@ import torch
 from safetensors import safe_open
 
 import checkpoint
+import cli
+import distill
+import options
 import relaunch
-from test_distill import REPO
+from test_distill import REPO, listing, make_shards, make_teacher, processes_writing
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -117,3 +120,76 @@ def test_a_record_trusts_only_intact_files_of_the_same_inputs(tmp_path):
     assert again.done("one") and not again.done("two") and not again.finished(["one", "two"])
     a.unlink()
     assert not relaunch.Record(str(tmp_path), "done.json", {"of": 1}).done("one")
+
+
+# -----------------------------------------------------------------------------
+# distill.py: the final files
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("relaunch")
+    return {"teacher": make_teacher(root / "teacher.safetensors"), "data": make_shards(root / "data")}
+
+
+def distill_argv(tiny, out, *extra):
+    return ["--teacher", tiny["teacher"], "--data", tiny["data"], "--out", str(out), "--no-progress", "--device", "cpu",
+            "--teacher-sampler", "cfg", "--global-batch", "2", "--steps", "3", "--ckpt-every", "3", *extra]
+
+
+FINAL = ["student.safetensors", "student-ema.safetensors", os.path.join("diffusers", "transformer", "config.json"),
+         os.path.join("diffusers", "transformer", "diffusion_pytorch_model.safetensors")]
+
+
+def test_distill_killed_at_its_final_writes_finishes_bitwise(tiny, tmp_path, capsys):
+    """Killed while writing student-ema.safetensors (the student is there), then killed again after the
+    diffusers export was written but before final.json recorded it; the third launch removes the
+    temporaries, writes what is missing and exits 0: every final file equals an uninterrupted run's, byte
+    for byte (final.json lists the same sizes and SHA-256). Relaunched again: one line, nothing written.
+    The issue's case: a final file deleted, relaunched: written again, the others untouched."""
+    extra = ("--ema", "0.9", "--export-diffusers", "--lr", "1e-3")
+    whole = tmp_path / "whole"
+    distill.main(options.parse_args(distill_argv(tiny, whole, *extra)))
+    out = tmp_path / "killed"
+    argv = [sys.executable, "distill.py", *distill_argv(tiny, out, *extra, "--resume")]
+    runs = lives(argv, [f"1:{out}/student-ema.safetensors", "2:final.json"])
+    assert "removed 1 temporary file(s) left by a killed run" in runs[1][0] and "student-ema" in runs[1][0]
+    assert "removed 1 temporary file(s)" in runs[2][0] and "final.json.tmp-" in runs[2][0]
+    assert "resuming at step 3" in runs[2][0]  # no step trained again: the checkpoint at --steps is loaded
+    for name in FINAL:
+        assert same_file(out / name, whole / name), name
+    record, ref = (json.loads((d / "final.json").read_text()) for d in (out, whole))
+    assert sizes(record) == sizes(ref) and set(record["parts"]) == {"student", "student-ema", "diffusers"}
+    assert record["of"]["step"] == 3 and record["of"]["checkpoint"] == "step-0000003"
+    assert not temporaries(out) and [r["step"] for r in map(json.loads, open(out / "log.jsonl"))] == [1, 2, 3]
+
+    before = listing(out)
+    capsys.readouterr()
+    assert cli.run(distill.main, options.build_parser(), distill_argv(tiny, out, *extra, "--resume")) == \
+        str(out / "student-ema.safetensors")
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith(f"{out} is already finished at step 3") \
+        and "nothing was written" in printed[0]
+    assert listing(out) == before
+
+    os.remove(out / "student.safetensors")
+    cli.run(distill.main, options.build_parser(), distill_argv(tiny, out, *extra, "--resume"))
+    assert same_file(out / "student.safetensors", whole / "student.safetensors")
+    after = listing(out)
+    assert {k: v for k, v in after.items() if k not in ("student.safetensors", "final.json", "log.jsonl")} == \
+        {k: v for k, v in before.items() if k not in ("student.safetensors", "final.json", "log.jsonl")}
+
+
+def test_distill_two_ranks_killed_as_a_group_at_the_final_write(tiny, tmp_path):
+    """torchrun, 2 gloo workers: the whole job killed with SIGKILL at rank 0's first final write (the
+    launcher first, the other worker with it), relaunched with the same command: exit 0, no worker left,
+    and the same final files as an uninterrupted 2-rank run, byte for byte."""
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    lives([*TORCHRUN, "distill.py", *distill_argv(tiny, whole, "--ema", "0.9")], [])
+    lives([*TORCHRUN, "distill.py", *distill_argv(tiny, out, "--ema", "0.9", "--resume")],
+          [f"1:{out}/student.safetensors"])
+    assert not processes_writing(out)
+    for name in ("student.safetensors", "student-ema.safetensors"):
+        assert same_file(out / name, whole / name), name
+    assert sizes(json.loads((out / "final.json").read_text())) == sizes(json.loads((whole / "final.json").read_text()))
+    assert not temporaries(out)
