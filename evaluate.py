@@ -52,6 +52,13 @@ loads (cli.py).
                                                       # --student NAME=lora.safetensors: a LoRA student
     python evaluate.py plot-loss runs/log.jsonl --out loss.png
     python evaluate.py plot-sweep results.json --metric hps --out sweep.png
+
+table4 on many GPUs: the same command under torchrun. Every row's images are shared out across the ranks
+as generate.py shares them (each image made by one rank, the same as in one process); after the last row,
+rank 0 alone scores them and writes the tables and figures. A kill of the whole job is resumed by the same
+command line: the images already made are kept, and a table or figure whose bytes do not change is not
+rewritten (a finished table4 relaunched writes nothing). The other commands run in one process.
+    torchrun --nproc_per_node 8 evaluate.py table4 --model /weights/stable-diffusion-3-medium-diffusers ...
 """
 
 import argparse
@@ -65,11 +72,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import fid
 import generate
 import lora
 import metrics
+import ranks
 import samplers
 from generate import load_prompts, write_text  # prompt files live with the generator
 from plots import image_grid, line_plot
@@ -332,10 +341,28 @@ def table_plans(args):
     return plans
 
 
+def _table4_owned(name):
+    """The files table4 writes in its own --out (each row's folder is generate.py's)."""
+    return name.startswith(("table4.", "grid.png", "sweep"))
+
+
 def cmd_table4(args):
     scorers = score_specs(args.score or [])
     plans = table_plans(args)
-    records = {(label, w): generate.run(plan) for label, w, plan in plans}
+    with ranks.Ranks(plans[0][2].device) as group:  # under torchrun: the job's processes; else this one
+        lock = cli.FolderLock(args.out, "--out").acquire() if group.rank == 0 else None
+        try:
+            if group.rank == 0:
+                checkpoint.remove_temporaries(args.out, owned=_table4_owned)
+            records = {(label, w): generate.run(plan, group=group) for label, w, plan in plans}
+            if group.rank == 0:  # the scores, once, after every rank made its images
+                _table4_report(args, scorers, plans, records)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _table4_report(args, scorers, plans, records):
     rows = [dict(method=label, w="-" if plan.record["w"] is None else plan.record["w"], NFE=records[label, w][0]["nfe"],
                  s_per_image=sum(r["seconds"] for r in records[label, w]) / len(records[label, w]))
             for label, w, plan in plans]
@@ -458,6 +485,9 @@ def cmd_speed(args):
 
 
 def main(args):
+    if ranks.from_environment()[1] > 1 and args.command != "table4":
+        raise ValueError(f"evaluate.py {args.command} runs in one process; under torchrun only table4 shares its "
+                         "work (its images) across the ranks")
     if args.command == "score":
         cmd_score(args)
     elif args.command == "fid":

@@ -13,6 +13,7 @@ evaluate.py table4 under torchrun (2 gloo ranks) make the same images, index and
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,14 +21,20 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 import checkpoint
 import cli
 import distill
+import evaluate
+import generate
+import image_folder
 import options
 import relaunch
+from mmdit import save_mmdit
 from test_distill import REPO, listing, make_shards, make_teacher, processes_writing
+from test_generate import pipeline  # noqa: F401  (the tiny SD3 pipeline fixture: text encoders, MMDiT, VAE)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -193,3 +200,114 @@ def test_distill_two_ranks_killed_as_a_group_at_the_final_write(tiny, tmp_path):
         assert same_file(out / name, whole / name), name
     assert sizes(json.loads((out / "final.json").read_text())) == sizes(json.loads((whole / "final.json").read_text()))
     assert not temporaries(out)
+
+
+# -----------------------------------------------------------------------------
+# generate.py
+
+
+PROMPTS = ["a red cat", "the blue dog on the grass"]
+
+
+def generate_argv(folder, out, *extra):
+    argv = ["--model", folder, "--method", "cfg", "--w", "2", "--steps", "2", "--res", "32", "--n-per-prompt", "2",
+            "--out", str(out), *extra]
+    return argv + sum((["--prompt", p] for p in PROMPTS), [])
+
+
+def run_main(argv):
+    return generate.run(generate.check(generate.build_parser().parse_args([str(a) for a in argv])), progress=False)
+
+
+def same_images(a, b, names=None):
+    """Two generate.py folders hold the same images: pixels equal, PNG records equal but for the measured
+    seconds; index.jsonl equal but for seconds and the PNGs' sizes (whose text holds the seconds)."""
+    names = names or sorted(os.listdir(b / "images"))
+    assert sorted(os.listdir(a / "images")) == names
+    for name in names:
+        with Image.open(a / "images" / name) as x, Image.open(b / "images" / name) as y:
+            assert np.array_equal(np.asarray(x), np.asarray(y)), name
+            rx, ry = json.loads(x.info["teefusion"]), json.loads(y.info["teefusion"])
+        assert rx.pop("seconds") > 0 and ry.pop("seconds") > 0 and rx == ry, name
+
+    def index(folder):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "bytes")}
+                for r in map(json.loads, (folder / "index.jsonl").read_text().splitlines())]
+
+    assert index(a) == index(b) and len(index(a)) == len(names)
+    assert not temporaries(a) and not image_folder.rank_files(str(a))
+
+
+def test_generate_killed_mid_png_mid_record_and_mid_sheet_finishes(pipeline, tmp_path):  # noqa: F811
+    """Killed while writing its second PNG; then right after a PNG was renamed, before its rank file
+    recorded it; then while writing the contact sheet; the fourth launch exits 0. Every image is there once,
+    whole, the same as in an uninterrupted run, and index.jsonl lists each once in job order."""
+    _, folder = pipeline
+    whole = tmp_path / "whole"
+    run_main(generate_argv(folder, whole))
+    out = tmp_path / "killed"
+    runs = lives([sys.executable, "generate.py", *generate_argv(folder, out)],
+                 ["2:.png", "1:index.rank0.jsonl", "1:contact.png"])
+    assert "removed 1 temporary file(s)" in runs[1][0] and "00000-01.png.tmp-" in runs[1][0]
+    assert "removed 1 temporary file(s)" in runs[3][0] and "contact.png.tmp-" in runs[3][0]
+    assert "0 images made, 4 already there" in runs[3][0]
+    same_images(out, whole)
+    assert (out / "contact.png").read_bytes() == (whole / "contact.png").read_bytes()
+
+
+def test_generate_remakes_truncated_and_empty_pngs_and_a_finished_run_writes_nothing(pipeline, tmp_path, capsys):  # noqa: F811
+    """A PNG cut in half and a 0-byte PNG in OUT/images (both recorded in index.jsonl with their whole size)
+    are made again, never `image file is truncated`; the same without index.jsonl (each file then decoded
+    to its last pixel); a finished run relaunched changes nothing."""
+    _, folder = pipeline
+    out = tmp_path / "out"
+    argv = generate_argv(folder, out)
+    first = run_main(argv)
+    ref = tmp_path / "ref"
+    shutil.copytree(out, ref)
+    before = listing(out)
+    capsys.readouterr()
+    assert cli.run(generate.main, generate.build_parser(), [str(a) for a in argv]) == first
+    assert capsys.readouterr().out.strip() == f"{out} is already finished: its 4 images, index.jsonl and contact.png " \
+                                              "are there; nothing was written"
+    assert listing(out) == before
+
+    for index in (True, False):
+        cut = (out / "images" / "00000-01.png").read_bytes()
+        (out / "images" / "00000-01.png").write_bytes(cut[:len(cut) // 2])
+        (out / "images" / "00001-00.png").write_bytes(b"")
+        if not index:
+            os.remove(out / "index.jsonl")
+        cli.run(generate.main, generate.build_parser(), [str(a) for a in argv])
+        printed = capsys.readouterr().out
+        assert "2 image(s)" in printed and "truncated or unreadable" in printed and "00001-00.png" in printed
+        assert "2 images made, 2 already there" in printed
+        same_images(out, ref)
+        with Image.open(out / "images" / "00000-01.png") as im:
+            im.load()
+
+
+def test_generate_and_table4_on_two_ranks_equal_one_process(pipeline, clip_folder, tmp_path):  # noqa: F811
+    """torchrun, 2 gloo ranks: generate.py killed as a group at a PNG write and relaunched makes the
+    images and index of one uninterrupted process; evaluate.py table4 (batches of 2 shared out, a student
+    row, a CLIP score) gives the same images, index and scores as one process (the seconds aside)."""
+    _, folder = pipeline
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_main(generate_argv(folder, one))
+    lives([*TORCHRUN, "generate.py", *generate_argv(folder, two)], ["2:.png"])
+    same_images(two, one)
+
+    student = tmp_path / "student.safetensors"
+    import mmdit
+    mmdit.save_mmdit(mmdit.load_mmdit(folder), str(student), {"teefusion_method": "teefusion"})
+    table = ["table4", "--model", folder, "--methods", "cfg", "--student", f"st={student}", "--steps", "2",
+             "--res", "32", "--w", "3", "--n-per-prompt", "2", "--batch", "2", "--score", f"clip={clip_folder}",
+             *sum((["--prompt", p] for p in PROMPTS), [])]
+    cli.run(evaluate.main, evaluate.build_parser(), [*table, "--out", str(tmp_path / "t1")])
+    lives([*TORCHRUN, "evaluate.py", *table, "--out", str(tmp_path / "t2")], [])
+    rows = [[{k: v for k, v in r.items() if k != "s_per_image"} for r in json.loads((tmp_path / t / "table4.json")
+                                                                                  .read_text())["rows"]] for t in ("t1", "t2")]
+    assert rows[0] == rows[1] and [r["method"] for r in rows[0]] == ["cfg", "st"]
+    for row in ("cfg", "st"):
+        same_images(tmp_path / "t2" / row, tmp_path / "t1" / row)
+    assert (tmp_path / "t2" / "grid.png").read_bytes() == (tmp_path / "t1" / "grid.png").read_bytes()
