@@ -148,7 +148,5 @@ def _export(model, out):
 def _report(world, student, args):
     import toy_report  # the toy world only
 
-    out = toy_report.report(world, [dict(path=student, teacher=args.teacher_sampler)], out_dir=args.out,
-                            progress=not args.no_progress)
-    figures = [p for v in out["figures"].values() for p in (v if isinstance(v, list) else [v])]
-    return [os.path.join(args.out, "report.json"), os.path.join(args.out, "report.md"), *figures]
+    return toy_report.files(args.out, toy_report.report(world, [dict(path=student, teacher=args.teacher_sampler)],
+                                                        out_dir=args.out, progress=not args.no_progress))

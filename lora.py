@@ -40,6 +40,7 @@ Files (safetensors only):
 
     python distill.py --lora 8 --out runs/toy-lora            # the toy world: lora + merged student
     python lora.py merge --base sd3_medium.safetensors --lora runs/lora/lora.safetensors --out student.safetensors
+        (the merged file records the SHA-256 of its inputs: the same merge relaunched writes nothing)
     python lora.py count --config sd3-medium --rank 16        # trainable parameters, file size
     python generate.py --model SD3 --method student --lora runs/lora/lora.safetensors --prompt "..."
 """
@@ -57,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 
 import checkpoint
+import relaunch
 from checkpoint import CheckpointError
 from mmdit import CONFIGS, MMDiT, load_mmdit, read_config, save_mmdit
 
@@ -435,14 +437,38 @@ def save_adapter(model, base, path, metadata=None, dtype=torch.float32):
 # Commands: merge, count
 
 
-def merge_files(base_path, lora_path, out_path, dtype=torch.float32):
+def merge_files(base_path, lora_path, out_path, dtype=torch.float32, of=None):
     """A full student in Stability's layout from a base checkpoint and an adapter file, with the
-    adapter's metadata (the method, teacher and step that embed.load_student and generate.py read)."""
+    adapter's metadata (the method, teacher and step that embed.load_student and generate.py read);
+    of: `merge_inputs`, recorded under teefusion_merge_of (a relaunch finds the merge done)."""
     base = load_mmdit(base_path, dtype=torch.float32)
     student, meta = load_adapter(base, lora_path)
     meta = {k: v for k, v in meta.items() if k not in ("format", "mmdit_config", "lora_adapter_metadata")}
     meta["teefusion_lora_base"] = os.path.basename(os.path.normpath(base_path))
+    if of is not None:
+        meta[MERGE_OF] = json.dumps(of)
     return save_mmdit(merge(student, dtype), out_path, metadata=meta)
+
+
+MERGE_OF = "teefusion_merge_of"  # the merged file's record of its inputs (merge_inputs)
+
+
+def merge_inputs(base_path, lora_path, dtype):
+    """What a merged file is a function of: the SHA-256 of the base's file(s) and of the adapter, and the
+    dtype (reading them costs about a second per GB)."""
+    files, _ = checkpoint.resolve_files(base_path)
+    return {"base": [relaunch.digest(f)["sha256"] for f in files], "lora": relaunch.digest(lora_path)["sha256"],
+            "dtype": dtype}
+
+
+def merged_from(path):
+    """The merge_inputs recorded in a file written by `merge_files`, or None (another file, or none)."""
+    try:
+        with ExitStack() as stack:
+            stored = (checkpoint.open_safetensors(path, stack).metadata() or {}).get(MERGE_OF)
+        return json.loads(stored) if stored else None
+    except (OSError, ValueError):
+        return None
 
 
 
@@ -498,7 +524,15 @@ def main(args):
         if not args.out.endswith(".safetensors"):
             raise ValueError(f"--out {args.out}: the student is written as a .safetensors file")
         check_adapter(args.lora, read_config(args.base))  # from headers, before the base loads
-        path = merge_files(args.base, args.lora, args.out, DTYPES[args.dtype])
+        # the relaunch rule: a merge already there, of the same inputs, is kept; what a killed one left is removed
+        of = merge_inputs(args.base, args.lora, args.dtype)
+        if os.path.isfile(args.out) and merged_from(args.out) == of:
+            print(f"{args.out} is already the merge of --base {args.base} and --lora {args.lora} ({args.dtype}): "
+                  "nothing was written")
+            return args.out
+        name = os.path.basename(args.out)
+        checkpoint.remove_temporaries(os.path.dirname(os.path.abspath(args.out)), owned=lambda n: n == name)
+        path = merge_files(args.base, args.lora, args.out, DTYPES[args.dtype], of)
         print(f"merged student: {path} (Stability layout, {args.dtype})")
         return path
     spec = settings(args.rank, args.lora_alpha, args.lora_targets, args.lora_full)

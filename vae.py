@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 
+import checkpoint
 import cli
 from checkpoint import listing
 
@@ -524,6 +525,8 @@ def main(args):
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise ValueError(f"--image {args.image} cannot be read as an image ({type(e).__name__}: {e})") from e
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    name = os.path.basename(args.out)  # a killed run's temporary of --out is this command's own
+    checkpoint.remove_temporaries(os.path.dirname(os.path.abspath(args.out)), owned=lambda n: n == name)
     vae = load_vae(args.vae, device=args.device, dtype=dtype)
     n_params = sum(p.numel() for p in vae.parameters())
     print(f"loaded {args.vae}: {vae.config} ({n_params / 1e6:.1f}M parameters, {dtype})")
@@ -534,7 +537,9 @@ def main(args):
     mse = ((to_uint8(x_rec).float() - to_uint8(x).float()) ** 2).mean().item()
     print(f"round-trip PSNR {10 * math.log10(255 ** 2 / max(mse, 1e-10)):.2f} dB")
     side_by_side = torch.cat([x, x_rec], dim=3)  # (1, 3, size, 2 * size): input | reconstruction
-    to_pil(side_by_side)[0].save(args.out)
+    picture = to_pil(side_by_side)[0]
+    # atomically (a kill leaves the old file or none); the temporary keeps the extension PIL reads the format from
+    checkpoint.atomic_write(args.out, picture.save, suffix=os.path.splitext(args.out)[1])
     print(f"wrote {args.out} (input | reconstruction)")
 
 

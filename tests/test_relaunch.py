@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import checkpoint
 import cli
@@ -30,11 +31,14 @@ import distill
 import evaluate
 import generate
 import image_folder
+import lora
 import options
 import relaunch
-from mmdit import save_mmdit
+import toy
+from mmdit import CONFIGS, MMDiT, save_mmdit
 from test_distill import REPO, listing, make_shards, make_teacher, processes_writing
 from test_generate import pipeline  # noqa: F401  (the tiny SD3 pipeline fixture: text encoders, MMDiT, VAE)
+from test_toy_report import TINY, save_student
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -311,3 +315,124 @@ def test_generate_and_table4_on_two_ranks_equal_one_process(pipeline, clip_folde
     for row in ("cfg", "st"):
         same_images(tmp_path / "t2" / row, tmp_path / "t1" / row)
     assert (tmp_path / "t2" / "grid.png").read_bytes() == (tmp_path / "t1" / "grid.png").read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# prepare.py, toy_report.py, lora.py merge, vae.py, bench_memory.py
+
+
+def test_prepare_killed_mid_shard_finishes_bitwise(tmp_path, tiny_vae_config):
+    from test_prepare import R, make_images
+    from vae import VAE
+
+    images = make_images(tmp_path / "images")
+    torch.manual_seed(0)
+    vae_file = tmp_path / "vae.safetensors"
+    save_file({"first_stage_model." + k: v.contiguous() for k, v in VAE(tiny_vae_config).state_dict().items()},
+              str(vae_file))
+
+    def argv(out):
+        return [sys.executable, "prepare.py", "--images", str(images), "--out", str(out), "--vae", str(vae_file),
+                "--resolution", str(R), "--shard-size", "4", "--workers", "0", "--dtype", "fp32", "--device", "cpu"]
+
+    lives(argv(tmp_path / "whole"), [])
+    runs = lives(argv(tmp_path / "killed"), ["2:shard-"])
+    assert "removed 1 temporary file(s)" in runs[1][0] and "shard-00001.safetensors.tmp-" in runs[1][0]
+    assert "built 2 shards, reused 1" in runs[1][0]
+    names = sorted(os.listdir(tmp_path / "whole"))
+    assert sorted(os.listdir(tmp_path / "killed")) == names == ["index.json", "shard-00000.safetensors",
+                                                                "shard-00001.safetensors", "shard-00002.safetensors"]
+    for name in names:
+        assert same_file(tmp_path / "killed" / name, tmp_path / "whole" / name), name
+    before = listing(tmp_path / "killed")
+    lives(argv(tmp_path / "killed"), [])
+    assert listing(tmp_path / "killed") == before  # finished: nothing rewritten
+
+
+def test_toy_report_killed_at_report_md_finishes(tmp_path):
+    """toy_report.py's command line (on the tiny world of test_toy_report: its argv as given, build_world
+    pointed at that world's settings) killed while writing report.md, relaunched: the same report as an
+    uninterrupted run but for the measured timings; relaunched again: nothing written."""
+    world = toy.build_world(str(tmp_path / "cache"), progress=False, settings=TINY)
+    student = save_student(world, tmp_path / "student", "teefusion", "w2sd", 0)
+    tiny_world = ("import runpy, sys, toy\n"
+                  f"settings = toy.TrainSettings(steps={TINY.steps}, batch_size={TINY.batch_size}, "
+                  f"weak_step={TINY.weak_step})\n"
+                  "build = toy.build_world\n"
+                  "toy.build_world = lambda cache_dir, **kw: build(cache_dir, progress=False, settings=settings)\n"
+                  "sys.argv = sys.argv[1:]\n"
+                  "runpy.run_path('toy_report.py', run_name='__main__')\n")
+
+    def argv(out):
+        return [sys.executable, "-c", tiny_world, "toy_report.py", "--cache-dir", world.cache_dir, "--student", student,
+                "--out", str(out), "--steps", "2", "--seeds", "1", "--split", "dev"]
+
+    lives(argv(tmp_path / "whole"), [])
+    runs = lives(argv(tmp_path / "killed"), ["1:report.md"])
+    assert "removed 1 temporary file(s)" in runs[1][0] and "report.md.tmp-" in runs[1][0]
+    timing = ("ms_per_image", "wall_ratio")
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("killed", "whole"))
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a.pop("rows")] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in b.pop("rows")]
+    assert {k: v for k, v in a.items() if k != "figures"} == {k: v for k, v in b.items() if k != "figures"}
+    for name in ("samples.png", "follows-w.png", "loss.png"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    before = listing(tmp_path / "killed")
+    runs = lives(argv(tmp_path / "killed"), [])
+    assert "already holds this report" in runs[0][0] and listing(tmp_path / "killed") == before
+    assert not temporaries(tmp_path / "killed")
+
+
+def test_lora_merge_killed_mid_write_finishes_bitwise(tmp_path):
+    torch.manual_seed(0)
+    base_model = MMDiT(CONFIGS["tiny-sd3"])
+    with torch.no_grad():
+        for p in base_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    base = save_mmdit(base_model, str(tmp_path / "base.safetensors"))
+    student = lora.attach(base_model, lora.settings(2))
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    adapter = lora.save_adapter(student, base_model, str(tmp_path / "lora.safetensors"), {"teefusion_method": "teefusion"})
+    whole = lora.merge_files(base, adapter, str(tmp_path / "whole.safetensors"),
+                             of=lora.merge_inputs(base, adapter, "fp32"))
+    out = tmp_path / "merged.safetensors"
+    argv = [sys.executable, "lora.py", "merge", "--base", base, "--lora", adapter, "--out", str(out)]
+    runs = lives(argv, ["1:merged.safetensors"])
+    assert "removed 1 temporary file(s)" in runs[1][0] and "merged.safetensors.tmp-" in runs[1][0]
+    assert same_file(out, whole)
+    before = listing(tmp_path)
+    runs = lives(argv, [])
+    assert "is already the merge of" in runs[0][0] and listing(tmp_path) == before
+    assert not temporaries(tmp_path)
+
+
+def test_vae_png_and_bench_memory_json_are_written_atomically(tmp_path, tiny_vae_config):
+    """vae.py's PNG and bench_memory.py --json: a kill at their write leaves no file (only a temporary,
+    which vae.py's relaunch removes); relaunched, the whole file."""
+    from test_vae import make_reference
+
+    make_reference(tiny_vae_config).save_pretrained(tmp_path / "vae")
+    Image.new("RGB", (16, 16), (200, 40, 90)).save(tmp_path / "photo.png")
+    out = tmp_path / "roundtrip.png"
+    runs = lives([sys.executable, "vae.py", "--vae", str(tmp_path / "vae"), "--image", str(tmp_path / "photo.png"),
+                  "--out", str(out), "--size", "16", "--device", "cpu"], ["1:roundtrip.png"])
+    assert "removed 1 temporary file(s)" in runs[1][0]
+    with Image.open(out) as im:
+        assert im.size == (32, 16) and im.format == "PNG"
+        im.load()
+    assert not temporaries(tmp_path)
+
+    stub = ("import sys, argparse\nsys.path.insert(0, 'benchmarks')\nimport bench_memory as b\n"
+            "b.run_point = lambda point, threads, optimizer: dict(point=point, peaks={'step': 1.0}, seconds=0.0)\n"
+            "b.report = b.extrapolate = lambda *a: None\n"
+            "b.main(argparse.Namespace(point=None, load=None, quick=True, lora=None, config=['sd3-medium'], threads=1, "
+            "optimizer='foreach', gpus=8, json=sys.argv[1]))\n")
+    path = tmp_path / "points.json"
+    launch([sys.executable, "-c", stub, str(path)], "1:points.json")
+    assert not path.exists() and len(checkpoint.temporaries(str(tmp_path), owned=lambda n: n == "points.json")) == 1
+    launch([sys.executable, "-c", stub, str(path)])
+    points = json.loads(path.read_text())
+    assert points and all(p["peaks"] == {"step": 1.0} for p in points)
