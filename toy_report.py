@@ -389,7 +389,8 @@ def format_cost(rows):
 
 
 def loss_figure(students, path):
-    """Fig. 5b: the training loss (mean per 50 steps) of each student whose log.jsonl is beside it."""
+    """Fig. 5b: the training loss (mean per 50 steps) of each student whose log.jsonl is beside it and holds
+    50 steps or more (a shorter run has no point to draw)."""
     series = {}
     for s in students:
         if not os.path.isfile(s["log"]):
@@ -398,6 +399,8 @@ def loss_figure(students, path):
             rows = [json.loads(line) for line in f if line.strip()]
         losses = [r["loss"] for r in rows]
         n = 50
+        if len(rows) < n:
+            continue
         series[s["label"]] = ([rows[i + n - 1]["step"] for i in range(0, len(rows) - n + 1, n)],
                               [sum(losses[i:i + n]) / n for i in range(0, len(rows) - n + 1, n)])
     if series:

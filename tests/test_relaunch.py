@@ -10,6 +10,7 @@ evaluate.py table4 under torchrun (2 gloo ranks) make the same images, index and
     python -m pytest -q tests/test_relaunch.py
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ import lora
 import options
 import relaunch
 import toy
+import toy_report
 from mmdit import CONFIGS, MMDiT, save_mmdit
 from test_distill import REPO, listing, make_shards, make_teacher, processes_writing
 from test_generate import pipeline  # noqa: F401  (the tiny SD3 pipeline fixture: text encoders, MMDiT, VAE)
@@ -204,6 +206,39 @@ def test_distill_two_ranks_killed_as_a_group_at_the_final_write(tiny, tmp_path):
         assert same_file(out / name, whole / name), name
     assert sizes(json.loads((out / "final.json").read_text())) == sizes(json.loads((whole / "final.json").read_text()))
     assert not temporaries(out)
+
+
+def test_distill_in_the_toy_world_killed_in_its_report(tmp_path, monkeypatch):
+    """The toy world's report is a final part too: killed while writing report.md, relaunched, the report
+    is written (the student kept), the same as an uninterrupted run's but for its timings. distill.py runs
+    as its command line, with the toy world pointed at the tiny world of test_toy_report and the report
+    at 2 sampling steps, 1 seed, the DEV prompts (its defaults take minutes here)."""
+    world = toy.build_world(str(tmp_path / "cache"), progress=False, settings=TINY)
+    build, report = toy.build_world, toy_report.report
+    monkeypatch.setattr(toy, "build_world", lambda cache_dir=None, **kw: build(world.cache_dir, progress=False,
+                                                                             settings=TINY))
+    monkeypatch.setattr(toy_report, "report", functools.partial(report, steps=2, n_seeds=1, split="dev"))
+    argv = ["--steps", "3", "--ckpt-every", "3", "--global-batch", "8", "--no-progress", "--resume"]
+    distill.main(options.parse_args([*argv, "--out", str(tmp_path / "whole")]))
+    stub = ("import functools, runpy, sys, toy, toy_report\n"
+            f"settings = toy.TrainSettings(steps={TINY.steps}, batch_size={TINY.batch_size}, weak_step={TINY.weak_step})\n"
+            "build = toy.build_world\n"
+            f"toy.build_world = lambda cache_dir=None, **kw: build({world.cache_dir!r}, progress=False, settings=settings)\n"
+            "toy_report.report = functools.partial(toy_report.report, steps=2, n_seeds=1, split='dev')\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path('distill.py', run_name='__main__')\n")
+    out = tmp_path / "killed"
+    runs = lives([sys.executable, "-c", stub, "distill.py", *argv, "--out", str(out)], ["1:report.md"])
+    assert "removed 1 temporary file(s)" in runs[1][0] and "report.md.tmp-" in runs[1][0]
+    assert same_file(out / "student.safetensors", tmp_path / "whole" / "student.safetensors")
+    assert (out / "samples.png").read_bytes() == (tmp_path / "whole" / "samples.png").read_bytes()
+    timing = ("ms_per_image", "wall_ratio")
+    a, b = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "whole"))
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a["rows"]] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in b["rows"]]
+    record = json.loads((out / "final.json").read_text())
+    assert sizes(record).keys() == {"student", "report"} and sorted(record["parts"]["report"]) == \
+        ["follows-w.png", "report.json", "report.md", "samples.png"]
 
 
 # -----------------------------------------------------------------------------
