@@ -410,6 +410,13 @@ def check_out(path, what):
         raise IsADirectoryError(f"{what}: {path!r} is a folder (expected a file name to write)")
 
 
+def remove_temporaries_of(*paths):
+    """Before a command writes these files: the temporaries a killed run of it left of them (one line says so)."""
+    for path in paths:
+        name = os.path.basename(path)
+        checkpoint.remove_temporaries(os.path.dirname(os.path.abspath(path)), owned=lambda n, name=name: n == name)
+
+
 def cmd_score(args):
     paths = list_images(args.images)
     prompts = None
@@ -422,6 +429,7 @@ def cmd_score(args):
     metrics.check_weights(args.metric, clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward)
     if args.out:
         check_out(args.out, "--out")
+        remove_temporaries_of(args.out)
     scorer = metrics.load_scorer(args.metric, clip=args.clip, aesthetic=args.aesthetic,
                                  imagereward=args.imagereward, device=args.device)
     names, scores = score_folder(scorer, args.images, prompts, args.batch, desc=args.metric)
@@ -438,6 +446,7 @@ def cmd_fid_stats(args):
     if len(paths) < 2:
         raise ValueError(f"--images {args.images!r}: FID statistics need at least 2 images, found {len(paths)}")
     check_out(args.out, "--out")
+    remove_temporaries_of(args.out)
     net = fid.load_inception(args.inception, args.device, args.resize)
     mu, sigma = folder_statistics(net, args.images, args.batch)
     fid.save_statistics(args.out, mu, sigma)
@@ -461,6 +470,7 @@ def cmd_speed(args):
             raise ValueError(f"--{flag} {getattr(args, flag)} must be at least 1")
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    remove_temporaries_of(args.out + ".md", args.out + ".json")
     if args.mmdit:
         load = lambda p: mmdit.load_mmdit(p, device, dtype).eval().requires_grad_(False)  # noqa: E731
         model = load(args.mmdit)
@@ -505,12 +515,15 @@ def main(args):
         cmd_table4(args)
     elif args.command == "plot-loss":
         steps, values = read_log(args.log, args.key)
+        remove_temporaries_of(args.out)
         line_plot({args.key: (steps, values)}, args.out, title=f"{args.key} vs step", xlabel="step", ylabel=args.key)
     elif args.command == "plot-sweep":
         if not os.path.isfile(args.results):
             raise FileNotFoundError(f"results: no file {args.results!r} (expected JSON {{method: {{w: {{metric: v}}}}}})")
         with open(args.results, encoding="utf-8") as f:
-            sweep_plot(json.load(f), args.metric, args.out)
+            results = json.load(f)
+        remove_temporaries_of(args.out)
+        sweep_plot(results, args.metric, args.out)
 
 
 def build_parser():

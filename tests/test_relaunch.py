@@ -10,10 +10,12 @@ evaluate.py table4 under torchrun (2 gloo ranks) make the same images, index and
     python -m pytest -q tests/test_relaunch.py
 """
 
+import argparse
 import functools
 import hashlib
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -67,6 +69,13 @@ def lives(argv, kills, timeout=240):
     """The same argv launched once per entry of kills, killed at that write, then once more to the end:
     [(stdout, stderr)] of every launch."""
     return [launch(argv, kill, timeout) for kill in [*kills, None]]
+
+
+def in_process(script, argv, monkeypatch):
+    """A command line run in this process (the script's `if __name__ == "__main__":` block, through runpy):
+    the uninterrupted and the finished runs, which need no kill, without the cost of a new process."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    runpy.run_path(os.path.join(REPO, script), run_name="__main__")
 
 
 def temporaries(out):
@@ -145,6 +154,12 @@ def tiny(tmp_path_factory):
     return {"teacher": make_teacher(root / "teacher.safetensors"), "data": make_shards(root / "data")}
 
 
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """test_toy_report's tiny toy world (20 teacher steps)."""
+    return toy.build_world(str(tmp_path_factory.mktemp("toy")), progress=False, settings=TINY)
+
+
 def distill_argv(tiny, out, *extra):
     return ["--teacher", tiny["teacher"], "--data", tiny["data"], "--out", str(out), "--no-progress", "--device", "cpu",
             "--teacher-sampler", "cfg", "--global-batch", "2", "--steps", "3", "--ckpt-every", "3", *extra]
@@ -208,12 +223,12 @@ def test_distill_two_ranks_killed_as_a_group_at_the_final_write(tiny, tmp_path):
     assert not temporaries(out)
 
 
-def test_distill_in_the_toy_world_killed_in_its_report(tmp_path, monkeypatch):
+def test_distill_in_the_toy_world_killed_in_its_report(tiny_world, tmp_path, monkeypatch):
     """The toy world's report is a final part too: killed while writing report.md, relaunched, the report
     is written (the student kept), the same as an uninterrupted run's but for its timings. distill.py runs
     as its command line, with the toy world pointed at the tiny world of test_toy_report and the report
     at 2 sampling steps, 1 seed, the DEV prompts (its defaults take minutes here)."""
-    world = toy.build_world(str(tmp_path / "cache"), progress=False, settings=TINY)
+    world = tiny_world
     build, report = toy.build_world, toy_report.report
     monkeypatch.setattr(toy, "build_world", lambda cache_dir=None, **kw: build(world.cache_dir, progress=False,
                                                                              settings=TINY))
@@ -277,19 +292,18 @@ def same_images(a, b, names=None):
     assert not temporaries(a) and not image_folder.rank_files(str(a))
 
 
-def test_generate_killed_mid_png_mid_record_and_mid_sheet_finishes(pipeline, tmp_path):  # noqa: F811
-    """Killed while writing its second PNG; then right after a PNG was renamed, before its rank file
-    recorded it; then while writing the contact sheet; the fourth launch exits 0. Every image is there once,
-    whole, the same as in an uninterrupted run, and index.jsonl lists each once in job order."""
+def test_generate_killed_mid_png_and_mid_sheet_finishes(pipeline, tmp_path):  # noqa: F811
+    """Killed while writing its second PNG; then while writing the contact sheet; the third launch exits 0.
+    Every image is there once, whole, the same as in an uninterrupted run, and index.jsonl lists each once
+    in job order. (A PNG renamed but not yet recorded: the two-rank test below.)"""
     _, folder = pipeline
     whole = tmp_path / "whole"
     run_main(generate_argv(folder, whole))
     out = tmp_path / "killed"
-    runs = lives([sys.executable, "generate.py", *generate_argv(folder, out)],
-                 ["2:.png", "1:index.rank0.jsonl", "1:contact.png"])
+    runs = lives([sys.executable, "generate.py", *generate_argv(folder, out)], ["2:.png", "1:contact.png"])
     assert "removed 1 temporary file(s)" in runs[1][0] and "00000-01.png.tmp-" in runs[1][0]
-    assert "removed 1 temporary file(s)" in runs[3][0] and "contact.png.tmp-" in runs[3][0]
-    assert "0 images made, 4 already there" in runs[3][0]
+    assert "removed 1 temporary file(s)" in runs[2][0] and "contact.png.tmp-" in runs[2][0]
+    assert "0 images made, 4 already there" in runs[2][0]
     same_images(out, whole)
     assert (out / "contact.png").read_bytes() == (whole / "contact.png").read_bytes()
 
@@ -327,13 +341,15 @@ def test_generate_remakes_truncated_and_empty_pngs_and_a_finished_run_writes_not
 
 
 def test_generate_and_table4_on_two_ranks_equal_one_process(pipeline, clip_folder, tmp_path):  # noqa: F811
-    """torchrun, 2 gloo ranks: generate.py killed as a group at a PNG write and relaunched makes the
-    images and index of one uninterrupted process; evaluate.py table4 (batches of 2 shared out, a student
-    row, a CLIP score) gives the same images, index and scores as one process (the seconds aside)."""
+    """torchrun, 2 gloo ranks: generate.py killed as a group as a rank first records its images (its first
+    PNG renamed, not yet recorded: the relaunch decodes it to the last pixel and keeps it), relaunched, makes
+    the images and index of one uninterrupted process; evaluate.py table4 (batches of 2 shared out, a student
+    row, a CLIP score), killed as a group while rank 0 writes table4.json and relaunched, gives the same
+    images, index, scores and grid as one process (the seconds aside), which relaunched writes nothing."""
     _, folder = pipeline
     one, two = tmp_path / "one", tmp_path / "two"
     run_main(generate_argv(folder, one))
-    lives([*TORCHRUN, "generate.py", *generate_argv(folder, two)], ["2:.png"])
+    lives([*TORCHRUN, "generate.py", *generate_argv(folder, two)], ["1:index.rank"])
     same_images(two, one)
 
     student = tmp_path / "student.safetensors"
@@ -343,7 +359,11 @@ def test_generate_and_table4_on_two_ranks_equal_one_process(pipeline, clip_folde
              "--res", "32", "--w", "3", "--n-per-prompt", "2", "--batch", "2", "--score", f"clip={clip_folder}",
              *sum((["--prompt", p] for p in PROMPTS), [])]
     cli.run(evaluate.main, evaluate.build_parser(), [*table, "--out", str(tmp_path / "t1")])
-    lives([*TORCHRUN, "evaluate.py", *table, "--out", str(tmp_path / "t2")], [])
+    before = listing(tmp_path / "t1")
+    cli.run(evaluate.main, evaluate.build_parser(), [*table, "--out", str(tmp_path / "t1")])
+    assert listing(tmp_path / "t1") == before  # finished: scored again, nothing rewritten
+    runs = lives([*TORCHRUN, "evaluate.py", *table, "--out", str(tmp_path / "t2")], ["1:table4.json"])
+    assert "removed 1 temporary file(s)" in runs[1][0] and "table4.json.tmp-" in runs[1][0]
     rows = [[{k: v for k, v in r.items() if k != "s_per_image"} for r in json.loads((tmp_path / t / "table4.json")
                                                                                   .read_text())["rows"]] for t in ("t1", "t2")]
     assert rows[0] == rows[1] and [r["method"] for r in rows[0]] == ["cfg", "st"]
@@ -356,7 +376,7 @@ def test_generate_and_table4_on_two_ranks_equal_one_process(pipeline, clip_folde
 # prepare.py, toy_report.py, lora.py merge, vae.py, bench_memory.py
 
 
-def test_prepare_killed_mid_shard_finishes_bitwise(tmp_path, tiny_vae_config):
+def test_prepare_killed_mid_shard_finishes_bitwise(tmp_path, tiny_vae_config, monkeypatch):
     from test_prepare import R, make_images
     from vae import VAE
 
@@ -367,11 +387,11 @@ def test_prepare_killed_mid_shard_finishes_bitwise(tmp_path, tiny_vae_config):
               str(vae_file))
 
     def argv(out):
-        return [sys.executable, "prepare.py", "--images", str(images), "--out", str(out), "--vae", str(vae_file),
-                "--resolution", str(R), "--shard-size", "4", "--workers", "0", "--dtype", "fp32", "--device", "cpu"]
+        return ["--images", str(images), "--out", str(out), "--vae", str(vae_file), "--resolution", str(R),
+                "--shard-size", "4", "--workers", "0", "--dtype", "fp32", "--device", "cpu"]
 
-    lives(argv(tmp_path / "whole"), [])
-    runs = lives(argv(tmp_path / "killed"), ["2:shard-"])
+    in_process("prepare.py", argv(tmp_path / "whole"), monkeypatch)
+    runs = lives([sys.executable, "prepare.py", *argv(tmp_path / "killed")], ["2:shard-"])
     assert "removed 1 temporary file(s)" in runs[1][0] and "shard-00001.safetensors.tmp-" in runs[1][0]
     assert "built 2 shards, reused 1" in runs[1][0]
     names = sorted(os.listdir(tmp_path / "whole"))
@@ -380,17 +400,17 @@ def test_prepare_killed_mid_shard_finishes_bitwise(tmp_path, tiny_vae_config):
     for name in names:
         assert same_file(tmp_path / "killed" / name, tmp_path / "whole" / name), name
     before = listing(tmp_path / "killed")
-    lives(argv(tmp_path / "killed"), [])
+    in_process("prepare.py", argv(tmp_path / "killed"), monkeypatch)
     assert listing(tmp_path / "killed") == before  # finished: nothing rewritten
 
 
-def test_toy_report_killed_at_report_md_finishes(tmp_path):
+def test_toy_report_killed_at_report_md_finishes(tiny_world, tmp_path, monkeypatch, capsys):
     """toy_report.py's command line (on the tiny world of test_toy_report: its argv as given, build_world
     pointed at that world's settings) killed while writing report.md, relaunched: the same report as an
     uninterrupted run but for the measured timings; relaunched again: nothing written."""
-    world = toy.build_world(str(tmp_path / "cache"), progress=False, settings=TINY)
+    world = tiny_world
     student = save_student(world, tmp_path / "student", "teefusion", "w2sd", 0)
-    tiny_world = ("import runpy, sys, toy\n"
+    stub = ("import runpy, sys, toy\n"
                   f"settings = toy.TrainSettings(steps={TINY.steps}, batch_size={TINY.batch_size}, "
                   f"weak_step={TINY.weak_step})\n"
                   "build = toy.build_world\n"
@@ -399,11 +419,13 @@ def test_toy_report_killed_at_report_md_finishes(tmp_path):
                   "runpy.run_path('toy_report.py', run_name='__main__')\n")
 
     def argv(out):
-        return [sys.executable, "-c", tiny_world, "toy_report.py", "--cache-dir", world.cache_dir, "--student", student,
-                "--out", str(out), "--steps", "2", "--seeds", "1", "--split", "dev"]
+        return ["--cache-dir", world.cache_dir, "--student", student, "--out", str(out), "--steps", "2", "--seeds", "1",
+                "--split", "dev"]
 
-    lives(argv(tmp_path / "whole"), [])
-    runs = lives(argv(tmp_path / "killed"), ["1:report.md"])
+    build = toy.build_world
+    monkeypatch.setattr(toy, "build_world", lambda cache_dir, **kw: build(cache_dir, progress=False, settings=TINY))
+    in_process("toy_report.py", argv(tmp_path / "whole"), monkeypatch)
+    runs = lives([sys.executable, "-c", stub, "toy_report.py", *argv(tmp_path / "killed")], ["1:report.md"])
     assert "removed 1 temporary file(s)" in runs[1][0] and "report.md.tmp-" in runs[1][0]
     timing = ("ms_per_image", "wall_ratio")
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("killed", "whole"))
@@ -413,12 +435,13 @@ def test_toy_report_killed_at_report_md_finishes(tmp_path):
     for name in ("samples.png", "follows-w.png", "loss.png"):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     before = listing(tmp_path / "killed")
-    runs = lives(argv(tmp_path / "killed"), [])
-    assert "already holds this report" in runs[0][0] and listing(tmp_path / "killed") == before
+    capsys.readouterr()
+    in_process("toy_report.py", argv(tmp_path / "killed"), monkeypatch)
+    assert "already holds this report" in capsys.readouterr().out and listing(tmp_path / "killed") == before
     assert not temporaries(tmp_path / "killed")
 
 
-def test_lora_merge_killed_mid_write_finishes_bitwise(tmp_path):
+def test_lora_merge_killed_mid_write_finishes_bitwise(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     base_model = MMDiT(CONFIGS["tiny-sd3"])
     with torch.no_grad():
@@ -434,17 +457,18 @@ def test_lora_merge_killed_mid_write_finishes_bitwise(tmp_path):
     whole = lora.merge_files(base, adapter, str(tmp_path / "whole.safetensors"),
                              of=lora.merge_inputs(base, adapter, "fp32"))
     out = tmp_path / "merged.safetensors"
-    argv = [sys.executable, "lora.py", "merge", "--base", base, "--lora", adapter, "--out", str(out)]
-    runs = lives(argv, ["1:merged.safetensors"])
+    argv = ["merge", "--base", base, "--lora", adapter, "--out", str(out)]
+    runs = lives([sys.executable, "lora.py", *argv], ["1:merged.safetensors"])
     assert "removed 1 temporary file(s)" in runs[1][0] and "merged.safetensors.tmp-" in runs[1][0]
     assert same_file(out, whole)
     before = listing(tmp_path)
-    runs = lives(argv, [])
-    assert "is already the merge of" in runs[0][0] and listing(tmp_path) == before
+    capsys.readouterr()
+    in_process("lora.py", argv, monkeypatch)
+    assert "is already the merge of" in capsys.readouterr().out and listing(tmp_path) == before
     assert not temporaries(tmp_path)
 
 
-def test_vae_png_and_bench_memory_json_are_written_atomically(tmp_path, tiny_vae_config):
+def test_vae_png_and_bench_memory_json_are_written_atomically(tmp_path, tiny_vae_config, monkeypatch):
     """vae.py's PNG and bench_memory.py --json: a kill at their write leaves no file (only a temporary,
     which vae.py's relaunch removes); relaunched, the whole file."""
     from test_vae import make_reference
@@ -468,6 +492,31 @@ def test_vae_png_and_bench_memory_json_are_written_atomically(tmp_path, tiny_vae
     path = tmp_path / "points.json"
     launch([sys.executable, "-c", stub, str(path)], "1:points.json")
     assert not path.exists() and len(checkpoint.temporaries(str(tmp_path), owned=lambda n: n == "points.json")) == 1
-    launch([sys.executable, "-c", stub, str(path)])
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import bench_memory  # the same stubs, in this process: the whole file
+    monkeypatch.setattr(bench_memory, "run_point", lambda point, threads, optimizer: dict(point=point, peaks={"step": 1.0},
+                                                                                          seconds=0.0))
+    monkeypatch.setattr(bench_memory, "report", lambda *a: None)
+    monkeypatch.setattr(bench_memory, "extrapolate", lambda *a: None)
+    bench_memory.main(argparse.Namespace(point=None, load=None, quick=True, lora=None, config=["sd3-medium"], threads=1,
+                                         optimizer="foreach", gpus=8, json=str(path)))
     points = json.loads(path.read_text())
     assert points and all(p["peaks"] == {"step": 1.0} for p in points)
+
+
+def test_evaluate_removes_the_temporaries_of_its_file_and_shares_only_table4(tmp_path, monkeypatch, capsys):
+    """evaluate.py plot-loss removes what a killed run left of its --out (and nothing else); under torchrun
+    the commands other than table4 are refused (one line, exit 2): they run in one process."""
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 5)))
+    (tmp_path / "loss.png.tmp-ab12cd34").write_bytes(b"\x89PNG half")
+    (tmp_path / "other.png.tmp-ab12cd34").write_bytes(b"not ours")
+    cli.run(evaluate.main, evaluate.build_parser(), ["plot-loss", str(log), "--out", str(tmp_path / "loss.png")])
+    assert "removed 1 temporary file(s)" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "loss.png", "other.png.tmp-ab12cd34"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        cli.run(evaluate.main, evaluate.build_parser(), ["plot-loss", str(log), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "plot-loss runs in one process" in err[0]
+    assert not (tmp_path / "x.png").exists()
