@@ -16,8 +16,8 @@ A record is one JSON file in the output folder (distill.py's DIR/final.json):
      "parts": {part: {file, relative to the folder: {"size": bytes, "sha256": hex digest}}}}
 
 rewritten atomically after each part; a record of another "of" counts for nothing (its files are
-written again). Reading a record back hashes the files it lists (about 1 GB/s: seconds for an SD3
-student), which is what it costs to be sure that a file is the one that was written.
+written again). Reading a record back hashes the files it lists (seconds per GB: docs/RELAUNCH.md),
+which is what it costs to be sure that a file is the one that was written.
 
     python -m pytest -q tests/test_relaunch.py
 """
