@@ -18,15 +18,25 @@ a time (safe_open), so loading costs the model's own memory.
 
 Writes are atomic (`atomic_write`): a temporary file beside the target, fsynced, then renamed
 over it; a crash leaves the old file or the new one. distill.py, prepare.py, evaluate.py, fid.py
-and toy.py write through it too.
+and toy.py write through it too. A kill leaves at most NAME.tmp-XXXX behind (`TEMPORARY`), which
+each command's relaunch removes from the files it owns (`remove_temporaries`).
+
+Test hook (the relaunch tests; unset in normal use): TEEFUSION_KILL_AT_WRITE="N" or "N:TEXT" makes
+the process kill itself with SIGKILL at its N-th atomic write (counting only targets whose path
+contains TEXT), after the temporary file is filled and before it is renamed over the target: the
+moment a kill does the most harm. Under torchrun the launcher is killed first, so the whole job
+dies with SIGKILL, as when a batch system kills it (the other workers die with their launcher:
+cli.die_with_launcher).
 
     python mmdit.py CHECKPOINT      # the config inferred from a checkpoint's tensors (uses this file)
     python -m pytest tests/test_mmdit.py   # both layouts, shards, export, round trip, bad files
 """
 
+import filecmp
 import json
 import os
 import re
+import signal
 import tempfile
 
 import torch
@@ -46,12 +56,60 @@ class CheckpointError(ValueError):
 # -----------------------------------------------------------------------------
 # Atomic writes (every file the project writes)
 
+KILL_AT_WRITE = "TEEFUSION_KILL_AT_WRITE"  # the test hook of the module docstring
+TEMPORARY = re.compile(r"\.tmp-[^.]*(\.\w+)?$")  # atomic_write's temporary names: NAME.tmp-XXXX[.suffix]
+_writes = [0]  # atomic writes counted by the test hook in this process
 
-def atomic_write(path, write, suffix=""):
+
+def _test_kill(path):
+    """The test hook: SIGKILL at the chosen write (module docstring); nothing when the variable is unset."""
+    spec = os.environ.get(KILL_AT_WRITE)
+    if not spec:
+        return
+    n, _, text = spec.partition(":")
+    if text not in path:
+        return
+    _writes[0] += 1
+    if _writes[0] == int(n):
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: the launcher first, so the whole job dies
+            os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temporaries(folder, recursive=False, owned=None):
+    """The temporary files that killed writes left in folder (and below it, if recursive), sorted; owned:
+    a predicate on the target's name (NAME of NAME.tmp-XXXX) choosing the ones a command owns."""
+    found = []
+    for root, dirs, files in os.walk(folder) if os.path.isdir(folder) else ():
+        for name in files:
+            m = TEMPORARY.search(name)
+            if m and (owned is None or owned(name[:m.start()])):
+                found.append(os.path.join(root, name))
+        if not recursive:
+            break
+    return sorted(found)
+
+
+def remove_temporaries(folder, recursive=False, owned=None, quiet=False):
+    """Delete the temporaries of `temporaries(folder, recursive, owned)` and say so in one line. Only for
+    a process that owns those files (holds the folder's lock, or is their only writer): a temporary of a
+    live writer would be pulled from under it. Returns their paths."""
+    removed = temporaries(folder, recursive, owned)
+    for path in removed:
+        os.remove(path)
+    if removed and not quiet:
+        print(f"removed {len(removed)} temporary file(s) left by a killed run: {', '.join(removed[:10])}"
+              + (", ..." if len(removed) > 10 else ""), flush=True)
+    return removed
+
+
+def atomic_write(path, write, suffix="", keep_same=False):
     """Write a file so that a crash at any moment leaves the old file or the new one, never
     half of one: write(tmp) fills a temporary file beside `path` (named path.tmp-XXXX, so
     leftovers of a killed run are easy to find), which is fsynced and renamed over `path`.
-    suffix: the temporary name's ending, for writers that insist on one (np.savez: ".npz").
+    suffix: the temporary name's ending, for writers that insist on one (np.savez: ".npz", PIL
+    guessing the format from the name: ".png"). keep_same: when `path` already holds the same
+    bytes, leave it untouched (reports and figures a relaunch computes again).
     The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -59,11 +117,15 @@ def atomic_write(path, write, suffix=""):
     os.close(fd)
     try:
         write(tmp)
+        if keep_same and os.path.isfile(path) and filecmp.cmp(tmp, path, shallow=False):
+            os.remove(tmp)
+            return
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        _test_kill(path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

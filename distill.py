@@ -92,7 +92,9 @@ Files (--out DIR; safetensors and JSON only, never pickle; every file written at
     loads, with its own card (export.py); DIR/log.jsonl: one line per step: step, loss, lr,
     samples_per_s, teacher_s, student_s, step_s, grad_norm (before clipping), and sample_s where a grid
     was drawn; DIR/samples/step-NNNNNNN.png (sample grids: teacher | student at three w, monitor.py)
-    and DIR/tensorboard with --report-to tensorboard; DIR/run.lock while a run holds DIR (cli.FolderLock).
+    and DIR/tensorboard with --report-to tensorboard; DIR/final.json: the final files with their sizes and
+    SHA-256, for the checkpoint they come from (final_files.py); DIR/run.lock while a run holds DIR
+    (cli.FolderLock).
 
 Faults (the details: training_state.py, cli.py, options.py):
   * Bad input is refused before anything heavy loads: one line `error: ...`, exit status 2; a failure
@@ -100,6 +102,8 @@ Faults (the details: training_state.py, cli.py, options.py):
     whose tensors, read back from disk, are all finite. --traceback (or TEEFUSION_TRACEBACK=1) shows more.
   * One run per --out (DIR/run.lock). --resume continues from `latest`, or from the newest COMPLETE
     checkpoint with a warning; with none left it refuses. Only finite weights are ever written.
+  * The final files are a pure function of the checkpoint at --steps: a relaunch writes those a kill left
+    missing, and a relaunch of a finished run says so and writes nothing, exit 0 (final_files.py).
   * Under torchrun a worker dies with its launcher: `kill -9` of torchrun leaves no worker training.
 
 Memory per GPU, measured for one distillation step (benchmarks/bench_memory.py): README.
@@ -126,15 +130,15 @@ from tqdm import tqdm
 import cli
 import embed
 import export
+import final_files
 import lora
 import monitor
 import options
 import samplers
 from batches import StepSampler, WithNoise
-from checkpoint import _atomic_save
-from mmdit import load_mmdit, load_mmdit_blend, save_mmdit
+from mmdit import load_mmdit, load_mmdit_blend
 from options import FULL, build_parser, check_args, fill_defaults, lora_spec
-from training_state import (LATEST, _tensors, _trim_log, check_resume, complete_checkpoints, last_good, load_checkpoint,
+from training_state import (LATEST, _trim_log, check_resume, complete_checkpoints, last_good, load_checkpoint,
                             non_finite, remove_temporaries, replica_checksums, resume_point,
                             save_checkpoint)
 
@@ -338,7 +342,7 @@ def main_full(args):
     start = time.time()
     students = {}
     for (name, _, _), sub in zip(FULL, runs):
-        students[name] = args.resume and finished_student(sub) or main(sub)
+        students[name] = main(sub)  # with --resume, a finished student says so and is reused
     import toy
     import toy_report
 
@@ -374,6 +378,8 @@ def main(args, dataset=None):
         if args.teacher is None and device.type == "cpu":
             torch.set_num_threads(1)
         lock, resume = open_run(args, rank, distributed)
+        if isinstance(resume, final_files.Finished):  # every final file there: nothing to do
+            return resume.path
         return _main(args, dataset, resume, micro, distributed, rank, world_size, device)
     finally:
         if lock is not None:
@@ -387,7 +393,8 @@ def open_run(args, rank, distributed):
     """Before anything heavy: rank 0 (or the single process) takes --out's lock (cli.FolderLock),
     chooses the checkpoint to resume and checks it (start_point), and removes the temporary files a
     killed run left; the other ranks never touch the lock, and receive the outcome, the checkpoint
-    or the refusal. Returns (the lock on rank 0, else None; (folder, state) or None)."""
+    or the refusal. Returns (the lock on rank 0, else None; (folder, state), None, or
+    final_files.Finished)."""
     lock, outcome = None, None
     if rank == 0:
         try:
@@ -410,7 +417,9 @@ def open_run(args, rank, distributed):
 def start_point(args):
     """Under --out's lock: (folder, state) of the checkpoint to resume, or None to start from the
     teacher; refuses a run that would overwrite checkpoints without --resume, and a resume that
-    cannot continue (check_resume). Then removes the temporary files of a killed run, and says so."""
+    cannot continue (check_resume). Then removes the temporary files of a killed run, and says so.
+    A checkpoint at --steps: final_files.Finished (after one line) when every final file is there
+    and intact; else (folder, state), from which _main writes the missing ones (final_files.py)."""
     root = os.path.join(args.out, "checkpoints")
     if not args.resume and (os.path.exists(os.path.join(root, LATEST)) or complete_checkpoints(root)):
         raise ValueError(f"{args.out} already holds checkpoints ({root}): pass --resume to continue that run, "
@@ -422,17 +431,9 @@ def start_point(args):
     if removed:
         print(f"removed {len(removed)} temporary file(s) left by a killed run: {', '.join(removed[:10])}"
               + (", ..." if len(removed) > 10 else ""))
+    if point is not None and point[1]["step"] == args.steps:
+        return final_files.finished(args, *point) or point
     return point
-
-
-def finished_student(args):
-    """The final student of a run in args.out that reached args.steps (the EMA weights with --ema), or None."""
-    point = resume_point(args.out)
-    final = os.path.join(args.out, "student-ema.safetensors" if args.ema is not None else "student.safetensors")
-    if point is not None and point[1]["step"] == args.steps and os.path.isfile(final):
-        print(f"--full: {args.out} is finished at step {args.steps}: reusing {final}")
-        return final
-    return None
 
 
 def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
@@ -572,39 +573,8 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
         log.close()
     del batches
 
-    # the final student, beside the checkpoints
-    final = os.path.join(args.out, "student.safetensors")
-    if rank == 0 and base is not None:
-        final = lora.save_run(args, student, ema, base, toy_world is not None, student_metadata(args, args.steps))
-    elif rank == 0:
-        meta = student_metadata(args, args.steps)
-        save_mmdit(student.model, final, metadata=meta)
-        if len(student.fusion.state_dict()):
-            _atomic_save(_tensors(student.fusion), os.path.join(args.out, "fusion.safetensors"), meta)
-        if ema is not None:
-            final = save_mmdit(ema.model, os.path.join(args.out, "student-ema.safetensors"), metadata=meta)
-            if len(ema.fusion.state_dict()):
-                _atomic_save(_tensors(ema.fusion), os.path.join(args.out, "fusion-ema.safetensors"), meta)
-        if args.export_diffusers:  # a pipeline folder with the teacher's parts when the teacher is one (export.py)
-            folder = os.path.join(args.out, "diffusers")
-            how = export.export_pipeline(ema.model if ema is not None else student.model, folder,
-                                         args.teacher if export.is_pipeline(args.teacher) else None,
-                                         export.run_info(args, args.steps))
-            parts = f", the teacher's text encoders, VAE and scheduler {how}" if how else ""
-            print(f"diffusers export: {folder} (transformer/{parts}, README.md)")
-    if rank == 0:  # the model card beside the final files: what they are, w's convention, the loaders
-        export.write_card(args.out, export.run_info(args, args.steps),
-                          export.run_files(args, ema is not None, base is not None, toy_world is not None))
-        print(f"student: {final}")
-        if toy_world is not None and not args.no_report:  # the toy world's Table 4, figures, CIs
-            import toy_report
-
-            toy_report.report(toy_world, [dict(path=final, teacher=args.teacher_sampler)], out_dir=args.out,
-                              progress=not args.no_progress)
-    elif ema is not None:
-        final = os.path.join(args.out, "student-ema.safetensors")
-    if rank != 0 and base is not None:
-        final = lora.run_path(args, toy_world is not None)
+    # the final files, beside the checkpoints: a pure function of the checkpoint at --steps (final_files.py)
+    final = final_files.write(args, student, ema, base, toy_world, rank, student_metadata(args, args.steps))
     if distributed:
         dist.barrier()
     return final

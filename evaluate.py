@@ -52,6 +52,13 @@ loads (cli.py).
                                                       # --student NAME=lora.safetensors: a LoRA student
     python evaluate.py plot-loss runs/log.jsonl --out loss.png
     python evaluate.py plot-sweep results.json --metric hps --out sweep.png
+
+table4 on many GPUs: the same command under torchrun. Every row's images are shared out across the ranks
+as generate.py shares them (each image made by one rank, the same as in one process); after the last row,
+rank 0 alone scores them and writes the tables and figures. A kill of the whole job is resumed by the same
+command line: the images already made are kept, and a table or figure whose bytes do not change is not
+rewritten (a finished table4 relaunched writes nothing). The other commands run in one process.
+    torchrun --nproc_per_node 8 evaluate.py table4 --model /weights/stable-diffusion-3-medium-diffusers ...
 """
 
 import argparse
@@ -66,11 +73,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import fid
 import generate
 import lora
 import metrics
+import ranks
 import samplers
 from generate import load_prompts, write_text  # prompt files live with the generator
 from plots import image_grid, line_plot
@@ -372,7 +381,14 @@ def table_plans(args):
 def pixels(height, width):
     """An image size for a title: "1024px" for a square, "1216x832px" (width x height) otherwise."""
     return f"{height}px" if height == width else f"{width}x{height}px"
+
+
 TABLE4_OUTPUTS = ("table4.md", "table4.json", "grid.png", "sweep.json", "sweep-grid.png")
+
+
+def _table4_owned(name):
+    """The files table4 writes in its own --out (each row's folder is generate.py's)."""
+    return name.startswith(("table4.", "grid.png", "sweep"))
 
 
 def cmd_table4(args):
@@ -380,7 +396,20 @@ def cmd_table4(args):
     scorers = score_specs(args.score or [])
     cli.not_an_input([("--out", os.path.join(args.out, n)) for n in TABLE4_OUTPUTS], [("--prompts", args.prompts)])
     plans = table_plans(args)
-    records = {(label, w): generate.run(plan) for label, w, plan in plans}
+    with ranks.Ranks(plans[0][2].device) as group:  # under torchrun: the job's processes; else this one
+        lock = cli.FolderLock(args.out, "--out").acquire() if group.rank == 0 else None
+        try:
+            if group.rank == 0:
+                checkpoint.remove_temporaries(args.out, owned=_table4_owned)
+            records = {(label, w): generate.run(plan, group=group) for label, w, plan in plans}
+            if group.rank == 0:  # the scores, once, after every rank made its images
+                _table4_report(args, scorers, plans, records)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _table4_report(args, scorers, plans, records):
     rows = [dict(method=label, w="-" if plan.record["w"] is None else plan.record["w"], NFE=records[label, w][0]["nfe"],
                  s_per_image=sum(r["seconds"] for r in records[label, w]) / len(records[label, w]))
             for label, w, plan in plans]
@@ -423,6 +452,13 @@ def cmd_table4(args):
 # Command line: every argument is checked before any model loads
 
 
+def remove_temporaries_of(*paths):
+    """Before a command writes these files: the temporaries a killed run of it left of them (one line says so)."""
+    for path in paths:
+        name = os.path.basename(path)
+        checkpoint.remove_temporaries(os.path.dirname(os.path.abspath(path)), owned=lambda n, name=name: n == name)
+
+
 def cmd_score(args):
     cli.at_least(args.batch, 1, "--batch", why="images scored at once")
     cli.check_device(args.device)
@@ -438,6 +474,7 @@ def cmd_score(args):
     if args.out:
         cli.output_file(args.out, "--out", suffixes=(".json",), inputs=[("--prompts", args.prompts)]
                         + [("--images", p) for p in paths])
+        remove_temporaries_of(args.out)
     scorer = metrics.load_scorer(args.metric, clip=args.clip, aesthetic=args.aesthetic,
                                  imagereward=args.imagereward, device=args.device)
     names, scores = score_folder(scorer, args.images, prompts, args.batch, desc=args.metric)
@@ -458,6 +495,7 @@ def cmd_fid_stats(args):
         raise ValueError(f"--images {args.images!r}: FID statistics need at least 2 images, found {len(paths)}")
     cli.output_file(args.out, "--out", suffixes=(".npz",), inputs=[("--inception", args.inception)]
                     + [("--images", p) for p in paths])
+    remove_temporaries_of(args.out)
     net = fid.load_inception(args.inception, args.device, args.resize)
     mu, sigma = folder_statistics(net, args.images, args.batch)
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
@@ -506,6 +544,7 @@ def cmd_speed(args):
     inputs = [("--" + f, getattr(args, f)) for f in ("mmdit", "strong", "weak")]
     for suffix in (".md", ".json"):  # last: the only check that may create a folder (the one the stem goes into)
         cli.output_file(args.out + suffix, "--out", inputs=inputs)
+    remove_temporaries_of(args.out + ".md", args.out + ".json")
     if args.mmdit:
         load = lambda p: mmdit.load_mmdit(p, device, dtype).eval().requires_grad_(False)  # noqa: E731
         model = load(args.mmdit)
@@ -528,6 +567,9 @@ def cmd_speed(args):
 
 
 def main(args):
+    if ranks.from_environment()[1] > 1 and args.command != "table4":
+        raise ValueError(f"evaluate.py {args.command} runs in one process; under torchrun only table4 shares its "
+                         "work (its images) across the ranks")
     if args.command == "score":
         cmd_score(args)
     elif args.command == "fid":
@@ -547,12 +589,14 @@ def main(args):
     elif args.command == "plot-loss":
         cli.output_file(args.out, "--out", suffixes=(".png",), inputs=[("the log", args.log)])
         steps, values = read_log(args.log, args.key)
+        remove_temporaries_of(args.out)
         line_plot({args.key: (steps, values)}, args.out, title=f"{args.key} vs step", xlabel="step", ylabel=args.key)
     elif args.command == "plot-sweep":
         if not os.path.isfile(args.results):
             raise FileNotFoundError(f"results: no file {args.results!r} (expected JSON {{method: {{w: {{metric: v}}}}}})")
         cli.output_file(args.out, "--out", suffixes=(".png",), inputs=[("the results", args.results)])
         results = cli.read_json(args.results, f"results {args.results}")
+        remove_temporaries_of(args.out)
         try:
             sweep_plot(results, args.metric, args.out)
         except ValueError as e:  # what is wrong in the file, with its name

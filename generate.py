@@ -48,14 +48,23 @@ MMDiT and the VAE, 14.5 GB for W2SD with --w2sd-main; 17.5 GB and 25.6 GB if all
        are freed, the embeddings wait on the CPU (2.7 MB per prompt in bf16 with T5's 256 tokens);
     2. the MMDiT(s) and the VAE load; per batch of --batch images: noise, samplers.sample, VAE decode,
        PNGs written atomically (a temporary file renamed: a killed run leaves no half image);
-    3. OUT/index.jsonl and the contact sheet OUT/contact.png, rebuilt from the PNGs.
+    3. the contact sheet OUT/contact.png, then OUT/index.jsonl (every image's record, in job order).
 
 Output: OUT/images/PPPPP-KK.png (prompt P, image K, seed + K) with the prompt, negative prompt, method,
-w, steps, seed, height, width, NFE, model file name, seconds per image (sampling + decoding) in its PNG
-text metadata.
-Images already there are skipped (re-running a killed job continues it) if made with the same settings
-(else: an error). --toy: the toy world of toy.py (its cached teacher, W2SD pair and text encoders;
-images are its 16 x 16 latents, saved 8x larger with nearest neighbour).
+w, steps, seed, height, width, NFE, model file name, seconds per image (sampling + decoding) in its PNG text metadata;
+OUT/index.jsonl holds the same records with each PNG's size ("bytes"). Relaunching the same command
+finishes the job: images already there are skipped if made with the same settings (else: an error), and
+trusted when a record lists them with their size (image_folder.py: a truncated or empty PNG is made
+again); a finished run relaunched writes nothing. --toy: the toy world of toy.py (its cached teacher,
+W2SD pair and text encoders; images are its 16 x 16 latents, saved 8x larger with nearest neighbour).
+
+Many GPUs (torchrun; gloo on CPU, NCCL on CUDA), one shared --out: the images still to make are cut into
+batches of --batch as one process would cut them, and rank r makes batches r, r + N, r + 2N, ...; each
+image is written by one rank, each as in one process (its noise comes from seed + k alone; its batch and
+its prompt's text-encoder chunk are those of one process), and rank 0 merges the records into index.jsonl
+in job order at the end. A kill of the whole job is resumed by the same command line.
+    torchrun --nproc_per_node 8 generate.py --model /w/stable-diffusion-3-medium-diffusers --method w2sd \
+        --w2sd-finetuned /w/sd3_finetune.safetensors --prompts prompts.txt --n-per-prompt 4 --out runs/gen/w2sd
 
 Shape legend: B batch, C latent channels, h w latent size, L tokens, Dc context width, Dy pooled width.
 """
@@ -76,8 +85,10 @@ from tqdm import tqdm
 
 import cli
 import embed
+import image_folder
 import lora
 import mmdit
+import ranks
 import samplers
 import vae
 from checkpoint import atomic_write  # the project's one atomic-write mechanism
@@ -144,11 +155,12 @@ def _excerpt(value, n=40):
 
 
 def write_text(path, text):
+    """A text file, atomically; left as it is when it already holds `text` (a relaunch changes nothing)."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    atomic_write(path, write)
+    atomic_write(path, write, keep_same=True)
 
 
 def save_png(image, path, record):
@@ -245,7 +257,7 @@ class Plan:
     args: argparse.Namespace
     prompts: list
     jobs: list  # (prompt index, image index k) of every image of the run
-    done: dict  # job -> record of the images already there
+    done: dict  # job -> record of the images already there (rank 0's view under torchrun; None on other ranks)
     size: tuple  # (height, width) in pixels
     device: torch.device
     dtype: torch.dtype
@@ -254,6 +266,8 @@ class Plan:
     vae: str = None
     student_method: str = None
     world: object = field(default=None, repr=False)
+    broken: list = field(default_factory=list)  # (job, why) of the files there that are truncated or unreadable
+    finished: bool = False  # set by run: every output was already there, nothing was written
 
 
 def _need(path, flag):
@@ -430,7 +444,7 @@ def check(args, world=None):
         raise ValueError(f"--w-rounding model applies to TeEFusion students, not {student_method!r}")
     if student_method == "dice":
         w = embed.DICE_W  # DICE samples at the one guidance it was trained for
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ranks.device_for(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # torchrun: LOCAL_RANK
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     inputs = [("--prompts", a.prompts)] + [("--" + f.replace("_", "-"), getattr(a, f)) for f in
                                            ("model", "student", "lora", "strong", "weak", "w2sd_finetuned", "vae")]
@@ -444,21 +458,16 @@ def check(args, world=None):
                   w2sd=_w2sd_description(a) if a.method == "w2sd" else None, lora=_name(a.lora))
     jobs = [(i, k) for i in range(len(prompts)) for k in range(a.n_per_prompt)]
     plan = Plan(a, prompts, jobs, {}, size, device, dtype, record, text_encoders, vae_path, student_method, world)
-    for job in jobs:  # images already made: skipped if they were made with these settings
-        path = image_path(plan, job)
-        if os.path.isfile(path):
-            old, new = read_record(path), expected(plan, job)
-            bad = [k for k in SETTINGS if old.get(k) != new.get(k)]
-            if bad:
-                raise FileExistsError(f"{path} was made with {bad[0]}={old.get(bad[0])!r}, not {new.get(bad[0])!r}: "
-                                      "give another --out for other settings")
-            plan.done[job] = old
-    # a batch's images leave the decoder as float32 (B, 3, res, res) and are kept on the CPU until saved
-    side = (toy.H * toy.W) if toy_world else res * res
-    batch = min(a.batch, max(1, len(jobs) - len(plan.done)))
+    if ranks.from_environment()[0] == 0:  # under torchrun rank 0 looks, and tells the others (run)
+        plan.done, plan.broken = scan(plan)
+    else:
+        plan.done = None
+    # a batch's images leave the decoder as float32 (B, 3, H, W) and are kept on the CPU until saved
+    side = (toy.H * toy.W) if toy_world else size[0] * size[1]
+    batch = min(a.batch, max(1, len(jobs) - len(plan.done or {})))
     cli.check_memory(batch * 3 * side * 4, f"a batch of {batch} decoded images", "--batch")
     # the text embeddings of every prompt still to draw wait on the CPU while the MMDiT samples (`encode`)
-    todo = len({i for i, k in jobs if (i, k) not in plan.done})
+    todo = len({i for i, k in jobs if (i, k) not in (plan.done or {})})
     if toy_world:
         width = toy.TOKENS * toy.TEACHER_CONFIG.context_dim + toy.TEACHER_CONFIG.pooled_dim
     else:
@@ -467,6 +476,32 @@ def check(args, world=None):
     cli.check_memory(todo * width * torch.finfo(dtype).bits // 8, f"the text embeddings of {todo} prompts "
                      f"({torch.finfo(dtype).bits // 8} bytes x {width} numbers each)", "the number of prompts")
     return plan
+
+
+def scan(plan):
+    """The images of the plan already made: ({job: record with its PNG's size}, [(job, why) of files that
+    are there but truncated, empty or unreadable: made again]). Trusted: a record of index.jsonl or of a
+    rank file whose file has the recorded size; else the PNG's own record, once it decoded to the last
+    pixel (image_folder.py). Refuses an image made with other settings."""
+    known = image_folder.recorded(plan.args.out)
+    done, broken = {}, []
+    for job in plan.jobs:
+        path, new = image_path(plan, job), expected(plan, job)
+        if not os.path.isfile(path):
+            continue
+        old = known.get(new["file"])
+        if old is None or not image_folder.trusted(plan.args.out, old):
+            old, why = image_folder.read_image(path)
+            if old is None:
+                broken.append((job, why))
+                continue
+            old["bytes"] = os.path.getsize(path)
+        bad = [k for k in SETTINGS if old.get(k) != new.get(k)]
+        if bad:
+            raise FileExistsError(f"{path} was made with {bad[0]}={old.get(bad[0])!r}, not {new.get(bad[0])!r}: "
+                                  "give another --out for other settings")
+        done[job] = old
+    return done, broken
 
 
 def _w2sd_description(a):
@@ -514,13 +549,18 @@ def encode(plan, indices):
         context_dim = mmdit.read_config(a.model).context_dim
         encoders = embed.TextEncoders.from_pretrained(plan.text_encoders, plan.device, plan.dtype, use_t5=not a.no_t5,
                                                       context_dim=context_dim)
-    chunks = [encoders.encode([plan.prompts[i] for i in indices[j:j + ENCODE_CHUNK]])
-              for j in range(0, len(indices), ENCODE_CHUNK)]
-    context = torch.cat([c.cpu() for c, _ in chunks])  # (P, L, Dc)
-    y = torch.cat([y.cpu() for _, y in chunks])  # (P, Dy)
+    # the prompts go through the encoders in fixed chunks of the prompt list (prompts c*16 to c*16 + 15), so
+    # that a prompt's embedding does not depend on which prompts a rank, or a resumed run, still needs
+    rows, wanted = {}, set(indices)
+    for c in sorted({i // ENCODE_CHUNK for i in indices}):
+        chunk = range(c * ENCODE_CHUNK, min((c + 1) * ENCODE_CHUNK, len(plan.prompts)))
+        context, y = encoders.encode([plan.prompts[i] for i in chunk])  # (16, L, Dc), (16, Dy)
+        rows.update({i: (context[r].cpu(), y[r].cpu()) for r, i in enumerate(chunk) if i in wanted})
+    context = torch.stack([rows[i][0] for i in indices])  # (P, L, Dc)
+    y = torch.stack([rows[i][1] for i in indices])  # (P, Dy)
     context_null, y_null = encoders.encode_null() if a.negative_prompt == "" else encoders.encode([a.negative_prompt])
     null = context_null.cpu(), y_null.cpu()  # (1, L, Dc), (1, Dy)
-    del encoders, chunks
+    del encoders, rows
     free_memory(plan.device)
     return context, y, null
 
@@ -601,34 +641,78 @@ def iter_images(plan, jobs):
     free_memory(device)
 
 
-def run(plan, progress=True):
-    """Make the images of a checked plan that are not there yet; write OUT/index.jsonl and the contact
-    sheet. Returns the records of all its images, in job order."""
+def run(plan, progress=True, group=None):
+    """Make the images of a checked plan that are not there yet; then the contact sheet and OUT/index.jsonl.
+    group: the ranks.Ranks of a torchrun job (each rank makes its share of the batches, rank 0 merges);
+    default: this process alone. Rank 0 holds --out's lock (cli.FolderLock). Returns the records of all
+    the plan's images, in job order, on every rank."""
+    group = group or ranks.Ranks(one=True)
+    lock = cli.FolderLock(plan.args.out, "--out").acquire() if group.rank == 0 else None
+    try:
+        return _run(plan, progress, group)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(plan, progress, group):
     a = plan.args
+    state = None
+    if group.rank == 0:  # under the lock: what a killed run left, what is done, and whether all of it is
+        removed = image_folder.remove_temporaries(a.out)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) left by a killed run: {', '.join(removed[:10])}"
+                  + (", ..." if len(removed) > 10 else ""))
+        if plan.broken:
+            names = ", ".join(os.path.basename(image_path(plan, job)) for job, _ in plan.broken[:10])
+            print(f"{len(plan.broken)} image(s) in {os.path.join(a.out, 'images')} are truncated or unreadable "
+                  f"({plan.broken[0][1]}), made again: {names}" + (", ..." if len(plan.broken) > 10 else ""))
+        made = [plan.done[job] for job in plan.jobs if job in plan.done]
+        finished = len(made) == len(plan.jobs) and image_folder.finished(a.out, made)
+        if not finished:
+            image_folder.consolidate(a.out, made)
+        state = (plan.done, finished)
+    plan.done, plan.finished = group.broadcast(state)  # rank 0's view, on every rank
+    if plan.finished:
+        return [plan.done[job] for job in plan.jobs]
+    # the batches of one process, shared out: rank r makes batches r, r + N, ... (each image by one rank)
     missing = [job for job in plan.jobs if job not in plan.done]
-    records = dict(plan.done)
+    batches = [missing[b:b + a.batch] for b in range(0, len(missing), a.batch)]
+    mine = [job for batch in batches[group.rank::group.size] for job in batch]
+    made = {}
     if missing:
         if a.toy and plan.world is None:
             import toy
-            plan.world = toy.build_world(cache_dir=a.toy_cache, progress=progress)
+            if group.rank != 0:
+                group.barrier()  # rank 0 builds (or trains) the toy world first; the others then read its cache
+            plan.world = toy.build_world(cache_dir=a.toy_cache, progress=progress and group.rank == 0)
+            if group.rank == 0:
+                group.barrier()
         threads = torch.get_num_threads()
         if plan.world is not None:  # the toy's tensors are tiny: a second CPU thread costs more than it brings
             torch.set_num_threads(1)
         try:
-            bar = tqdm(total=len(missing), unit="image", desc=f"generate {a.method}", disable=not progress)
-            for batch, images, nfe, seconds in iter_images(plan, missing):
+            bar = tqdm(total=len(mine), unit="image", desc=f"generate {a.method}", disable=not progress or group.rank != 0)
+            for batch, images, nfe, seconds in iter_images(plan, mine) if mine else ():
                 for job, pil in zip(batch, vae.to_pil(images)):
                     if plan.world is not None:
                         pil = pil.resize((pil.width * TOY_VIEW, pil.height * TOY_VIEW), Image.NEAREST)
-                    records[job] = dict(expected(plan, job), nfe=nfe, seconds=round(seconds, 6))
-                    save_png(pil, image_path(plan, job), records[job])
+                    record = dict(expected(plan, job), nfe=nfe, seconds=round(seconds, 6))
+                    save_png(pil, image_path(plan, job), record)
+                    made[job] = dict(record, bytes=os.path.getsize(image_path(plan, job)))
+                # recorded once its PNGs are in place: a relaunch trusts what this file lists
+                image_folder.write_records(image_folder.rank_file(a.out, group.rank), list(made.values()))
                 bar.update(len(batch))
             bar.close()
         finally:
             torch.set_num_threads(threads)
+    records = dict(plan.done)
+    for share in group.gather(made):
+        records.update(share)
     records = [records[job] for job in plan.jobs]
-    write_text(os.path.join(a.out, "index.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
-    contact_sheet(plan, records)
+    if group.rank == 0:
+        image_folder.merge(a.out, records, lambda rs: contact_sheet(plan, rs))
+    group.barrier()  # the folder is complete when any rank returns
     return records
 
 
@@ -666,10 +750,15 @@ def generate(prompts, out, world=None, progress=True, **options):
 
 def main(args):
     plan = check(args)
-    records = run(plan)
-    made = len(plan.jobs) - len(plan.done)
-    print(f"{made} images made, {len(plan.done)} already there: {os.path.join(plan.args.out, 'images')} "
-          f"(index.jsonl, contact.png beside it); NFE {records[0]['nfe']} per image")
+    with ranks.Ranks(plan.device) as group:  # under torchrun: the job's processes; else this one
+        records = run(plan, group=group)
+    if group.rank == 0 and plan.finished:
+        print(f"{plan.args.out} is already finished: its {len(records)} images, index.jsonl and contact.png are "
+              "there; nothing was written")
+    elif group.rank == 0:
+        made = len(plan.jobs) - len(plan.done)
+        print(f"{made} images made, {len(plan.done)} already there: {os.path.join(plan.args.out, 'images')} "
+              f"(index.jsonl, contact.png beside it); NFE {records[0]['nfe']} per image")
     return records
 
 

@@ -40,6 +40,7 @@ Files (safetensors only):
 
     python distill.py --lora 8 --out runs/toy-lora            # the toy world: lora + merged student
     python lora.py merge --base sd3_medium.safetensors --lora runs/lora/lora.safetensors --out student.safetensors
+        (the merged file records the SHA-256 of its inputs: the same merge relaunched writes nothing)
     python lora.py count --config sd3-medium --rank 16        # trainable parameters, file size
     python generate.py --model SD3 --method student --lora runs/lora/lora.safetensors --prompt "..."
 """
@@ -58,6 +59,7 @@ import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 
 import checkpoint
 import cli
+import relaunch
 from checkpoint import CheckpointError
 from mmdit import CONFIGS, MMDiT, load_mmdit, read_config, save_mmdit
 
@@ -460,14 +462,17 @@ def save_adapter(model, base, path, metadata=None, dtype=torch.float32):
 # Commands: merge, count
 
 
-def merge_files(base_path, lora_path, out_path, dtype=torch.float32):
+def merge_files(base_path, lora_path, out_path, dtype=torch.float32, of=None):
     """A full student in Stability's layout from a base checkpoint and an adapter file, with the
-    adapter's metadata (the method, teacher and step that embed.load_student and generate.py read).
-    Only a student whose every weight is finite in `dtype` is written."""
+    adapter's metadata (the method, teacher and step that embed.load_student and generate.py read);
+    of: `merge_inputs`, recorded under teefusion_merge_of (a relaunch finds the merge done). Only a student
+    whose every weight is finite in `dtype` is written."""
     base = load_mmdit(base_path, dtype=torch.float32)
     student, meta = load_adapter(base, lora_path)
     meta = {k: v for k, v in meta.items() if k not in ("format", "mmdit_config", "lora_adapter_metadata")}
     meta["teefusion_lora_base"] = os.path.basename(os.path.normpath(base_path))
+    if of is not None:
+        meta[MERGE_OF] = json.dumps(of)
     merged = merge(student, dtype)
     bad = [k for k, v in merged.state_dict().items() if not checkpoint.all_finite(v)]
     if bad:
@@ -475,6 +480,27 @@ def merge_files(base_path, lora_path, out_path, dtype=torch.float32):
                           f"nothing was written to {out_path}" + ("; try --dtype fp32 or bf16 (fp16 overflows)"
                                                                    if dtype == torch.float16 else ""))
     return save_mmdit(merged, out_path, metadata=meta)
+
+
+MERGE_OF = "teefusion_merge_of"  # the merged file's record of its inputs (merge_inputs)
+
+
+def merge_inputs(base_path, lora_path, dtype):
+    """What a merged file is a function of: the SHA-256 of the base's file(s) and of the adapter, and the
+    dtype (reading them costs about a second per GB)."""
+    files, _ = checkpoint.resolve_files(base_path)
+    return {"base": [relaunch.digest(f)["sha256"] for f in files], "lora": relaunch.digest(lora_path)["sha256"],
+            "dtype": dtype}
+
+
+def merged_from(path):
+    """The merge_inputs recorded in a file written by `merge_files`, or None (another file, or none)."""
+    try:
+        with ExitStack() as stack:
+            stored = (checkpoint.open_safetensors(path, stack).metadata() or {}).get(MERGE_OF)
+        return json.loads(stored) if stored else None
+    except (OSError, ValueError):
+        return None
 
 
 
@@ -485,20 +511,29 @@ def run_path(args, merged):
     return os.path.join(args.out, f"student{ema}.safetensors" if merged else f"lora{ema}.safetensors")
 
 
-def save_run(args, student, ema, base, merged, meta):
+def save_run(args, student, ema, base, merged, meta, part=None):
     """distill.py's final files of a LoRA run (args: its arguments; meta: the student metadata):
     lora.safetensors (diffusers' SD3 LoRA format; lora-ema.safetensors with --ema) and, in the toy
     world (merged=True), the merged students student.safetensors /
     student-ema.safetensors (Stability layout) that the toy report reads; for SD3 the merge is
-    `python lora.py merge` (it streams the base from disk). Returns run_path."""
+    `python lora.py merge` (it streams the base from disk). part(name, write): how each file is
+    written (final_files.py passes relaunch.Record.write, which skips a file already there; write()
+    returns the paths it wrote); default: write it. Returns run_path."""
+    part = part or (lambda name, write: write())
     for suffix, s in (("", student), ("-ema", ema)):
         if s is None:
             continue
-        path = save_adapter(s.model, base, os.path.join(args.out, f"lora{suffix}.safetensors"), meta,
-                            DTYPES[args.lora_dtype])
-        print(f"adapter: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+        path = os.path.join(args.out, f"lora{suffix}.safetensors")
+
+        def adapter(s=s, path=path):
+            save_adapter(s.model, base, path, meta, DTYPES[args.lora_dtype])
+            print(f"adapter: {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+            return [path]
+
+        part(f"lora{suffix}", adapter)
         if merged:
-            save_mmdit(merge(s.model), os.path.join(args.out, f"student{suffix}.safetensors"), metadata=meta)
+            part(f"student{suffix}", lambda s=s, suffix=suffix: [save_mmdit(
+                merge(s.model), os.path.join(args.out, f"student{suffix}.safetensors"), metadata=meta)])
         elif args.teacher is not None:
             print(f"full student: python lora.py merge --base {base_file(args)} --lora {path} "
                   f"--out {os.path.join(args.out, f'student{suffix}.safetensors')}")
@@ -525,7 +560,15 @@ def main(args):
                  [("--base", os.path.join(folder, n)) for n in ("config.json", INDEX_JSON)]
         check_adapter(args.lora, read_config(args.base))  # from headers, before the base loads
         cli.output_file(args.out, "--out", suffixes=(".safetensors",), inputs=inputs)
-        path = merge_files(args.base, args.lora, args.out, DTYPES[args.dtype])
+        # the relaunch rule: a merge already there, of the same inputs, is kept; what a killed one left is removed
+        of = merge_inputs(args.base, args.lora, args.dtype)
+        if os.path.isfile(args.out) and merged_from(args.out) == of:
+            print(f"{args.out} is already the merge of --base {args.base} and --lora {args.lora} ({args.dtype}): "
+                  "nothing was written")
+            return args.out
+        name = os.path.basename(args.out)
+        checkpoint.remove_temporaries(os.path.dirname(os.path.abspath(args.out)), owned=lambda n: n == name)
+        path = merge_files(args.base, args.lora, args.out, DTYPES[args.dtype], of)
         print(f"merged student: {path} (Stability layout, {args.dtype})")
         return path
     spec = check_rank(settings(args.rank, args.lora_alpha, args.lora_targets, args.lora_full, flag="--rank"),

@@ -31,7 +31,7 @@ def _ticks(lo, hi, n=5):
 
 
 def _save(image, path):
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), keep_same=True)  # a relaunch changes nothing
     return image
 
 

@@ -42,8 +42,10 @@ written with --buckets square (or before buckets) has neither, and reads as one 
 
 Every file is written to a temporary name and renamed, so a shard is either whole or absent.
 A re-run skips finished shards (after checking that they hold the same inputs and settings),
-which makes an interrupted run resumable. Images that cannot be read are skipped and listed
-(count and path), never fatal; anything else wrong is a clear error.
+which makes an interrupted run resumable: the same command line finishes the job, after removing
+the temporary files a killed run left of the files this process writes (`owned`), and a finished
+run relaunched writes nothing. Images that cannot be read are skipped and listed (count and path),
+never fatal; anything else wrong is a clear error.
 
     python prepare.py --images data/laion_aesthetic --out data/shards --resolution 1024 \\
         --vae /models/sd3_medium.safetensors --text-encoders /models/stable-diffusion-3-medium-diffusers
@@ -67,6 +69,7 @@ import hashlib
 import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -75,6 +78,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import checkpoint
 import cli
 from checkpoint import atomic_write
 from vae import from_uint8, image_size, load_image, load_vae, weights_file
@@ -462,8 +466,20 @@ def write_index(out, num_shards, settings, sources):
         with open(tmp, "w") as f:
             json.dump(index, f, indent=1)
 
-    atomic_write(os.path.join(out, "index.json"), write)
+    atomic_write(os.path.join(out, "index.json"), write, keep_same=True)  # the same index is not rewritten
     return index
+
+
+def owned(rank, world_size):
+    """Which of --out's files this process writes, by name: its shards (r, r + N, ...), and on rank 0
+    null.safetensors; a single process also index.json (under torchrun the last process to finish
+    writes it, so a temporary of index.json may be another rank's: it is named at the end, not removed)."""
+    def mine(name):
+        shard = re.fullmatch(r"shard-(\d+)\.safetensors", name)
+        if shard:
+            return int(shard[1]) % world_size == rank
+        return (name == "null.safetensors" and rank == 0) or (name == "index.json" and world_size == 1)
+    return mine
 
 
 # -----------------------------------------------------------------------------
@@ -659,6 +675,7 @@ def main(args):
     cli.check_memory(shard_bytes(config, args.resolution, shard, DTYPES[args.dtype], args.text_encoders is not None),
                      f"a shard of {shard} samples, held until it is written", "--shard-size or --resolution")
     cli.output_folder(args.out, "--out")
+    checkpoint.remove_temporaries(args.out, owned=owned(rank, world_size))  # what a killed run left of my files
     if rank == 0:
         print(f"{len(samples)} images with captions from {args.captions or args.images}; "
               f"{math.ceil(len(samples) / args.shard_size)} shards of up to {args.shard_size} -> {args.out}; "

@@ -26,6 +26,11 @@ below their NFE ratios (on a GPU at SD3 size the two agree, a forward being comp
     python distill.py                       # trains a student, then calls `report`
     python toy_report.py --student runs/toy/student.safetensors [--teacher w2sd]
     python toy_report.py                    # the teacher samplers alone
+
+The command line keeps the relaunch rule (relaunch.py): it holds --out's lock, removes the temporary files
+a killed report left, and records its files in OUT/report.record.json with what they are a function of
+(the students' SHA-256, the world's cache, the settings); the same command relaunched once they are all
+there says so and writes nothing, exit 0.
 """
 
 import json
@@ -41,6 +46,7 @@ import cli
 import embed
 import lora
 import plots
+import relaunch
 import samplers
 import toy
 import vae
@@ -385,7 +391,8 @@ def format_cost(rows):
 
 
 def loss_figure(students, path):
-    """Fig. 5b: the training loss (mean per 50 steps) of each student whose log.jsonl is beside it."""
+    """Fig. 5b: the training loss (mean per 50 steps) of each student whose log.jsonl is beside it and holds
+    50 steps or more (a shorter run has no point to draw)."""
     series = {}
     for s in students:
         if not os.path.isfile(s["log"]):
@@ -394,6 +401,8 @@ def loss_figure(students, path):
             rows = [json.loads(line) for line in f if line.strip()]
         losses = [r["loss"] for r in rows]
         n = 50
+        if len(rows) < n:
+            continue
         series[s["label"]] = ([rows[i + n - 1]["step"] for i in range(0, len(rows) - n + 1, n)],
                               [sum(losses[i:i + n]) / n for i in range(0, len(rows) - n + 1, n)])
     if series:
@@ -466,6 +475,17 @@ def report(world, students=(), out_dir="runs/toy", w=4.0, steps=20, n_seeds=2, s
     return out
 
 
+def files(out_dir, result):
+    """The files `report` wrote into out_dir, from what it returned."""
+    figures = [p for v in result["figures"].values() for p in (v if isinstance(v, list) else [v])]
+    return [os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md"), *figures]
+
+
+def _owned(name):
+    """The files of a report in its folder (a killed report's temporaries of them are its own)."""
+    return name.startswith(("report.", "samples.png", "follows-w.png", "loss.png", "sweep-"))
+
+
 def format_sweep(sweep_out):
     parts = []
     for name, by_w in sweep_out.items():
@@ -523,10 +543,21 @@ def main(args):
     per_image = 4 * (toy.TOKENS * cfg.context_dim + cfg.pooled_dim + (1 + len(TEACHER_ROWS) + len(args.student))
                      * cfg.in_channels * toy.H * toy.W)
     cli.check_memory(n * per_image, f"{n} images (held-out prompts x --seeds)", "--seeds")
-    world = toy.build_world(args.cache_dir)
-    specs = [dict(path=p, teacher=args.teacher) for p in args.student]
-    report(world, specs, args.out, args.w, args.steps, args.seeds, args.split, figures=not args.no_figures,
-           sweep_ws=SWEEP_WS if args.sweep else None)
+    with cli.FolderLock(args.out, "--out"):
+        checkpoint.remove_temporaries(args.out, owned=_owned)
+        world = toy.build_world(args.cache_dir)
+        of = dict(students=[relaunch.digest(p)["sha256"] for p in args.student], teacher=args.teacher, w=args.w,
+                  steps=args.steps, seeds=args.seeds, split=args.split, figures=not args.no_figures, sweep=args.sweep,
+                  world=relaunch.digest(os.path.join(world.cache_dir, "world.json"))["sha256"])
+        record = relaunch.Record(args.out, "report.record.json", of)
+        if record.finished(["report"]):
+            print(f"{args.out} already holds this report ({os.path.join(args.out, 'report.md')}, its files listed in "
+                  f"{record.path}): nothing was written")
+            return
+        specs = [dict(path=p, teacher=args.teacher) for p in args.student]
+        record.write("report", lambda: files(args.out, report(
+            world, specs, args.out, args.w, args.steps, args.seeds, args.split, figures=not args.no_figures,
+            sweep_ws=SWEEP_WS if args.sweep else None)))
 
 
 if __name__ == "__main__":

@@ -34,13 +34,12 @@ from safetensors import safe_open
 
 import cli
 import lora
-from checkpoint import _atomic_save, atomic_json, atomic_write
+from checkpoint import TEMPORARY, _atomic_save, atomic_json, atomic_write  # TEMPORARY: NAME.tmp-XXXX[.suffix]
 from mmdit import STABILITY_PREFIX, save_mmdit
 
 LATEST = "latest"  # DIR/checkpoints/latest: {"checkpoint": "step-NNNNNNN", "step": N}, written last
 STATE = "state.json"  # written last inside a checkpoint folder, listing its files
 STEP_FOLDER = re.compile(r"step-(\d+)")
-TEMPORARY = re.compile(r"\.tmp-[^.]*(\.\w+)?$")  # checkpoint.atomic_write's temporary names: NAME.tmp-XXXX[.suffix]
 
 
 def _tensors(module):
@@ -287,11 +286,7 @@ def check_resume(folder, state, args):
     ema = "ema-" + ("adapter" if getattr(args, "lora", None) is not None else "student") + ".safetensors"
     if args.ema is not None and not os.path.exists(os.path.join(folder, ema)):
         raise ValueError(f"{folder} has no EMA weights: it was trained without --ema")
-    step = state["step"]
-    if args.steps == step:
-        raise ValueError(f"{args.out} holds a finished run: its newest checkpoint is at step {step} and --steps is "
-                         f"{args.steps} (the student: {os.path.join(args.out, 'student.safetensors')}); give --steps "
-                         f"above {step} to train on")
+    step = state["step"]  # at --steps: the run is finished, or its final files are to be completed (final_files.py)
     if args.steps < step:
         raise ValueError(f"--steps {args.steps} is below the step of the checkpoint to resume, {step} ({folder}): "
                          f"give --steps above {step}, or another --out")

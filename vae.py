@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 
+import checkpoint
 import cli
 from checkpoint import all_finite, listing
 
@@ -611,6 +612,8 @@ def main(args):
         cli.check_memory(images, what + ", the images", "--size")
         cli.check_memory(activations, what + ", the VAE's activations", "--size", device)
     cli.output_folder(os.path.dirname(os.path.abspath(args.out)), "the folder of --out")  # all checked: made now
+    name = os.path.basename(args.out)  # a killed run's temporary of --out is this command's own
+    checkpoint.remove_temporaries(os.path.dirname(os.path.abspath(args.out)), owned=lambda n: n == name)
     image = _read_image(args.image, args.size)
     vae = load_vae(args.vae, device=device, dtype=dtype)
     n_params = sum(p.numel() for p in vae.parameters())
@@ -622,7 +625,9 @@ def main(args):
     mse = ((to_uint8(x_rec).float() - to_uint8(x).float()) ** 2).mean().item()
     print(f"round-trip PSNR {10 * math.log10(255 ** 2 / max(mse, 1e-10)):.2f} dB")
     side_by_side = torch.cat([x, x_rec], dim=3)  # (1, 3, size, 2 * size): input | reconstruction
-    to_pil(side_by_side)[0].save(args.out)
+    picture = to_pil(side_by_side)[0]
+    # atomically (a kill leaves the old file or none); the temporary keeps the extension PIL reads the format from
+    checkpoint.atomic_write(args.out, picture.save, suffix=os.path.splitext(args.out)[1])
     print(f"wrote {args.out} (input | reconstruction)")
 
 

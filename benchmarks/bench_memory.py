@@ -70,6 +70,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
 import cli  # noqa: E402
+import checkpoint  # noqa: E402
 import distill  # noqa: E402
 import embed  # noqa: E402
 import lora  # noqa: E402
@@ -414,9 +415,8 @@ def main(args):
     fits = report(results)
     extrapolate(fits, args.gpus)
     print(f"\n{len(points)} points in {(time.time() - start) / 60:.1f} minutes")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    if args.json:  # atomically: a kill leaves no half-written file
+        checkpoint.atomic_json(results, args.json)
 
 
 if __name__ == "__main__":

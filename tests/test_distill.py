@@ -667,7 +667,6 @@ def poison_file(path):
 
 RESUME = {
     "steps-below": ["--steps 1 is below the step of the checkpoint to resume, 3", "step-0000003"],
-    "steps-equal": ["holds a finished run", "step 3 and --steps is 3"],
     "no-resume": ["already holds checkpoints", "pass --resume"],
     "corrupt-latest": ["checkpoints/latest is corrupt", "no complete checkpoint to fall back to"],
     "missing-folder": ["latest points at", "step-0000003, which does not exist"],
@@ -679,7 +678,7 @@ RESUME = {
 def bad_resume(world, finished, tmp, case):
     """A copy of the finished run, and a command line that cannot continue it: (argv, --out, names)."""
     out = copy_of(finished, tmp)
-    steps = {"steps-below": "1", "steps-equal": "3"}.get(case, "4")
+    steps = {"steps-below": "1"}.get(case, "4")
     if case in ("corrupt-latest", "missing-folder", "corrupt-state"):  # and nothing complete to fall back to
         for old in ("step-0000001", "step-0000002"):
             shutil.rmtree(out / "checkpoints" / old)
@@ -723,6 +722,18 @@ def test_cli_refuses_a_resume_that_cannot_continue(refusals, case):
     r, out, names, before = refusals[case]
     one_error(r, 2, *names)
     assert r.stdout == "" or case == "non-finite-weights", r.stdout
+    assert listing(out) == before
+
+
+def test_cli_relaunch_of_a_finished_run_exits_0_and_writes_nothing(world, finished, tmp_path):
+    """The same command line again, once the run finished (a scheduler's retry): one line saying so and
+    where the files are, exit 0, --out unchanged (tests/test_relaunch.py: kills at the final writes)."""
+    out = copy_of(finished, tmp_path)
+    before = listing(out)
+    r = distill_cli(*tiny_argv(world, out, "--steps", "3", "--ckpt-every", "1", "--keep", "3", "--resume"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-3000:]
+    assert r.stdout.strip().splitlines() == [r.stdout.strip()] and r.stdout.startswith(
+        f"{out} is already finished at step 3") and str(out / "student.safetensors") in r.stdout
     assert listing(out) == before
 
 
