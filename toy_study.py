@@ -148,9 +148,7 @@ def train_to(config, out, steps, no_progress):
         argv += ["--lr", repr(config["lr"])]
     if no_progress:
         argv.append("--no-progress")
-    args = options.parse_args(argv)
-    done = distill.finished_student(options.fill_defaults(options.parse_args(argv)))
-    return done or distill.main(args)
+    return distill.main(options.parse_args(argv))  # with --resume, a finished student says so and is reused
 
 
 def ratio_ci(a, b, groups, n=2000, seed=0):

@@ -95,8 +95,18 @@ def same_file(a, b):
 
 
 def sizes(record):
-    """final.json's parts, each file with its size (the SHA-256 differs where the metadata order does)."""
-    return {part: {f: r["size"] for f, r in files.items()} for part, files in record["parts"].items()}
+    """final.json's parts, each file with its size (the SHA-256 differs where the metadata order does), but
+    for the model cards (README.md), whose loading commands name the run's own folder: see same_cards."""
+    return {part: {f: r["size"] for f, r in files.items() if not f.endswith("README.md")}
+            for part, files in record["parts"].items()}
+
+
+def same_cards(a, b):
+    """The model cards of runs a and b (README.md, and diffusers/README.md where exported) say the same
+    once each run's folder is written as OUT."""
+    names = [n for n in ("README.md", "diffusers/README.md") if (a / n).exists() or (b / n).exists()]
+    return bool(names) and all((a / n).read_text().replace(str(a), "OUT") == (b / n).read_text().replace(str(b), "OUT")
+                               for n in names)
 
 
 # -----------------------------------------------------------------------------
@@ -187,7 +197,8 @@ def test_distill_killed_at_its_final_writes_finishes_bitwise(tiny, tmp_path, cap
     for name in FINAL:
         assert same_file(out / name, whole / name), name
     record, ref = (json.loads((d / "final.json").read_text()) for d in (out, whole))
-    assert sizes(record) == sizes(ref) and set(record["parts"]) == {"student", "student-ema", "diffusers"}
+    assert sizes(record) == sizes(ref) and set(record["parts"]) == {"student", "student-ema", "diffusers", "card"}
+    assert same_cards(out, whole)
     assert record["of"]["step"] == 3 and record["of"]["checkpoint"] == "step-0000003"
     assert not temporaries(out) and [r["step"] for r in map(json.loads, open(out / "log.jsonl"))] == [1, 2, 3]
 
@@ -220,6 +231,7 @@ def test_distill_two_ranks_killed_as_a_group_at_the_final_write(tiny, tmp_path):
     for name in ("student.safetensors", "student-ema.safetensors"):
         assert same_file(out / name, whole / name), name
     assert sizes(json.loads((out / "final.json").read_text())) == sizes(json.loads((whole / "final.json").read_text()))
+    assert same_cards(out, whole)
     assert not temporaries(out)
 
 
@@ -252,7 +264,7 @@ def test_distill_in_the_toy_world_killed_in_its_report(tiny_world, tmp_path, mon
     assert [{k: v for k, v in r.items() if k not in timing} for r in a["rows"]] == \
         [{k: v for k, v in r.items() if k not in timing} for r in b["rows"]]
     record = json.loads((out / "final.json").read_text())
-    assert sizes(record).keys() == {"student", "report"} and sorted(record["parts"]["report"]) == \
+    assert sizes(record).keys() == {"student", "card", "report"} and sorted(record["parts"]["report"]) == \
         ["follows-w.png", "report.json", "report.md", "samples.png"]
 
 
