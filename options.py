@@ -109,6 +109,10 @@ def build_parser():
     p.add_argument("--teacher-dtype", default=None, choices=("bf16", "fp32"),
                    help="weights of the frozen teacher (and W2SD pair); default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student, its gradients, AdamW state and EMA across the ranks "
+                        "(torch's fully_shard, parallel.py) instead of DDP's whole copy per rank; the teachers stay "
+                        "whole per rank; checkpoints keep the one-process format")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept on disk (the newest)")
@@ -172,6 +176,19 @@ def check_lora(args):
     return spec
 
 
+def check_fsdp(args):
+    """--fsdp shards a full student across the processes of torchrun."""
+    if not getattr(args, "fsdp", False):
+        return
+    if args.lora is not None:
+        raise ValueError("--fsdp does not combine with --lora: FSDP shards a full student and its AdamW state, while "
+                         "a LoRA student trains small adapters over the teacher's own frozen weights, which stay whole "
+                         "on every rank; train the LoRA student without --fsdp (one process or DDP)")
+    if "RANK" not in os.environ:
+        raise ValueError("--fsdp shards the student across the processes of torchrun: launch it with torchrun "
+                         "--nproc_per_node=N, or leave --fsdp out to train in one process")
+
+
 def lora_spec(args):
     return lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full)
 
@@ -193,6 +210,7 @@ def check_args(args, world_size=1):
                              "without --full)")
     fill_defaults(args)
     check_lora(args)
+    check_fsdp(args)
     if args.w_min < 0 or args.w_max < 0:
         raise ValueError(f"--w-min {args.w_min:g} / --w-max {args.w_max:g}: the guidance w must be >= 0 (paper "
                          "convention, CFG = (1 + w) v_c - w v_null; diffusers' guidance_scale is 1 + w)")
