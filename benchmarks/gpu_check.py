@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import gc
 import io
 import json
 import os
@@ -174,17 +175,19 @@ def forward_rows(device, cfg, side, text, dtype=torch.bfloat16, compile_backend=
 
 
 def peak_during(device, build, step):
-    """The peak bytes of live tensors while step(build()) runs, everything already live included: on CUDA
-    torch.cuda.max_memory_allocated (reset after build); on the CPU the allocator's running total in the
+    """The peak bytes of live tensors while step(build()) runs, counting everything build made (not what was
+    live before it): on CUDA torch.cuda.max_memory_allocated (reset after build); on the CPU the allocator's running total in the
     PyTorch profiler's allocation events (as benchmarks/bench_memory.py reads it), the profile started
     before build so that every byte is counted."""
     if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)  # what was live before (nothing, after release())
         state = build()
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         step(state)
         synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
+        return torch.cuda.max_memory_allocated(device) - base
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -305,6 +308,13 @@ def sampling_rows(device, cfg, side, text, steps=50, w=5.0, dtype=torch.bfloat16
                  if name == "student" else "") for name in runs]
 
 
+def release():
+    """Free what a finished part held (its models, compiled graphs and cached blocks) before the next."""
+    gc.collect()
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+
 # -----------------------------------------------------------------------------
 # The table
 
@@ -350,13 +360,15 @@ def main(args):
           f"{args.tokens} text tokens, batch 1, random weights; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     rows = forward_rows(device, cfg, side, args.tokens, compile_backend=None if args.no_compile else "inductor",
                         peak_tflops=peak, iters=args.iters)
+    release()
     rows += memory_rows(device, cfg, side, args.tokens, args.config)
+    release()
     rows += sampling_rows(device, cfg, side, args.tokens, steps=args.steps)
     print(table(rows))
     print(f"{time.time() - start:.0f} s in all")
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = cli.parser("The GPU check: forward speed and MFU against diffusers, torch.compile, one distillation "
                         "step's peak memory against the CPU fit, student vs W2SD + CFG sampling time.")
     parser.add_argument("--config", default="sd3-medium", choices=sorted(mmdit.CONFIGS))
@@ -368,4 +380,8 @@ if __name__ == "__main__":
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s "
                         "(default: PEAK_TFLOPS by device name)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
-    cli.run(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    cli.run(main, build_parser())
