@@ -438,8 +438,10 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
 
     # Algorithm 1: student initialised from the teacher (fp32 master weights); for W2SD, from the model
     # that moves after the reflection (the strong one, Eq. 4, or the main one)
-    teacher = frozen(load_network(sources["teacher"], device, net_dtype))
-    weak, main = (frozen(load_network(sources[k], device, net_dtype)) if sources[k] else None for k in ("weak", "main"))
+    # (--fsdp-teachers: on the CPU, then sharded onto the device with the student)
+    at = torch.device("cpu") if args.fsdp_teachers else device
+    teacher = frozen(load_network(sources["teacher"], at, net_dtype))
+    weak, main = (frozen(load_network(sources[k], at, net_dtype)) if sources[k] else None for k in ("weak", "main"))
     # --lora: the student's frozen weights are those of the network it starts from (shared, not copied)
     base = (main if sources["init"] == sources["main"] else teacher) if args.lora is not None else None
     # (--fsdp: on the CPU, then sharded onto the device: no rank holds the whole student there)
@@ -457,7 +459,8 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
     shared = {id(t): t for t in (*student.parameters(), *student.buffers()) if not t.requires_grad} if base else {}
     ema = frozen(copy.deepcopy(student, shared)) if args.ema is not None else None
     # --fsdp: the student and its EMA sharded in place across the ranks (parallel.py); AdamW is built over the shards
-    fsdp = parallel.FullShard(student, ema, device) if args.fsdp else None
+    fsdp = parallel.FullShard(student, ema, device, [m for m in (teacher, weak, main) if m is not None]
+                              if args.fsdp_teachers else ()) if args.fsdp else None
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)

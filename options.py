@@ -113,6 +113,9 @@ def build_parser():
                    help="under torchrun: shard the student, its gradients, AdamW state and EMA across the ranks "
                         "(torch's fully_shard, parallel.py) instead of DDP's whole copy per rank; the teachers stay "
                         "whole per rank; checkpoints keep the one-process format")
+    p.add_argument("--fsdp-teachers", action="store_true",
+                   help="with --fsdp: shard the frozen teachers too (each forward all-gathers them block by block): "
+                        "less memory per GPU, more communication")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept on disk (the newest)")
@@ -177,7 +180,15 @@ def check_lora(args):
 
 
 def check_fsdp(args):
-    """--fsdp shards a full student across the processes of torchrun."""
+    """--fsdp shards a full student across the processes of torchrun; --fsdp-teachers its teachers too."""
+    if getattr(args, "fsdp_teachers", False):
+        if not args.fsdp:
+            raise ValueError("--fsdp-teachers shards the teachers beside a sharded student: it needs --fsdp")
+        if args.teacher_sampler == "w2sd" and (args.w2sd_final == "main" or args.w_strong is not None):
+            raise ValueError("--fsdp-teachers cannot run --w2sd-final main or --w-strong: their last-step move is a "
+                             "teacher forward that only ranks whose batch holds a last step run, and a sharded "
+                             "teacher needs every rank in each of its forwards; keep the teachers whole (drop "
+                             "--fsdp-teachers)")
     if not getattr(args, "fsdp", False):
         return
     if args.lora is not None:

@@ -20,9 +20,11 @@ gathered again for its backward: under --grad-checkpointing also for the recompu
 gradients are reduce-scattered (averaged over ranks, like DDP's all-reduce) after EVERY accumulation
 round, so no rank ever holds the whole gradient. The student runs under the same bf16 autocast as
 with DDP (fp32 weights gathered), so the numbers are DDP's up to summation order. The EMA (--ema) is
-sharded the same way. The frozen teachers are NOT sharded: they stay whole, in bf16 on CUDA, on every
-rank (they need no gradients or moments; sharding them would all-gather each teacher once per forward,
-six forwards per sample for W2SD); benchmarks/bench_memory.py --fsdp measures what that costs per rank.
+sharded the same way. The frozen teachers stay whole, in bf16 on CUDA, on every rank (they need no
+gradients or moments, and whole they need no all-gather: six teacher forwards per sample for W2SD),
+unless --fsdp-teachers shards them too (units as the student's; each of their forwards all-gathers
+them block by block, so every rank runs the same teacher forwards). benchmarks/bench_memory.py
+--fsdp measures both per rank: SD3.5-large on 8 GPUs of 80 GB needs --fsdp-teachers (docs/MULTI_GPU.md).
 
 Checkpoints keep the one-process format (training_state.py): at a checkpoint every sharded tensor is
 gathered (DTensor.full_tensor, one tensor at a time, collective), rank 0 keeps it on the CPU and
@@ -89,18 +91,19 @@ def _meta_copy(module):
     return copy.deepcopy(module, memo)
 
 
-def shard(student, mesh):
-    """fully_shard in place: one unit per joint block of the MMDiT, then the student as the root unit
-    (what is left: embedders, pos_embed, final layer, the fusion module). A block's two adaLN linears
-    are units of their own: MMDiT.adaln calls them all at the start of the forward, outside their
-    block's forward, so each is gathered when it runs rather than with its block (or, in the root,
-    for the whole step). Buffers (pos_embed) are not sharded: every rank keeps them whole."""
-    for block in student.model.joint_blocks:
+def shard(root, mesh, model=None):
+    """fully_shard in place: one unit per joint block of the MMDiT `model` (default root.model: a Student's),
+    then root as the root unit (what is left: embedders, pos_embed, final layer, the fusion module). A
+    block's two adaLN linears are units of their own: MMDiT.adaln calls them all at the start of the
+    forward, outside their block's forward, so each is gathered when it runs rather than with its block
+    (or, in the root, for the whole step). Buffers (pos_embed) are not sharded: every rank keeps them whole."""
+    model = root.model if model is None else model
+    for block in model.joint_blocks:
         for stream in (block.context_block, block.x_block):
             fully_shard(stream.adaLN_modulation[1], mesh=mesh)
         fully_shard(block, mesh=mesh)
-    fully_shard(student, mesh=mesh)
-    return student
+    fully_shard(root, mesh=mesh)
+    return root
 
 
 def rows(t, rank):
@@ -122,12 +125,16 @@ class FullShard:
     """The student (and its EMA) sharded in place over every rank of the process group, FSDP's full shard;
     `gather` and `load_checkpoint` translate between the shards and training_state's one-process files."""
 
-    def __init__(self, student, ema, device):
+    def __init__(self, student, ema, device, teachers=()):
+        """teachers: frozen MMDiTs to shard too (--fsdp-teachers), each then all-gathered block by block
+        for each of its forwards; every rank must run the same teacher forwards in the same order."""
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.mesh = init_device_mesh(device.type, (self.world,))
         # the structures, taken before sharding: gathered tensors are loaded into copies of them
         self.skeletons = [_meta_copy(m) if m is not None else None for m in (student, ema)]
         self.student, self.ema = (shard(m, self.mesh) if m is not None else None for m in (student, ema))
+        for teacher in teachers:
+            shard(teacher, self.mesh, model=teacher)
 
     # --- sharded -> whole (checkpoints and the final files)
 

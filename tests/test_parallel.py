@@ -33,25 +33,27 @@ FILES = ("student.safetensors", "fusion.safetensors", "student-ema.safetensors",
 
 def common_argv(world):
     """distillcfg with EMA: the MMDiT, its new guidance MLP (in FSDP's root unit), and the EMA of both;
-    --clip-grad low enough to clip every step (the norm is then taken over every rank's shards)."""
+    --clip-grad low enough to clip every step (the norm is then taken over every rank's shards); a W2SD
+    teacher pair (sharded too under --fsdp-teachers)."""
     return ["--teacher", world["teacher"], "--data", world["data"], "--global-batch", "4", "--method", "distillcfg",
             "--ema", "0.9", "--lr", "1e-3", "--clip-grad", "0.05", "--no-progress", "--device", "cpu",
-            "--ckpt-every", "1", "--keep", "4", "--teacher-sampler", "cfg"]
+            "--ckpt-every", "1", "--keep", "4", "--teacher-sampler", "w2sd", "--weak", world["weak"]]
 
 
 def test_fsdp_two_ranks_equal_one_process_and_resume_across_world_sizes(world, tmp_path):
-    """Step 1 in one process, steps 2-3 under torchrun with 2 FSDP ranks x micro-batch 1 x 2 rounds, step
-    4 in one process again, against 4 steps in one process with micro-batch 4."""
+    """Step 1 in one process, steps 2-3 under torchrun with 2 FSDP ranks x micro-batch 1 x 2 rounds (the
+    teachers sharded too), step 4 in one process again, against 4 steps in one process with micro-batch 4."""
     common = common_argv(world)
     one, mixed = tmp_path / "one", tmp_path / "mixed"
     distill.main(options.parse_args([*common, "--steps", "4", "--micro-batch", "4", "--out", str(one)]))
     distill.main(options.parse_args([*common, "--steps", "1", "--micro-batch", "2", "--out", str(mixed)]))
-    torchrun_distill([*common, "--steps", "3", "--micro-batch", "1", "--out", str(mixed), "--resume", "--fsdp"])
+    torchrun_distill([*common, "--steps", "3", "--micro-batch", "1", "--out", str(mixed), "--resume", "--fsdp",
+                      "--fsdp-teachers"])
     for step in (2, 3):  # the files the FSDP ranks gathered: the one-process format, the one-process numbers
         folder = f"checkpoints/step-{step:07d}"
         with open(mixed / folder / "state.json") as f:
             state = json.load(f)
-        assert state["args"]["fsdp"] and state["replica_checksums"] is None
+        assert state["args"]["fsdp_teachers"] and state["replica_checksums"] is None
         a, b = weights(mixed / folder / "optimizer.safetensors"), weights(one / folder / "optimizer.safetensors")
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
         assert_adam_close(weights(mixed / folder / "student.safetensors"), weights(one / folder / "student.safetensors"),
@@ -101,16 +103,23 @@ def test_fsdp_kill_9_resumes_in_one_process(world, tmp_path):
     assert_adam_close(weights(resumed), weights(ref), lr=1e-3, steps=steps)
 
 
-@pytest.mark.parametrize("case", ["lora", "one-process"])
+REFUSED = {"lora": (["--fsdp", "--lora", "4"], "--lora"), "one-process": (["--fsdp"], "torchrun"),
+           "teachers-alone": (["--fsdp-teachers"], "it needs --fsdp"),
+           "teachers-main": (["--fsdp", "--fsdp-teachers", "--teacher-sampler", "w2sd", "--weak", "WEAK", "--w2sd-final",
+                              "main"], "--w2sd-final main")}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
 def test_fsdp_refusals(world, tmp_path, case):
-    """One `error:` line, exit status 2, before anything loads, and no --out."""
+    """One `error:` line naming the flag, exit status 2, before anything loads, and no --out (under torchrun's
+    environment, but for the one-process case)."""
     out = tmp_path / "out"
-    extra = ["--lora", "4"] if case == "lora" else []
-    env = {"RANK": "0", "WORLD_SIZE": "1"} if case == "lora" else {}  # the LoRA refusal also under torchrun
+    extra, words = REFUSED[case]
+    extra = [world["weak"] if a == "WEAK" else a for a in extra]
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        r = distill_cli(*tiny_argv(world, out, "--fsdp", *extra))
-    line = one_error(r, 2, "--fsdp")
-    assert ("--lora" in line) if case == "lora" else ("torchrun" in line)
+        if case != "one-process":
+            mp.setenv("RANK", "0")
+            mp.setenv("WORLD_SIZE", "1")
+        r = distill_cli(*tiny_argv(world, out, *extra))
+    one_error(r, 2, "--fsdp", words)
     assert not out.exists()
