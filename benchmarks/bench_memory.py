@@ -8,7 +8,8 @@ SD3.5-large at 1024x1024.
     python benchmarks/bench_memory.py --optimizer fused   # AdamW(fused=True) instead of distill.py's default
     python benchmarks/bench_memory.py --json points.json; python benchmarks/bench_memory.py --load points.json
     python benchmarks/bench_memory.py --lora 16 --config sd3-medium   # a LoRA student (distill.py --lora 16)
-    python benchmarks/bench_memory.py --config sd3.5-large --fsdp      # and distill.py --fsdp, measured (10 min)
+    python benchmarks/bench_memory.py --config sd3.5-large --fsdp      # and distill.py --fsdp, measured (~20 min)
+    python benchmarks/bench_memory.py --fsdp-only --json f.json; python benchmarks/bench_memory.py --load f.json --load a.json
 
 The step is distill.py's own: distill.distill_loss on arguments from options.build_parser() and
 options.fill_defaults (SD3 defaults: the W2SD + CFG teacher, 50-step schedule) with --bf16 (the
@@ -53,7 +54,8 @@ trainable count (lora.count at each depth).
 --fsdp: distill.py --fsdp's step measured too, per rank, under torchrun with 1, 2 and 4 gloo ranks
 (FSDP_RANKS) on this CPU, at a narrow width (FSDP_WIDTH: SD3.5-large's block structure at width 512,
 depths 1-3, checkpointing on), each beside the one-process step at the same sizes: parallel.FullShard
-shards the student as distill.py does, the teachers stay whole. The peak of the busiest rank, less
+shards the student as distill.py does, and the teachers stay whole (FSDP) or are sharded too (FSDP+T,
+--fsdp-teachers), two fits. The peak of the busiest rank, less
 the one-process peak, is fitted per phase as
 
     FSDP - one process = - s S (1 - 1/N) - k S + g U
@@ -61,8 +63,8 @@ the one-process peak, is fitted per phase as
 with S the student's parameters, N the ranks and U = one block's parameters + those outside the
 blocks (FSDP's working set: the root unit stays gathered through the step, a block is gathered while
 it runs): s = bytes per parameter that full sharding divides by N (expected: fp32 weight 4 + AdamW
-moments 8, + gradient 4 in the backward, + foreach's temporary 4 in the optimizer step; a whole
-teacher would add 2 each), k = bytes per parameter that one process holds and FSDP does not at all,
+moments 8, + gradient 4 in the backward, + foreach's temporary 4 in the optimizer step; + 4 for the two
+bf16 teachers under --fsdp-teachers), k = bytes per parameter that one process holds and FSDP does not at all,
 g = bytes of FSDP's working set per parameter of U. These are bytes per parameter, so they carry
 to any width: the extrapolation takes the one-process peak fitted at the published width and applies
 them, for SD3.5-large on --gpus GPUs. The backward less gradients is marked, under FSDP, by the end
@@ -144,12 +146,13 @@ def point_config(point, depth=None):
 
 
 def param_counts(cfg):
-    """(S, U): the MMDiT's parameters, and one joint block's (not the last) + those outside the blocks."""
+    """(S, U): the MMDiT's parameters, and its largest joint block's + those outside the blocks (at depth 1 the
+    only block is the last, whose text stream is pre-only)."""
     with torch.device("meta"):
         model = mmdit.MMDiT(cfg)
     S = sum(p.numel() for p in model.parameters())
-    outside = S - sum(p.numel() for p in model.joint_blocks.parameters())
-    return S, params_per_block(cfg) + outside
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.joint_blocks]
+    return S, max(blocks) + S - sum(blocks)
 
 
 def local(t):
@@ -217,8 +220,8 @@ def measure(point, threads, optimizer_kind):
         model = lora.attach(teacher, adapters) if adapters else random_mmdit(cfg, torch.float32, 1)
         model.gradient_checkpointing = args.grad_checkpointing
         student = distill.Student(model, embed.make_fusion(args.method, cfg)).train()
-        if ranks:  # distill.py --fsdp: the student sharded in place, AdamW over the shards
-            parallel.FullShard(student, None, torch.device("cpu"))
+        if ranks:  # distill.py --fsdp: the student sharded in place, AdamW over the shards (--fsdp-teachers: both teachers)
+            parallel.FullShard(student, None, torch.device("cpu"), (teacher, weak) if point.get("shard_teachers") else ())
         params = [p for p in student.parameters() if p.requires_grad]
         accumulated = [0]
 
@@ -327,8 +330,8 @@ def fsdp_unit_gradients(student):
             owner[id(p)] = name
     out = dict.fromkeys(units, 0)
     for p in student.parameters():
-        if p.grad is not None:
-            out[owner[id(p)]] += nbytes([p.grad])
+        if p.requires_grad:  # a gradient shard is its parameter's shard (fp32); read after zero_grad freed them
+            out[owner[id(p)]] += nbytes([p])
     return out
 
 
@@ -409,7 +412,8 @@ def report(results):
               f"{'yes' if r['ckpt'] else 'no':>4s} {r['depth']:5d} {r['tokens']:6d} "
               + " ".join(f"{r['peaks'][p] / GB:16.3f}" for p in PHASES) + f" {r['rss_delta'] / GB:7.3f} "
               f"{r['seconds']:5.0f}")
-    fits = {"optimizer": results[0]["optimizer"], "lora": results[0].get("lora"), "fsdp": fsdp_fit(results)}
+    fits = {"optimizer": results[0]["optimizer"], "lora": results[0].get("lora"), "fsdp": fsdp_fit(results),
+            "fsdp-teachers": fsdp_fit(results, shard_teachers=True)}
     results = [r for r in results if not r.get("ranks") and not r.get("width")]  # the published widths, one process
     for config in dict.fromkeys(r["config"] for r in results):
         for ckpt in (False, True):
@@ -436,13 +440,13 @@ def report(results):
     return fits
 
 
-def fsdp_fit(results):
+def fsdp_fit(results, shard_teachers=False):
     """The FSDP terms, per phase (module docstring): FSDP's busiest rank less the one-process peak at the same
     sizes, least squares on [-S (1 - 1/N), -S, U]; returns {phase: (s, k, g)} (bytes per parameter), or None
-    when no FSDP point was measured."""
+    when no FSDP point was measured. shard_teachers: the points of --fsdp-teachers (the teachers sharded too)."""
     pairs = []
     for r in results:
-        if r.get("ranks"):
+        if r.get("ranks") and bool(r.get("shard_teachers")) == shard_teachers:
             key = {k: r[k] for k in ("config", "width", "depth", "side", "text", "ckpt")}
             twin = [q for q in results if not q.get("ranks") and all(q.get(k) == v for k, v in key.items())]
             if twin:
@@ -453,25 +457,26 @@ def fsdp_fit(results):
     for r, _ in pairs:
         S, U = param_counts(point_config(r))
         rows.append([-S * (1 - 1 / r["ranks"]), -S, U])
-    print(f"\nFSDP (distill.py --fsdp), {len(pairs)} points: the busiest rank's peak less one process's at the same "
+    print(f"\nFSDP (distill.py --fsdp{' --fsdp-teachers' if shard_teachers else ''}), {len(pairs)} points: the busiest rank's peak less one process's at the same "
           "sizes, GB, and the fit FSDP - one = -s S (1 - 1/N) - k S + g U (bytes per parameter; S: the student's "
-          "parameters, U: one block's + those outside the blocks)")
+          "parameters, U: the largest block's + those outside the blocks)")
     print(f"{'width':>5s} {'ranks':>5s} {'depth':>5s} " + " ".join(f"{p:>16s}" for p in PHASES))
     for r, one in pairs:
         print(f"{point_config(r).hidden_size:5d} {r['ranks']:5d} {r['depth']:5d} "
               + " ".join(f"{(r['peaks'][p] - one['peaks'][p]) / GB:+16.4f}" for p in PHASES))
     out = {}
-    expected = {"teacher": 12, "student forward": 12, "backward": 16, "backward - grads": 12, "optimizer": 20}
+    expected = {p: e + 4 * shard_teachers for p, e in
+                {"teacher": 12, "student forward": 12, "backward": 16, "backward - grads": 12, "optimizer": 20}.items()}
     for phase in PHASES:
         coef, res = lstsq(rows, [r["peaks"][phase] - one["peaks"][phase] for r, one in pairs])
         out[phase] = coef
         s, k, g = coef
         print(f"  {phase:16s} s {s:6.2f}  k {k:6.2f}  g {g:6.2f}   (s expected {expected[phase]} with the teachers "
-              f"whole)   residuals MB: " + " ".join(f"{e / 1e6:+.2f}" for e in res))
+              f"{'sharded' if shard_teachers else 'whole'})   residuals MB: " + " ".join(f"{e / 1e6:+.2f}" for e in res))
     return out
 
 
-def fsdp_per_gpu(fits, config, depth, tokens, gpus):
+def fsdp_per_gpu(fits, config, depth, tokens, gpus, key="fsdp"):
     """The step's peak per GPU under distill.py --fsdp on `gpus` GPUs (checkpointing on, batch 1): each phase's
     one-process peak less the FSDP terms (fsdp_fit) at the target's parameter counts; the largest, or the
     backward's start with the first unit's gradient shards."""
@@ -479,7 +484,7 @@ def fsdp_per_gpu(fits, config, depth, tokens, gpus):
     phase, _ = one_process_peak(fits, config, depth, tokens, True)
     at = {}
     for p, value in phase.items():
-        s, k, g = fits["fsdp"][p]
+        s, k, g = fits[key][p]
         at[p] = value - s * S * (1 - 1 / gpus) - k * S + g * U
     return max(max(at.values()), at["backward - grads"] + 4 * params_per_block(mmdit.CONFIGS[config]) / gpus)
 
@@ -494,13 +499,14 @@ def one_process_peak(fits, config, depth, tokens, ckpt):
 
 def extrapolate(fits, gpus):
     L = sum(TARGET_TOKENS)
-    fsdp = fits.get("fsdp")
+    fsdp = fits.get("fsdp") or fits.get("fsdp-teachers")
     print(f"\nExtrapolation to 1024x1024 ({TARGET_TOKENS[0]} image + {TARGET_TOKENS[1]} text tokens), batch 1 per "
           "GPU, bf16 autocast, bf16 W2SD teacher pair, GB of live tensors per phase; one process, then per GPU with "
           f"{gpus} GPUs: DDP, ZeRO-1 and ZeRO-2 on paper (their sharded terms / {gpus}), and FSDP as distill.py "
-          "--fsdp runs it, its terms measured (fsdp_fit; checkpointing on, the teachers whole per GPU)"
+          "--fsdp runs it, its terms measured (fsdp_fit; checkpointing on; FSDP: the teachers whole on every GPU, "
+          "FSDP+T: sharded too, --fsdp-teachers)"
           + ("" if fsdp else ": not measured in this run (--fsdp)"))
-    strategies = " ".join(f"{s:>7s}" for s in (*SHARDED, "FSDP"))
+    strategies = " ".join(f"{s:>7s}" for s in (*SHARDED, "FSDP", "FSDP+T"))
     print(f"{'model':12s} {'ckpt':>4s} " + " ".join(f"{p:>16s}" for p in PHASES) + f" {'1 proc':>7s} {strategies}")
     for name, config, depth in TARGETS:
         terms = model_bytes(config, depth, fits["optimizer"], fits["lora"])
@@ -517,21 +523,21 @@ def extrapolate(fits, gpus):
                     value -= sum(terms[k] * (1 - 1 / gpus) for k in present if k in sharded)
                     worst = max(worst, value)
                 per_gpu[strategy] = worst
-            fsdp_gpu = None
-            if fsdp and ckpt and not fits["lora"]:  # measured with checkpointing; LoRA + FSDP is refused
-                fsdp_gpu = fits[name, "fsdp"] = fsdp_per_gpu(fits, config, depth, L, gpus)
+            for key in ("fsdp", "fsdp-teachers"):  # measured with checkpointing; LoRA + FSDP is refused
+                per_gpu[key] = fits[name, key] = fsdp_per_gpu(fits, config, depth, L, gpus, key) \
+                    if fits.get(key) and ckpt and not fits["lora"] else None
             print(f"{name:12s} {'yes' if ckpt else 'no':>4s} " + " ".join(f"{phase[p] / GB:16.1f}" for p in PHASES)
-                  + f" {single / GB:7.1f} " + " ".join(f"{v / GB:7.1f}" for v in per_gpu.values())
-                  + (f" {fsdp_gpu / GB:7.1f}" if fsdp_gpu is not None else f" {'-':>7s}"))
+                  + f" {single / GB:7.1f} " + " ".join(f"{v / GB:7.1f}" if v is not None else f"{'-':>7s}"
+                                                       for v in per_gpu.values()))
         trained = f"{terms['Q'] / 1e6:.1f} M trained (LoRA), their" if fits["lora"] else "student"
         print(f"  {name}: {terms['P'] / 1e9:.2f} B parameters, {trained} weights (fp32) {terms['W'] / GB:.2f} GB, "
               f"two bf16 teachers {terms['T'] / GB:.1f}, AdamW moments {terms['M'] / GB:.2f}, gradients "
               f"{terms['G'] / GB:.2f}, foreach temporary {terms['F'] / GB:.2f}")
-    if fsdp and not fits["lora"]:
-        for name, config, depth in TARGETS:
-            if (name, "fsdp") in fits:
+    for name, config, depth in TARGETS:
+        for key, flags in (("fsdp", "--fsdp"), ("fsdp-teachers", "--fsdp --fsdp-teachers")):
+            if fits.get((name, key)) is not None:
                 prefetch = 4 * params_per_block(mmdit.CONFIGS[config])
-                print(f"  {name} FSDP on {gpus} GPUs: {fits[name, 'fsdp'] / GB:.1f} GB per GPU (fitted and "
+                print(f"  {name}, {flags} on {gpus} GPUs: {fits[name, key] / GB:.1f} GB per GPU (fitted and "
                       f"extrapolated); on a GPU the next block's all-gather overlaps the current block, whose fp32 "
                       f"weights are then live too: up to {prefetch / GB:.2f} GB more (not measured: on the CPU the "
                       "collectives run in order)")
@@ -542,23 +548,28 @@ def extrapolate(fits, gpus):
 
 def main(args):
     if args.point:
-        print(json.dumps(measure(json.loads(args.point), args.threads, args.optimizer)))
+        # one write of one line (< PIPE_BUF): the ranks of an FSDP point share a pipe, and lines must not interleave
+        sys.stdout.write(json.dumps(measure(json.loads(args.point), args.threads, args.optimizer)) + "\n")
+        sys.stdout.flush()
         return
-    if args.load:  # analyse points measured before
-        with open(args.load) as f:
-            results = json.load(f)
+    if args.load:  # analyse points measured before (several files: their points together)
+        results = []
+        for path in args.load:
+            with open(path) as f:
+                results += json.load(f)
         extrapolate(report(results), args.gpus)
         return
     grid = QUICK if args.quick else GRID
     adapters = lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full) if args.lora else None
     points = [dict(config=config, depth=depth, side=side, text=text, ckpt=ckpt, lora=adapters)
               for config, (depths, sizes, modes) in grid.items() if config in (args.config or grid) for ckpt in modes
-              for depth in depths for side, text in sizes]
-    if args.fsdp:  # distill.py --fsdp over 1, 2, 4 ranks, each beside one process at the same sizes (fsdp_fit)
+              for depth in depths for side, text in sizes] if not args.fsdp_only else []
+    if args.fsdp or args.fsdp_only:  # distill.py --fsdp over 1, 2, 4 ranks, each beside one process at the same sizes (fsdp_fit)
         f = FSDP_POINTS
         twins = [dict(config=f["config"], width=f["width"], depth=d, side=f["side"], text=f["text"], ckpt=f["ckpt"],
                       lora=None) for d in f["depths"]]
-        points = twins + [dict(t, ranks=n) for n in FSDP_RANKS for t in twins] + points
+        points = twins + [dict(t, ranks=n, shard_teachers=sharded) for sharded in (False, True) for n in FSDP_RANKS
+                          for t in twins] + points
     start = time.time()
     student = f"LoRA student {adapters}" if adapters else "full student"
     print(f"bench_memory: {student}; {len(points)} points, each in a fresh process; AdamW {args.optimizer}; torch "
@@ -591,9 +602,12 @@ if __name__ == "__main__":
     parser.add_argument("--fsdp", action="store_true", help="also measure distill.py --fsdp under torchrun with "
                         f"{', '.join(map(str, FSDP_RANKS))} gloo ranks at width {FSDP_WIDTH}, and extrapolate its terms")
     lora.add_arguments(parser)
-    parser.add_argument("--load", default=None, help="analyse the points of a --json file instead of measuring")
+    parser.add_argument("--fsdp-only", action="store_true", help="measure the --fsdp points alone (analyse them with "
+                        "published-width points: --load A.json --load B.json)")
+    parser.add_argument("--load", action="append", default=None, help="analyse the points of --json file(s) instead "
+                        "of measuring (repeatable: the points of every file together)")
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)  # internal: measure one point
     args = parser.parse_args()
-    if args.fsdp and args.lora:
+    if (args.fsdp or args.fsdp_only) and args.lora:
         parser.error("--fsdp measures the full student: distill.py refuses --fsdp with --lora")
     main(args)
