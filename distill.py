@@ -45,7 +45,8 @@ teacher, here with the W2SD release's pair built from a fine-tune of SD3-medium)
     from the teacher when --out has no checkpoint yet, so the same line launches and relaunches;
     it also works after a change of the number of GPUs: batches.py.)
     (--fsdp: the student, its gradients, AdamW state and EMA sharded across the GPUs instead of DDP's
-    whole copy per GPU, same files: parallel.py; SD3.5-large needs it: docs/MULTI_GPU.md)
+    whole copy per GPU, same files: parallel.py; --fsdp-teachers the teachers too; SD3.5-large on 80 GB
+    GPUs needs both: docs/MULTI_GPU.md)
 
 Choices Algorithm 1 leaves open, and what this file does (its flags and defaults: options.py):
   * The teacher step. The target is the velocity of ONE teacher step from t (samplers.teacher_target),

@@ -112,7 +112,7 @@ def build_parser():
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the student, its gradients, AdamW state and EMA across the ranks "
                         "(torch's fully_shard, parallel.py) instead of DDP's whole copy per rank; the teachers stay "
-                        "whole per rank; checkpoints keep the one-process format")
+                        "whole per rank (--fsdp-teachers shards them); checkpoints keep the one-process format")
     p.add_argument("--fsdp-teachers", action="store_true",
                    help="with --fsdp: shard the frozen teachers too (each forward all-gathers them block by block): "
                         "less memory per GPU, more communication")

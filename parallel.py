@@ -5,7 +5,9 @@ that turns a sharded student back into the files one process writes. distill.py 
 calls these; they hold no training logic, and the loss is the same function under all three.
 
     torchrun --nproc_per_node=8 distill.py ...            # DDP
-    torchrun --nproc_per_node=8 distill.py ... --fsdp     # FSDP, full shard (SD3.5-large: docs/MULTI_GPU.md)
+    torchrun --nproc_per_node=8 distill.py ... --fsdp     # FSDP, full shard of the student
+    torchrun --nproc_per_node=8 distill.py ... --fsdp --fsdp-teachers   # and of the teachers (SD3.5-large:
+                                                                        # docs/MULTI_GPU.md)
 
 DDP: every rank holds the student, its gradients and AdamW's moments; gradients are all-reduced
 (averaged) once per optimizer step, on the last accumulation round (`accumulating`).

@@ -26,7 +26,6 @@ sizes (the table prints, the FLOP count equals torch's FLOP counter, the memory 
 only main refuses to run without CUDA.
 """
 
-import argparse
 import contextlib
 import copy
 import dataclasses

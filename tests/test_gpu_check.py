@@ -28,7 +28,6 @@ import cli  # noqa: E402
 import gpu_check  # noqa: E402
 import mmdit  # noqa: E402
 
-GB = 1e9
 
 
 def math_attention(qkv):
