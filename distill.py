@@ -44,6 +44,9 @@ teacher, here with the W2SD release's pair built from a fine-tune of SD3-medium)
     (add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT for several nodes. --resume starts
     from the teacher when --out has no checkpoint yet, so the same line launches and relaunches;
     it also works after a change of the number of GPUs: batches.py.)
+    (--fsdp: the student, its gradients, AdamW state and EMA sharded across the GPUs instead of DDP's
+    whole copy per GPU, same files: parallel.py; --fsdp-teachers the teachers too; SD3.5-large on 80 GB
+    GPUs needs both: docs/MULTI_GPU.md)
 
 Choices Algorithm 1 leaves open, and what this file does (its flags and defaults: options.py):
   * The teacher step. The target is the velocity of ONE teacher step from t (samplers.teacher_target),
@@ -123,7 +126,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text embedder
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -134,6 +136,7 @@ import final_files
 import lora
 import monitor
 import options
+import parallel
 import samplers
 from batches import StepSampler, WithNoise
 from mmdit import load_mmdit, load_mmdit_blend
@@ -447,11 +450,15 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
 
     # Algorithm 1: student initialised from the teacher (fp32 master weights); for W2SD, from the model
     # that moves after the reflection (the strong one, Eq. 4, or the main one)
-    teacher = frozen(load_network(sources["teacher"], device, net_dtype))
-    weak, main = (frozen(load_network(sources[k], device, net_dtype)) if sources[k] else None for k in ("weak", "main"))
+    # (--fsdp-teachers: on the CPU, then sharded onto the device with the student)
+    at = torch.device("cpu") if args.fsdp_teachers else device
+    teacher = frozen(load_network(sources["teacher"], at, net_dtype))
+    weak, main = (frozen(load_network(sources[k], at, net_dtype)) if sources[k] else None for k in ("weak", "main"))
     # --lora: the student's frozen weights are those of the network it starts from (shared, not copied)
     base = (main if sources["init"] == sources["main"] else teacher) if args.lora is not None else None
-    model = load_network(sources["init"], device, torch.float32) if base is None else None
+    # (--fsdp: on the CPU, then sharded onto the device: no rank holds the whole student there)
+    model = load_network(sources["init"], torch.device("cpu") if args.fsdp else device, torch.float32) \
+        if base is None else None
     torch.manual_seed(args.seed)  # new modules and adapters start the same on every rank and world size
     if base is not None:
         model = lora.attach(base, lora_spec(args))  # adapters: A drawn as nn.Linear draws, B = 0
@@ -460,19 +467,23 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
     if not fusion.trains_model:  # DICE: the diffusion model stays frozen, only the enhancer learns
         frozen(model)
     student = Student(model, fusion).train()
-    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     # the EMA of a LoRA student shares its frozen weights too
     shared = {id(t): t for t in (*student.parameters(), *student.buffers()) if not t.requires_grad} if base else {}
     ema = frozen(copy.deepcopy(student, shared)) if args.ema is not None else None
+    # --fsdp: the student and its EMA sharded in place across the ranks (parallel.py); AdamW is built over the shards
+    fsdp = parallel.FullShard(student, ema, device, [m for m in (teacher, weak, main) if m is not None]
+                              if args.fsdp_teachers else ()) if args.fsdp else None
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ema_params = [dict(ema.named_parameters())[n] for n in names] if ema is not None else []
     torch.manual_seed(args.seed * world_size + rank)  # per-rank seed (DiT); Algorithm 1's draws are counter-based
 
     start, ckpt = 0, None
     if resume is not None:  # chosen and checked by open_run before anything loaded
         ckpt = resume[0]
-        start = load_checkpoint(*resume, student, ema, optimizer, names)
+        start = fsdp.load_checkpoint(*resume, optimizer, names) if fsdp else \
+            load_checkpoint(*resume, student, ema, optimizer, names)
     log_path = os.path.join(args.out, "log.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -489,8 +500,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
               + (f" (LoRA rank {args.lora} on {args.lora_targets}, trained fully: {args.lora_full}), " if base else ", ")
               + (f"resuming at step {start} from {ckpt}" if ckpt else "from step 0"))
 
-    ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
-              gradient_as_bucket_view=True) if distributed else student
+    ddp = parallel.data_parallel(student, device, distributed, fsdp)
     context_null, y_null = dataset.null()
     null = (context_null.to(device, torch.float32), y_null.to(device, torch.float32))  # (1, L, Dc), (1, Dy)
     sampler = StepSampler(len(dataset), args.seed, start, args.steps, args.global_batch, micro, rank, world_size,
@@ -517,9 +527,8 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
             batch = next(batches)
             batch = {k: v.to(device, torch.float32, non_blocking=True) if torch.is_tensor(v) and v.is_floating_point()
                      else v for k, v in batch.items()}
-            # DDP: all-reduce the gradients only on the last accumulation round
-            sync = ddp.no_sync() if distributed and a < accum - 1 else nullcontext()
-            with sync:
+            # DDP: all-reduce the gradients only on the last accumulation round (FSDP: reduce-scatter each round)
+            with parallel.accumulating(ddp, last_round=a == accum - 1):
                 loss = distill_loss(ddp, teacher, batch, null, args, weak, main, timing)
                 (loss / accum).backward()
             timing["student_s"] += _clock(device) - timing.pop("_student_start")
@@ -561,10 +570,12 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
             if problem:
                 raise NonFinite(f"after step {done} {problem}: training stopped, nothing was written for step {done}; "
                                 f"{last_good(args.out, rank)}; lower --lr, or check the data and the teacher")
-            replicas = replica_checksums(params, distributed, world_size)
+            # FSDP: the shards gathered whole on rank 0, into the files a DDP run writes (no replicas to compare)
+            saved = fsdp.gather(optimizer) if fsdp else (student, ema, optimizer)
+            replicas = None if fsdp else replica_checksums(params, distributed, world_size)
             if rank == 0:
-                save_checkpoint(args.out, done, student, ema, optimizer, names, args, args.keep, replicas,
-                                student_metadata(args, done))
+                save_checkpoint(args.out, done, *saved, names, args, args.keep, replicas, student_metadata(args, done))
+            del saved
             if distributed:
                 dist.barrier()  # rank 0 saves, then everybody goes on
     bar.close()
@@ -573,7 +584,10 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
         log.close()
     del batches
 
-    # the final files, beside the checkpoints: a pure function of the checkpoint at --steps (final_files.py)
+    # the final files, beside the checkpoints: a pure function of the checkpoint at --steps (final_files.py);
+    # FSDP: the student and EMA gathered whole on rank 0 first (every rank takes part)
+    if fsdp:
+        student, ema = fsdp.gather_modules()
     final = final_files.write(args, student, ema, base, toy_world, rank, student_metadata(args, args.steps))
     if distributed:
         dist.barrier()

@@ -134,6 +134,13 @@ def build_parser():
     p.add_argument("--teacher-dtype", default=None, choices=("bf16", "fp32"),
                    help="weights of the frozen teacher (and W2SD pair); default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student, its gradients, AdamW state and EMA across the ranks "
+                        "(torch's fully_shard, parallel.py) instead of DDP's whole copy per rank; the teachers stay "
+                        "whole per rank (--fsdp-teachers shards them); checkpoints keep the one-process format")
+    p.add_argument("--fsdp-teachers", action="store_true",
+                   help="with --fsdp: shard the frozen teachers too (each forward all-gathers them block by block): "
+                        "less memory per GPU, more communication")
     p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept on disk (the newest)")
@@ -198,6 +205,27 @@ def check_lora(args):
     return spec
 
 
+def check_fsdp(args):
+    """--fsdp shards a full student across the processes of torchrun; --fsdp-teachers its teachers too."""
+    if getattr(args, "fsdp_teachers", False):
+        if not args.fsdp:
+            raise ValueError("--fsdp-teachers shards the teachers beside a sharded student: it needs --fsdp")
+        if args.teacher_sampler == "w2sd" and (args.w2sd_final == "main" or args.w_strong is not None):
+            raise ValueError("--fsdp-teachers cannot run --w2sd-final main or --w-strong: their last-step move is a "
+                             "teacher forward that only ranks whose batch holds a last step run, and a sharded "
+                             "teacher needs every rank in each of its forwards; keep the teachers whole (drop "
+                             "--fsdp-teachers)")
+    if not getattr(args, "fsdp", False):
+        return
+    if args.lora is not None:
+        raise ValueError("--fsdp does not combine with --lora: FSDP shards a full student and its AdamW state, while "
+                         "a LoRA student trains small adapters over the teacher's own frozen weights, which stay whole "
+                         "on every rank; train the LoRA student without --fsdp (one process or DDP)")
+    if "RANK" not in os.environ:
+        raise ValueError("--fsdp shards the student across the processes of torchrun: launch it with torchrun "
+                         "--nproc_per_node=N, or leave --fsdp out to train in one process")
+
+
 def lora_spec(args):
     return lora.settings(args.lora, args.lora_alpha, args.lora_targets, args.lora_full)
 
@@ -220,6 +248,7 @@ def check_args(args, world_size=1):
     fill_defaults(args)
     check_numbers(args)
     check_lora(args)
+    check_fsdp(args)
     if args.w_min > args.w_max:
         raise ValueError(f"--w-min {args.w_min:g} is larger than --w-max {args.w_max:g}")
     if args.method == "dice" and args.w_min != args.w_max:

@@ -31,6 +31,7 @@ import shutil
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor
 
 import cli
 import lora
@@ -313,9 +314,11 @@ def load_checkpoint(folder, state, student, ema, optimizer, names):
 
 def non_finite(modules):
     """The name of the first parameter or buffer with a non-finite entry among (label, module)
-    pairs (None modules skipped), or None when every one is finite."""
+    pairs (None modules skipped), or None when every one is finite. A sharded module (--fsdp):
+    this rank's shard of each tensor (the callers gather every rank's answer)."""
     for label, module in modules:
         for name, p in (module.state_dict().items() if module is not None else ()):
+            p = p.to_local() if isinstance(p, DTensor) else p
             if p.is_floating_point() and not torch.isfinite(p).all():
                 return f"{label} {name}"
     return None

@@ -8,6 +8,8 @@ SD3.5-large at 1024x1024.
     python benchmarks/bench_memory.py --optimizer fused   # AdamW(fused=True) instead of distill.py's default
     python benchmarks/bench_memory.py --json points.json; python benchmarks/bench_memory.py --load points.json
     python benchmarks/bench_memory.py --lora 16 --config sd3-medium   # a LoRA student (distill.py --lora 16)
+    python benchmarks/bench_memory.py --config sd3.5-large --fsdp      # and distill.py --fsdp, measured (~20 min)
+    python benchmarks/bench_memory.py --fsdp-only --json f.json; python benchmarks/bench_memory.py --load f.json --load a.json
 
 The step is distill.py's own: distill.distill_loss on arguments from options.build_parser() and
 options.fill_defaults (SD3 defaults: the W2SD + CFG teacher, 50-step schedule) with --bf16 (the
@@ -49,6 +51,29 @@ shares): its fp32 trainable tensors, their gradients and AdamW moments replace t
 the two bf16 teachers stay. The fit and the extrapolation are the same; the parameter terms use the
 trainable count (lora.count at each depth).
 
+--fsdp: distill.py --fsdp's step measured too, per rank, under torchrun with 1, 2 and 4 gloo ranks
+(FSDP_RANKS) on this CPU, at a narrow width (FSDP_WIDTH: SD3.5-large's block structure at width 512,
+depths 1-3, checkpointing on), each beside the one-process step at the same sizes: parallel.FullShard
+shards the student as distill.py does, and the teachers stay whole (FSDP) or are sharded too (FSDP+T,
+--fsdp-teachers), two fits. The peak of the busiest rank, less
+the one-process peak, is fitted per phase as
+
+    FSDP - one process = - s S (1 - 1/N) - k S + g U
+
+with S the student's parameters, N the ranks and U = one block's parameters + those outside the
+blocks (FSDP's working set: the root unit stays gathered through the step, a block is gathered while
+it runs): s = bytes per parameter that full sharding divides by N (expected: fp32 weight 4 + AdamW
+moments 8, + gradient 4 in the backward, + foreach's temporary 4 in the optimizer step; + 4 for the two
+bf16 teachers under --fsdp-teachers), k = bytes per parameter that one process holds and FSDP does not at all,
+g = bytes of FSDP's working set per parameter of U. These are bytes per parameter, so they carry
+to any width: the extrapolation takes the one-process peak fitted at the published width and applies
+them, for SD3.5-large on --gpus GPUs. The backward less gradients is marked, under FSDP, by the end
+of each unit's reduce-scatter (its `FSDP::post_backward_reduce` range in the profile), which
+allocates that unit's gradient shards. On a GPU the next block's all-gather also overlaps the
+block that runs (on the CPU the collectives run in order): up to one more block of fp32 weights,
+printed beside the figure, not in it.
+ZeRO-1 / ZeRO-2 columns stay arithmetic on paper (distill.py does not implement them).
+
 Not measured here (a GPU adds them): the CUDA context and kernels (~0.5-1 GB), cuBLAS / cuDNN
 workspaces, the caching allocator's fragmentation (reserved > allocated, often 5-15%), NCCL buffers,
 and DDP: its gradient buckets hold the gradients for the whole run (gradient_as_bucket_view: the
@@ -73,6 +98,7 @@ import cli  # noqa: E402
 import checkpoint  # noqa: E402
 import distill  # noqa: E402
 import embed  # noqa: E402
+import parallel  # noqa: E402
 import lora  # noqa: E402
 import mmdit  # noqa: E402
 import options  # noqa: E402
@@ -88,23 +114,51 @@ QUICK = {"sd3-medium": ((1, 2), SIZES[::2], (True,)), "sd3.5-large": ((1, 2), SI
 TARGETS = (("SD3-medium", "sd3-medium", 24), ("SD3.5-large", "sd3.5-large", 38))
 TARGET_TOKENS = (4096, 333)  # 1024x1024: (1024 / 8 / 2)^2 image tokens; 77 CLIP + 256 T5 text tokens
 GPU_GB = 80
+# --fsdp: distill.py --fsdp's step over this many gloo ranks, at SD3.5-large's block structure narrowed to
+# FSDP_WIDTH (a fully sharded step's terms are bytes per parameter: measured narrow, they carry to any width)
+FSDP_RANKS = (1, 2, 4)
+FSDP_WIDTH = 512
+FSDP_POINTS = dict(config="sd3.5-large", width=FSDP_WIDTH, depths=(1, 2, 3), side=4, text=8, ckpt=True)
 
 
 # -----------------------------------------------------------------------------
 # One point, in its own process
 
 
-def random_mmdit(cfg, dtype, seed):
+def random_mmdit(cfg, dtype, seed, device="cpu"):
     """An MMDiT with random weights, built on the meta device and filled in place: no construction
     temporaries (the float64 sin-cos table of a new model would be one)."""
     with torch.device("meta"):
         model = mmdit.MMDiT(cfg)
-    model = model.to(dtype).to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
+    model = model.to(dtype).to_empty(device=device)
+    g = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for p in list(model.parameters()) + list(model.buffers()):
             p.normal_(0, 0.02, generator=g)
     return model
+
+
+def point_config(point, depth=None):
+    """The MMDiTConfig of a point: its config at its depth, narrowed to point["width"] if given (head size 64)."""
+    width = point.get("width")
+    narrow = dict(hidden_size=width, num_heads=width // 64) if width else {}
+    return dataclasses.replace(mmdit.CONFIGS[point["config"]], depth=depth or point["depth"], dual_attention_layers=(),
+                               **narrow)
+
+
+def param_counts(cfg):
+    """(S, U): the MMDiT's parameters, and its largest joint block's + those outside the blocks (at depth 1 the
+    only block is the last, whose text stream is pre-only)."""
+    with torch.device("meta"):
+        model = mmdit.MMDiT(cfg)
+    S = sum(p.numel() for p in model.parameters())
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.joint_blocks]
+    return S, max(blocks) + S - sum(blocks)
+
+
+def local(t):
+    """This rank's part of a tensor (a shard of a DTensor, the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def params_per_block(cfg):
@@ -123,7 +177,7 @@ def trained_per_block(cfg, adapters):
 
 
 def nbytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
 def walk(nodes):
@@ -140,7 +194,12 @@ def measure(point, threads, optimizer_kind):
 
     torch.set_num_threads(threads)
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after imports
-    cfg = dataclasses.replace(mmdit.CONFIGS[point["config"]], depth=point["depth"], dual_attention_layers=())
+    cfg = point_config(point)
+    ranks = point.get("ranks")  # distill.py --fsdp over this many ranks (this process is one, under torchrun)
+    if ranks:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
     side, text = point["side"], point["text"]
     adapters = point.get("lora")  # lora.settings, or None: the full student
     args = options.fill_defaults(options.build_parser().parse_args(
@@ -162,6 +221,8 @@ def measure(point, threads, optimizer_kind):
         model = lora.attach(teacher, adapters) if adapters else random_mmdit(cfg, torch.float32, 1)
         model.gradient_checkpointing = args.grad_checkpointing
         student = distill.Student(model, embed.make_fusion(args.method, cfg)).train()
+        if ranks:  # distill.py --fsdp: the student sharded in place, AdamW over the shards (--fsdp-teachers: both teachers)
+            parallel.FullShard(student, None, torch.device("cpu"), (teacher, weak) if point.get("shard_teachers") else ())
         params = [p for p in student.parameters() if p.requires_grad]
         accumulated = [0]
 
@@ -170,7 +231,7 @@ def measure(point, threads, optimizer_kind):
             with record_function(f"grads:{accumulated[0]}"):
                 pass
 
-        for p in params:
+        for p in params if not ranks else ():  # FSDP writes the gradient shards itself: marked below instead
             p.register_post_accumulate_grad_hook(on_gradient)
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
                                       **{"foreach": dict(foreach=True), "fused": dict(fused=True),
@@ -209,8 +270,17 @@ def measure(point, threads, optimizer_kind):
             ranges[node.name] = (node.start_time_ns, node.end_time_ns)
         elif node.name.startswith("grads:"):
             marks.append((node.start_time_ns, int(node.name[6:])))
+        elif ranks and node.name.startswith("FSDP::post_backward_reduce"):  # a unit's gradient shards now exist
+            marks.append((node.end_time_ns, node.name.partition(" (")[2].rstrip(")")))
     allocs.sort()
     marks.sort()
+    if ranks:  # each unit's gradient bytes (its own parameters, not those of units inside it), summed in time order
+        unit_grads = fsdp_unit_gradients(student)
+        total, cumulative = 0, []
+        for ts, fqn in marks:
+            total += unit_grads[fqn]
+            cumulative.append((ts, total))
+        marks = cumulative
 
     def peak(start, end):  # the live bytes on entering the window, and after each event inside it
         before = [total for ts, total in allocs if ts < start]
@@ -232,9 +302,13 @@ def measure(point, threads, optimizer_kind):
                "backward": ranges["phase:backward"], "optimizer": ranges["phase:optimizer"]}
     peaks = {name: peak(*w) for name, w in windows.items()}
     peaks["backward - grads"] = peak_without_gradients(*ranges["phase:backward"])
+    rank = 0
+    if ranks:
+        rank = dist.get_rank()
+        dist.destroy_process_group()
     return {
         **point, "tokens": side * side + text, "image_tokens": side * side, "optimizer": optimizer_kind,
-        "peaks": peaks,
+        "peaks": peaks, "rank": rank,
         "student_weights": nbytes(params) if adapters else nbytes(model.parameters()) + nbytes(model.buffers()),
         "teacher_weights": nbytes(teacher.parameters()) + nbytes(teacher.buffers()),
         "weak_weights": nbytes(weak.parameters()) + nbytes(weak.buffers()),
@@ -245,18 +319,44 @@ def measure(point, threads, optimizer_kind):
     }
 
 
+def fsdp_unit_gradients(student):
+    """{unit's name as FSDP's profile labels name it ("" for the root): the bytes of this rank's gradient
+    shards of the parameters that unit holds (not those of the units inside it)}."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = {name: m for name, m in student.named_modules() if isinstance(m, FSDPModule)}
+    owner = {}
+    for name in sorted(units, key=len):  # outer units first: inner ones take their parameters over
+        for p in units[name].parameters():
+            owner[id(p)] = name
+    out = dict.fromkeys(units, 0)
+    for p in student.parameters():
+        if p.requires_grad:  # a gradient shard is its parameter's shard (fp32); read after zero_grad freed them
+            out[owner[id(p)]] += nbytes([p])
+    return out
+
+
 # -----------------------------------------------------------------------------
 # The grid, the fit and the extrapolation
 
 
 def run_point(point, threads, optimizer_kind):
-    cmd = [sys.executable, os.path.abspath(__file__), "--point", json.dumps(point), "--threads", str(threads),
-           "--optimizer", optimizer_kind]
+    """One point in a fresh process; an FSDP point (point["ranks"]) under torchrun, one process per rank on
+    one thread each, its peaks those of the busiest rank (the GPU that must hold them)."""
+    script = [os.path.abspath(__file__), "--point", json.dumps(point), "--optimizer", optimizer_kind]
+    if point.get("ranks"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={point['ranks']}",
+               *script, "--threads", "1"]
+    else:
+        cmd = [sys.executable, *script, "--threads", str(threads)]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
         raise RuntimeError(f"point {point} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])  # the point's JSON line
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]  # a JSON line per rank
+    result = min(lines, key=lambda r: r["rank"])
+    result["rank_peaks"] = [r["peaks"] for r in sorted(lines, key=lambda r: r["rank"])]
+    result["peaks"] = {p: max(r["peaks"][p] for r in lines) for p in PHASES}
     result["seconds"] = time.time() - t0
     return result
 
@@ -296,21 +396,26 @@ def model_bytes(config, depth, optimizer_kind, adapters=None):
 # activations, autocast's bf16 weight copies, temporaries); under DDP G is live in all of them
 PRESENT = {"teacher": "WTM", "student forward": "WTM", "backward": "WTMG", "backward - grads": "WTM",
            "optimizer": "WTMGF"}
-# what each way of training on N GPUs divides by N: DDP nothing, ZeRO-1 the optimizer state (and
-# its temporaries), ZeRO-2 also the gradients, FSDP full sharding also every weight (teachers too)
-SHARDED = {"DDP": "", "ZeRO-1": "MF", "ZeRO-2": "MFG", "FSDP": "MFGWT"}
+# what each way of training on N GPUs divides by N, on paper: DDP nothing, ZeRO-1 the optimizer state (and
+# its temporaries), ZeRO-2 also the gradients (distill.py implements DDP; its FSDP is measured: fsdp_fit)
+SHARDED = {"DDP": "", "ZeRO-1": "MF", "ZeRO-2": "MFG"}
+# FSDP - one process, per phase: the fitted coefficients' features (fsdp_fit)
+FSDP_TERMS = ("s", "k", "g")
 
 
 def report(results):
     print("\nMeasured peaks of one step, GB of live tensors (RSS: the process's peak RSS over its baseline after "
           "imports, a cross-check)")
-    print(f"{'config':12s} {'ckpt':>4s} {'depth':>5s} {'tokens':>6s} " + " ".join(f"{p:>16s}" for p in PHASES)
-          + f" {'RSS':>7s} {'s':>5s}")
+    print(f"{'config':12s} {'width':>5s} {'ranks':>5s} {'ckpt':>4s} {'depth':>5s} {'tokens':>6s} "
+          + " ".join(f"{p:>16s}" for p in PHASES) + f" {'RSS':>7s} {'s':>5s}")
     for r in results:
-        print(f"{r['config']:12s} {'yes' if r['ckpt'] else 'no':>4s} {r['depth']:5d} {r['tokens']:6d} "
+        print(f"{r['config']:12s} {point_config(r).hidden_size:5d} {r.get('ranks') or '-':>5} "
+              f"{'yes' if r['ckpt'] else 'no':>4s} {r['depth']:5d} {r['tokens']:6d} "
               + " ".join(f"{r['peaks'][p] / GB:16.3f}" for p in PHASES) + f" {r['rss_delta'] / GB:7.3f} "
               f"{r['seconds']:5.0f}")
-    fits = {"optimizer": results[0]["optimizer"], "lora": results[0].get("lora")}
+    fits = {"optimizer": results[0]["optimizer"], "lora": results[0].get("lora"), "fsdp": fsdp_fit(results),
+            "fsdp-teachers": fsdp_fit(results, shard_teachers=True)}
+    results = [r for r in results if not r.get("ranks") and not r.get("width")]  # the published widths, one process
     for config in dict.fromkeys(r["config"] for r in results):
         for ckpt in (False, True):
             pts = [r for r in results if r["config"] == config and r["ckpt"] == ckpt]
@@ -336,21 +441,80 @@ def report(results):
     return fits
 
 
+def fsdp_fit(results, shard_teachers=False):
+    """The FSDP terms, per phase (module docstring): FSDP's busiest rank less the one-process peak at the same
+    sizes, least squares on [-S (1 - 1/N), -S, U]; returns {phase: (s, k, g)} (bytes per parameter), or None
+    when no FSDP point was measured. shard_teachers: the points of --fsdp-teachers (the teachers sharded too)."""
+    pairs = []
+    for r in results:
+        if r.get("ranks") and bool(r.get("shard_teachers")) == shard_teachers:
+            key = {k: r[k] for k in ("config", "width", "depth", "side", "text", "ckpt")}
+            twin = [q for q in results if not q.get("ranks") and all(q.get(k) == v for k, v in key.items())]
+            if twin:
+                pairs.append((r, twin[0]))
+    if len({(r["ranks"], r["depth"]) for r, _ in pairs}) < 4:
+        return None
+    rows = []
+    for r, _ in pairs:
+        S, U = param_counts(point_config(r))
+        rows.append([-S * (1 - 1 / r["ranks"]), -S, U])
+    print(f"\nFSDP (distill.py --fsdp{' --fsdp-teachers' if shard_teachers else ''}), {len(pairs)} points: the busiest rank's peak less one process's at the same "
+          "sizes, GB, and the fit FSDP - one = -s S (1 - 1/N) - k S + g U (bytes per parameter; S: the student's "
+          "parameters, U: the largest block's + those outside the blocks)")
+    print(f"{'width':>5s} {'ranks':>5s} {'depth':>5s} " + " ".join(f"{p:>16s}" for p in PHASES))
+    for r, one in pairs:
+        print(f"{point_config(r).hidden_size:5d} {r['ranks']:5d} {r['depth']:5d} "
+              + " ".join(f"{(r['peaks'][p] - one['peaks'][p]) / GB:+16.4f}" for p in PHASES))
+    out = {}
+    expected = {p: e + 4 * shard_teachers for p, e in
+                {"teacher": 12, "student forward": 12, "backward": 16, "backward - grads": 12, "optimizer": 20}.items()}
+    for phase in PHASES:
+        coef, res = lstsq(rows, [r["peaks"][phase] - one["peaks"][phase] for r, one in pairs])
+        out[phase] = coef
+        s, k, g = coef
+        print(f"  {phase:16s} s {s:6.2f}  k {k:6.2f}  g {g:6.2f}   (s expected {expected[phase]} with the teachers "
+              f"{'sharded' if shard_teachers else 'whole'})   residuals MB: " + " ".join(f"{e / 1e6:+.2f}" for e in res))
+    return out
+
+
+def fsdp_per_gpu(fits, config, depth, tokens, gpus, key="fsdp"):
+    """The step's peak per GPU under distill.py --fsdp on `gpus` GPUs (checkpointing on, batch 1): each phase's
+    one-process peak less the FSDP terms (fsdp_fit) at the target's parameter counts; the largest, or the
+    backward's start with the first unit's gradient shards."""
+    S, U = param_counts(dataclasses.replace(mmdit.CONFIGS[config], depth=depth, dual_attention_layers=()))
+    phase, _ = one_process_peak(fits, config, depth, tokens, True)
+    at = {}
+    for p, value in phase.items():
+        s, k, g = fits[key][p]
+        at[p] = value - s * S * (1 - 1 / gpus) - k * S + g * U
+    return max(max(at.values()), at["backward - grads"] + 4 * params_per_block(mmdit.CONFIGS[config]) / gpus)
+
+
+def one_process_peak(fits, config, depth, tokens, ckpt):
+    """({phase: fitted peak}, the step's peak) of one process at a depth and token count (batch 1): the
+    largest phase, or the backward's start (its peak less gradients) with one block's gradients."""
+    terms = model_bytes(config, depth, fits["optimizer"], fits["lora"])
+    phase = {p: sum(c * f for c, f in zip(fits[config, ckpt, p], features(depth, tokens))) for p in PHASES}
+    return phase, max(max(phase.values()), phase["backward - grads"] + terms["G"] / depth)
+
+
 def extrapolate(fits, gpus):
     L = sum(TARGET_TOKENS)
+    fsdp = fits.get("fsdp") or fits.get("fsdp-teachers")
     print(f"\nExtrapolation to 1024x1024 ({TARGET_TOKENS[0]} image + {TARGET_TOKENS[1]} text tokens), batch 1 per "
           "GPU, bf16 autocast, bf16 W2SD teacher pair, GB of live tensors per phase; one process, then per GPU with "
-          f"{gpus} GPUs (sharded terms / {gpus}; FSDP adds two gathered blocks: bf16 weights, fp32 gradients)")
-    strategies = " ".join(f"{s:>7s}" for s in SHARDED)
+          f"{gpus} GPUs: DDP, ZeRO-1 and ZeRO-2 on paper (their sharded terms / {gpus}), and FSDP as distill.py "
+          "--fsdp runs it, its terms measured (fsdp_fit; checkpointing on; FSDP: the teachers whole on every GPU, "
+          "FSDP+T: sharded too, --fsdp-teachers)"
+          + ("" if fsdp else ": not measured in this run (--fsdp)"))
+    strategies = " ".join(f"{s:>7s}" for s in (*SHARDED, "FSDP", "FSDP+T"))
     print(f"{'model':12s} {'ckpt':>4s} " + " ".join(f"{p:>16s}" for p in PHASES) + f" {'1 proc':>7s} {strategies}")
     for name, config, depth in TARGETS:
         terms = model_bytes(config, depth, fits["optimizer"], fits["lora"])
         for ckpt in (False, True):
             if (config, ckpt, "optimizer") not in fits:
                 continue
-            phase = {p: sum(c * f for c, f in zip(fits[config, ckpt, p], features(depth, L))) for p in PHASES}
-            one_block_grads = terms["G"] / depth
-            single = max(max(phase.values()), phase["backward - grads"] + one_block_grads)
+            phase, single = one_process_peak(fits, config, depth, L, ckpt)
             per_gpu = {}
             for strategy, sharded in SHARDED.items():
                 worst = 0
@@ -359,35 +523,53 @@ def extrapolate(fits, gpus):
                     value += 0 if "G" in PRESENT[p] else terms["G"]
                     value -= sum(terms[k] * (1 - 1 / gpus) for k in present if k in sharded)
                     worst = max(worst, value)
-                if strategy == "FSDP":
-                    cfg = mmdit.CONFIGS[config]
-                    worst += 2 * (2 * params_per_block(cfg) + 4 * trained_per_block(cfg, fits["lora"]))
                 per_gpu[strategy] = worst
+            for key in ("fsdp", "fsdp-teachers"):  # measured with checkpointing; LoRA + FSDP is refused
+                per_gpu[key] = fits[name, key] = fsdp_per_gpu(fits, config, depth, L, gpus, key) \
+                    if fits.get(key) and ckpt and not fits["lora"] else None
             print(f"{name:12s} {'yes' if ckpt else 'no':>4s} " + " ".join(f"{phase[p] / GB:16.1f}" for p in PHASES)
-                  + f" {single / GB:7.1f} " + " ".join(f"{v / GB:7.1f}" for v in per_gpu.values()))
+                  + f" {single / GB:7.1f} " + " ".join(f"{v / GB:7.1f}" if v is not None else f"{'-':>7s}"
+                                                       for v in per_gpu.values()))
         trained = f"{terms['Q'] / 1e6:.1f} M trained (LoRA), their" if fits["lora"] else "student"
         print(f"  {name}: {terms['P'] / 1e9:.2f} B parameters, {trained} weights (fp32) {terms['W'] / GB:.2f} GB, "
               f"two bf16 teachers {terms['T'] / GB:.1f}, AdamW moments {terms['M'] / GB:.2f}, gradients "
               f"{terms['G'] / GB:.2f}, foreach temporary {terms['F'] / GB:.2f}")
+    for name, config, depth in TARGETS:
+        for key, flags in (("fsdp", "--fsdp"), ("fsdp-teachers", "--fsdp --fsdp-teachers")):
+            if fits.get((name, key)) is not None:
+                prefetch = 4 * params_per_block(mmdit.CONFIGS[config])
+                print(f"  {name}, {flags} on {gpus} GPUs: {fits[name, key] / GB:.1f} GB per GPU (fitted and "
+                      f"extrapolated); on a GPU the next block's all-gather overlaps the current block, whose fp32 "
+                      f"weights are then live too: up to {prefetch / GB:.2f} GB more (not measured: on the CPU the "
+                      "collectives run in order)")
     print(f"A GPU holds {GPU_GB} GB; it also needs what is not measured here (module docstring): the CUDA context, "
           "workspaces, the allocator's fragmentation, NCCL buffers (leave 5-10 GB).")
+    return fits
 
 
 def main(args):
     if args.point:
-        print(json.dumps(measure(json.loads(args.point), args.threads, args.optimizer)))
+        # one write of one line (< PIPE_BUF): the ranks of an FSDP point share a pipe, and lines must not interleave
+        sys.stdout.write(json.dumps(measure(json.loads(args.point), args.threads, args.optimizer)) + "\n")
+        sys.stdout.flush()
         return
     cli.at_least(args.threads, 1, "--threads")
     cli.at_least(args.gpus, 1, "--gpus", why="GPUs to share the sharded terms over")
+    if (args.fsdp or args.fsdp_only) and args.lora is not None:
+        raise cli.InputError("--fsdp measures the full student: distill.py refuses --fsdp with --lora")
     if args.json is not None:  # checked now, not after the grid's minutes of measuring
-        cli.output_file(args.json, "--json", suffixes=(".json",), inputs=[("--load", args.load)])
-    if args.load:  # analyse points measured before
-        if not os.path.isfile(args.load):
-            raise FileNotFoundError(f"--load {args.load}: no such file (a --json file of measured points)")
-        results = cli.read_json(args.load, f"--load {args.load}")
-        with cli.reading(args.load, f"--load {args.load}"):
-            if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
-                raise cli.InputError(f"--load {args.load}: not a list of measured points (as --json writes)")
+        cli.output_file(args.json, "--json", suffixes=(".json",), inputs=[("--load", p) for p in args.load or ()])
+    if args.load:  # analyse points measured before (several files: their points together)
+        results = []
+        for path in args.load:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--load {path}: no such file (a --json file of measured points)")
+            points = cli.read_json(path, f"--load {path}")
+            with cli.reading(path, f"--load {path}"):
+                if not isinstance(points, list) or not points or not all(isinstance(r, dict) for r in points):
+                    raise cli.InputError(f"--load {path}: not a list of measured points (as --json writes)")
+            results += points
+        with cli.reading(args.load[0], "--load " + " ".join(args.load)):
             extrapolate(report(results), args.gpus)
         return
     grid = QUICK if args.quick else GRID
@@ -400,7 +582,13 @@ def main(args):
         cli.output_folder(os.path.dirname(os.path.abspath(args.json)), "the folder of --json")
     points = [dict(config=config, depth=depth, side=side, text=text, ckpt=ckpt, lora=adapters)
               for config, (depths, sizes, modes) in grid.items() if config in (args.config or grid) for ckpt in modes
-              for depth in depths for side, text in sizes]
+              for depth in depths for side, text in sizes] if not args.fsdp_only else []
+    if args.fsdp or args.fsdp_only:  # distill.py --fsdp over 1, 2, 4 ranks, each beside one process at the same sizes (fsdp_fit)
+        f = FSDP_POINTS
+        twins = [dict(config=f["config"], width=f["width"], depth=d, side=f["side"], text=f["text"], ckpt=f["ckpt"],
+                      lora=None) for d in f["depths"]]
+        points = twins + [dict(t, ranks=n, shard_teachers=sharded) for sharded in (False, True) for n in FSDP_RANKS
+                          for t in twins] + points
     start = time.time()
     student = f"LoRA student {adapters}" if adapters else "full student"
     print(f"bench_memory: {student}; {len(points)} points, each in a fresh process; AdamW {args.optimizer}; torch "
@@ -412,6 +600,8 @@ def main(args):
         r = results[-1]
         print(f"  [{i + 1}/{len(points)}] {point}: peak {max(r['peaks'].values()) / GB:.3f} GB ({r['seconds']:.0f} s)",
               flush=True)
+    if args.json:  # before the analysis: `--load` re-reads the points
+        checkpoint.atomic_json(results, args.json)
     fits = report(results)
     extrapolate(fits, args.gpus)
     print(f"\n{len(points)} points in {(time.time() - start) / 60:.1f} minutes")
@@ -430,7 +620,12 @@ if __name__ == "__main__":
     parser.add_argument("--json", default=None, help="also write every measured point to this file")
     parser.add_argument("--config", action="append", choices=sorted(GRID), help="measure this model only (repeatable)")
     parser.add_argument("--lora", type=int, default=None, metavar="RANK", help="a LoRA student (distill.py --lora)")
+    parser.add_argument("--fsdp", action="store_true", help="also measure distill.py --fsdp under torchrun with "
+                        f"{', '.join(map(str, FSDP_RANKS))} gloo ranks at width {FSDP_WIDTH}, and extrapolate its terms")
     lora.add_arguments(parser)
-    parser.add_argument("--load", default=None, help="analyse the points of a --json file instead of measuring")
+    parser.add_argument("--fsdp-only", action="store_true", help="measure the --fsdp points alone (analyse them with "
+                        "published-width points: --load A.json --load B.json)")
+    parser.add_argument("--load", action="append", default=None, help="analyse the points of --json file(s) instead "
+                        "of measuring (repeatable: the points of every file together)")
     parser.add_argument("--point", default=None, help=argparse.SUPPRESS)  # internal: measure one point
     cli.run(main, parser)
