@@ -543,7 +543,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
                             f"optimizer step; {last_good(args.out, rank)}; lower --lr, or check the data and the teacher")
         if args.clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)  # the norm before clipping
-        elif rank == 0:
+        else:  # every rank: with --fsdp the norm of the shards is a collective
             norm = monitor.grad_norm(params)
         # Algorithm 1: AdamW step
         optimizer.step()

@@ -172,8 +172,10 @@ def text_encoders_source(args):
 
 
 def grad_norm(params):
-    """The global L2 norm of the gradients (what clip_grad_norm_ returns), without changing them."""
+    """The global L2 norm of the gradients (what clip_grad_norm_ returns), without changing them. With
+    --fsdp the gradients are shards (DTensor): their norm is a collective, so every rank calls this."""
     norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
@@ -235,6 +237,12 @@ class Monitor:
     def __init__(self, args, rank, start, dataset, world, nets, null, bf16, device):
         self.args, self.active = args, rank == 0
         self.every = args.sample_every or 0
+        if self.every and getattr(args, "fsdp", False):
+            # rank 0 alone cannot run a sharded student: sampling would need every rank (not built)
+            self.every = 0
+            if rank == 0:
+                print("sample grids: none with --fsdp (a sharded student samples only with every rank taking part, "
+                      "which the grids do not do); generate.py on a checkpoint's student shows the same")
         self.board = None
         self.grid_inputs, self.teacher_images = None, None
         if not self.active:

@@ -500,7 +500,7 @@ def test_vae_png_and_bench_memory_json_are_written_atomically(tmp_path, tiny_vae
             "b.run_point = lambda point, threads, optimizer: dict(point=point, peaks={'step': 1.0}, seconds=0.0)\n"
             "b.report = b.extrapolate = lambda *a: None\n"
             "b.main(argparse.Namespace(point=None, load=None, quick=True, lora=None, config=['sd3-medium'], threads=1, "
-            "optimizer='foreach', gpus=8, json=sys.argv[1]))\n")
+            "optimizer='foreach', gpus=8, fsdp=False, fsdp_only=False, json=sys.argv[1]))\n")
     path = tmp_path / "points.json"
     launch([sys.executable, "-c", stub, str(path)], "1:points.json")
     assert not path.exists() and len(checkpoint.temporaries(str(tmp_path), owned=lambda n: n == "points.json")) == 1
@@ -511,7 +511,7 @@ def test_vae_png_and_bench_memory_json_are_written_atomically(tmp_path, tiny_vae
     monkeypatch.setattr(bench_memory, "report", lambda *a: None)
     monkeypatch.setattr(bench_memory, "extrapolate", lambda *a: None)
     bench_memory.main(argparse.Namespace(point=None, load=None, quick=True, lora=None, config=["sd3-medium"], threads=1,
-                                         optimizer="foreach", gpus=8, json=str(path)))
+                                         optimizer="foreach", gpus=8, fsdp=False, fsdp_only=False, json=str(path)))
     points = json.loads(path.read_text())
     assert points and all(p["peaks"] == {"step": 1.0} for p in points)
 
