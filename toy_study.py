@@ -20,6 +20,8 @@ the 200 TEST prompts only for the final report), with 95% confidence intervals o
     rounding  what the authors' released pipeline changes by forming 1000 w in bf16 (4992 at w = 5) where
             training formed it in float32: per-image RMSE between a student's images both ways, next to
             the RMSE a change of w by 1 makes.
+    figure  the runs of several studies (--load OUT/study.json, repeatable) in one table and one set of
+            curves under --out.
 
     python toy_study.py ratio
     python toy_study.py rounding --student runs/toy/student.safetensors
@@ -27,9 +29,13 @@ the 200 TEST prompts only for the final report), with 95% confidence intervals o
         --config teefusion:0.00390625:step --config distillcfg
     python toy_study.py runs --out runs/study-scale --budgets 1500 --config teefusion:0.00390625 \\
         --config teefusion:0.015625 --config teefusion:0.0625 --config teefusion:0.25 --config teefusion:1
+    python toy_study.py runs --out runs/study-floor --budgets 1500,6000 --config teefusion:0.25::cfg \
+        --config teefusion:0.25:reflected
+    python toy_study.py figure --load runs/study-budget/study.json --load runs/study-floor/study.json \
+        --out docs/images/toy-study
 
-A configuration is METHOD[:SCALE[:TARGET]] (distill.py's --method, --fused-scale, --target); every run
-uses the toy defaults of distill.py otherwise (W2SD + CFG teacher, batch 32, lr 1e-3). Runs are
+A configuration is METHOD[:SCALE[:TARGET[:TEACHER[:LR]]]] (distill.py's --method, --fused-scale, --target,
+--teacher-sampler, --lr; an empty field keeps the default); every run uses the toy defaults of distill.py otherwise (W2SD + CFG teacher, batch 32, lr 1e-3). Runs are
 resumable: relaunching the same command reuses every point already scored (OUT/study.json) and
 every run folder's checkpoints.
 """
@@ -195,14 +201,20 @@ def _ci(v, digits=3):
 def format_points(results):
     lines = [f"{'run':<28} {'steps':>6} {'RMSE to teacher':>22} {'minus CFG':>24} {'follows / teacher':>22} "
              f"{'adherence %':>20} {'loss':>7}"]
+    references = {}  # teacher -> one of its points: the teacher's own numbers are the same in each
     for name, points in results.items():
         for steps, p in sorted(points.items(), key=lambda kv: int(kv[0])):
-            lines.append(f"{name:<28} {int(steps):>6} {_ci(p['rmse']):>22} {_ci(_triple(p['closer_than_cfg'])):>24} "
+            teacher = p.get("config", {}).get("teacher", "w2sd")
+            references.setdefault(teacher, p)
+            # against the CFG teacher, "minus CFG" would subtract the teacher from itself: left blank
+            minus = "-" if teacher == "cfg" else _ci(_triple(p["closer_than_cfg"]))
+            lines.append(f"{name:<28} {int(steps):>6} {_ci(p['rmse']):>22} {minus:>24} "
                          f"{_ci(p['follows_ratio'], 2):>22} {_ci(p['adherence'], 1):>20} {p.get('loss', float('nan')):7.3f}")
-    any_point = next(iter(next(iter(results.values())).values()), None)
-    if any_point:
-        lines.append(f"reference (the W2SD + CFG teacher): Euler + CFG's RMSE to it {_ci(any_point['cfg_rmse'])}, "
-                     f"its follows-w {_ci(any_point['teacher_follows'])}, adherence {_ci(any_point['teacher_adherence'], 1)}")
+    for teacher, p in references.items():
+        label = toy_report.TEACHER_NAMES[teacher]
+        cfg = "" if teacher == "cfg" else f"Euler + CFG's RMSE to it {_ci(p['cfg_rmse'])}, "
+        lines.append(f"reference (the {label} teacher): {cfg}its follows-w {_ci(p['teacher_follows'])}, "
+                     f"adherence {_ci(p['teacher_adherence'], 1)}")
     return "\n".join(lines)
 
 
@@ -217,7 +229,7 @@ def curves(results, out_dir):
     """One PNG per quantity, x = training steps, a line (with 95% bars) per run; the teacher's (or CFG's)
     level as its own line where it is the bar to clear. Returns the paths."""
     paths = []
-    quantities = (("rmse", "RMSE to the W2SD + CFG teacher (lower: closer)", "cfg_rmse", "Euler + CFG"),
+    quantities = (("rmse", "RMSE to its teacher (lower: closer)", "cfg_rmse", "Euler + CFG"),
                   ("follows_ratio", "follows w: student / teacher", None, None),
                   ("adherence", "adherence % (w = 4)", "teacher_adherence", "teacher"))
     for key, title, ref, ref_label in quantities:
@@ -228,9 +240,15 @@ def curves(results, out_dir):
             data[name] = (xs, [points[s][key][0] for s in steps])
             bars[name] = ([points[s][key][1] for s in steps], [points[s][key][2] for s in steps])
         all_x = sorted({x for xs, _ in data.values() for x in xs})
-        if ref is not None:
-            first = next(iter(next(iter(results.values())).values()))
-            data[ref_label] = (all_x, [first[ref][0]] * len(all_x))
+        if ref is not None:  # one level per teacher (CFG's distance to the CFG teacher is 0: not drawn)
+            teachers = {}
+            for points in results.values():
+                for p in points.values():
+                    teachers.setdefault(p.get("config", {}).get("teacher", "w2sd"), p)
+            for teacher, p in teachers.items():
+                if not (ref == "cfg_rmse" and teacher == "cfg"):
+                    label = ref_label if len(teachers) == 1 else f"{ref_label} ({toy_report.TEACHER_NAMES[teacher]})"
+                    data[label] = (all_x, [p[ref][0]] * len(all_x))
         if key == "follows_ratio":
             data["0.8 of the teacher"] = (all_x, [0.8] * len(all_x))
         path = os.path.join(out_dir, f"study-{key}.png")
@@ -245,7 +263,7 @@ def runs_main(args):
     if not budgets or budgets[0] < 1:
         raise ValueError(f"--budgets {args.budgets}: give training steps >= 1, comma-separated")
     if not args.config:
-        raise ValueError("runs needs at least one --config METHOD[:SCALE[:TARGET]]")
+        raise ValueError("runs needs at least one --config METHOD[:SCALE[:TARGET[:TEACHER[:LR]]]]")
     configs = [parse_config(c) for c in args.config]
     if len({c["name"] for c in configs}) != len(configs):
         raise ValueError("two --config name the same run")
@@ -319,7 +337,32 @@ def rounding_main(args):
     return text
 
 
+def figure_main(args):
+    """The runs of several studies (their study.json, --load, repeatable) in one table and one set of curves
+    under --out: e.g. the budget curves of two scales beside the CFG-teacher floor."""
+    if not args.load:
+        raise ValueError("figure needs --load STUDY.json (repeatable): the study.json files of earlier runs")
+    results = {}
+    for path in args.load:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--load {path}: no such file (a runs study's study.json)")
+        data = cli.read_json(path, f"--load {path}")
+        with cli.reading(path, f"--load {path}"):
+            if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+                raise cli.InputError(f"--load {path}: not a study.json (no \"results\" mapping)")
+            for name, points in data["results"].items():
+                if name in results and results[name] != points:
+                    raise cli.InputError(f"--load {path}: run {name} is also in an earlier --load, with other points")
+                results[name] = points
+    os.makedirs(args.out, exist_ok=True)
+    text = format_points(results) + "\n" + "".join(f"figure: {p}\n" for p in curves(results, args.out))
+    print(text.rstrip())
+    return results
+
+
 def main(args):
+    if args.command == "figure":
+        return figure_main(args)
     if args.seeds < 1 or args.sample_steps < 1:
         raise ValueError(f"--seeds {args.seeds} and --sample-steps {args.sample_steps} must be at least 1")
     if args.command == "rounding":
@@ -335,14 +378,16 @@ def main(args):
 
 def build_parser():
     parser = cli.parser("The toy world's study: Eq. 7's scale, the training budget, the target (DEV prompts).")
-    parser.add_argument("command", choices=("ratio", "runs", "rounding"))
+    parser.add_argument("command", choices=("ratio", "runs", "rounding", "figure"))
     parser.add_argument("--cache-dir", default="cache/toy")
     parser.add_argument("--teacher", default=None, help="ratio: a real MMDiT checkpoint instead of the toy teacher")
     parser.add_argument("--data", default=None, help="ratio: prepare.py shards whose captions give y")
     parser.add_argument("--prompts", type=int, default=256, help="ratio: captions read from --data")
     parser.add_argument("--out", default="runs/study")
     parser.add_argument("--budgets", default="1500", help="runs: training steps at which each run is scored")
-    parser.add_argument("--config", action="append", default=[], help="runs: METHOD[:SCALE[:TARGET]] (repeatable)")
+    parser.add_argument("--config", action="append", default=[], help="runs: METHOD[:SCALE[:TARGET[:TEACHER[:LR]]]] "
+                        "(repeatable), e.g. teefusion:0.25::cfg")
+    parser.add_argument("--load", action="append", default=[], help="figure: a study.json of runs (repeatable)")
     parser.add_argument("--student", default=None, help="rounding: a TeEFusion student of the toy world")
     parser.add_argument("--ws", type=float, nargs="+", default=[4.0, 5.0, 7.5], help="rounding: the w to compare")
     parser.add_argument("--seeds", type=int, default=2, help="runs, rounding: images per DEV prompt")
