@@ -16,7 +16,7 @@ The same loop trains the paper's Table 3 ablations and the DICE baseline (--meth
 teefusion (Eq. 7, no new parameters), gonly (c + G(psi(w))), distillcfg (a new guidance MLP,
 trained with the model) and dice (a text-embedding enhancer; the MMDiT stays frozen).
 
-Run (no --teacher: the CPU toy world of toy.py, its cached teacher and its data; then toy_report.py
+Run (no --teacher: the CPU toy world of toy.py, its cached teacher and its data; then evaluation/toy_report.py
 prints the toy Table 4 with 95% confidence intervals and draws the figures into --out):
     python distill.py                   # W2SD + CFG teacher, 1500 steps, batch 32, lr 1e-3 -> runs/toy
     python distill.py --method gonly --out runs/gonly   # a Table 3 ablation (also distillcfg, dice)
@@ -29,7 +29,7 @@ prints the toy Table 4 with 95% confidence intervals and draws the figures into 
   with every student, Table 3, Fig. 5a, 5b) into --out. With --resume, finished students are reused.
   It refuses --teacher (real SD3), --method and --teacher-sampler. Runtimes and results: README.
 
-A LoRA student (--lora RANK; lora.py has the details and the merge command): the same Algorithm 1,
+A LoRA student (--lora RANK; sd3/lora.py has the details and the merge command): the same Algorithm 1,
 checkpoints, resume and DDP, with adapters on a frozen network that shares the start network's tensors;
 it writes DIR/lora.safetensors (diffusers' SD3 LoRA format), and in the toy world the merged student too.
     python distill.py --lora 4 --out runs/toy-lora
@@ -43,12 +43,12 @@ teacher, here with the W2SD release's pair built from a fine-tune of SD3-medium)
     (any pair: --strong S --weak W; an Euler + CFG teacher: --teacher-sampler cfg)
     (add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT for several nodes. --resume starts
     from the teacher when --out has no checkpoint yet, so the same line launches and relaunches;
-    it also works after a change of the number of GPUs: batches.py.)
+    it also works after a change of the number of GPUs: run/batches.py.)
     (--fsdp: the student, its gradients, AdamW state and EMA sharded across the GPUs instead of DDP's
-    whole copy per GPU, same files: parallel.py; --fsdp-teachers the teachers too; SD3.5-large on 80 GB
+    whole copy per GPU, same files: run/parallel.py; --fsdp-teachers the teachers too; SD3.5-large on 80 GB
     GPUs needs both: docs/MULTI_GPU.md)
 
-Choices Algorithm 1 leaves open, and what this file does (its flags and defaults: options.py):
+Choices Algorithm 1 leaves open, and what this file does (its flags and defaults: run/options.py):
   * The teacher step. The target is the velocity of ONE teacher step from t (samplers.teacher_target),
     and that step is the one the student's sampler takes from t: N = --teacher-steps (50 for SD3, the
     released student's count; 20 in the toy world, its report's) on SD3's shifted schedule, t_next from
@@ -79,34 +79,34 @@ Choices Algorithm 1 leaves open, and what this file does (its flags and defaults
   * A student distilled from a reflection teacher at w follows a stronger guidance than CFG at w (to
     first order, Z-Sampling at w is CFG at 2w - w_inv: samplers.first_order_cfg_w).
 
-Data and randomness: batches.py. The step number is the whole random state: one process and N
+Data and randomness: run/batches.py. The step number is the whole random state: one process and N
 processes compute the same step, and a resume (also on another number of GPUs) continues the
 exact same stream.
 
 Files (--out DIR; safetensors and JSON only, never pickle; every file written atomically):
-    DIR/checkpoints/step-NNNNNNN/...  and DIR/checkpoints/latest: see training_state.py
+    DIR/checkpoints/step-NNNNNNN/...  and DIR/checkpoints/latest: see run/training_state.py
     DIR/lora.safetensors (lora-ema.safetensors with --ema) for --lora, with the merged students in the toy world
     DIR/student.safetensors (+ fusion.safetensors; with --ema student-ema.safetensors and
     fusion-ema.safetensors) at the end, their metadata naming the method and the teacher sampler;
-    main() returns the student's path (the EMA one with --ema); DIR/README.md, the model card (export.py);
+    main() returns the student's path (the EMA one with --ema); DIR/README.md, the model card (sd3/export.py);
     DIR/diffusers/ with --export-diffusers: transformer/ (config has txt_align_guidance: true, the flag the
     authors' released pipeline reads), and when --teacher is a diffusers pipeline folder its text encoders,
     tokenizers, VAE and scheduler (hard-linked) and model_index.json, a folder the released pipeline
-    loads, with its own card (export.py); DIR/log.jsonl: one line per step: step, loss, lr,
+    loads, with its own card (sd3/export.py); DIR/log.jsonl: one line per step: step, loss, lr,
     samples_per_s, teacher_s, student_s, step_s, grad_norm (before clipping), and sample_s where a grid
-    was drawn; DIR/samples/step-NNNNNNN.png (sample grids: teacher | student at three w, monitor.py)
+    was drawn; DIR/samples/step-NNNNNNN.png (sample grids: teacher | student at three w, run/monitor.py)
     and DIR/tensorboard with --report-to tensorboard; DIR/final.json: the final files with their sizes and
-    SHA-256, for the checkpoint they come from (final_files.py); DIR/run.lock while a run holds DIR
+    SHA-256, for the checkpoint they come from (run/final_files.py); DIR/run.lock while a run holds DIR
     (cli.FolderLock).
 
-Faults (the details: training_state.py, cli.py, options.py):
+Faults (the details: run/training_state.py, run/cli.py, run/options.py):
   * Bad input is refused before anything heavy loads: one line `error: ...`, exit status 2; a failure
     during the work (a non-finite loss or weight) exits 1, naming the step and the newest checkpoint
     whose tensors, read back from disk, are all finite. --traceback (or TEEFUSION_TRACEBACK=1) shows more.
   * One run per --out (DIR/run.lock). --resume continues from `latest`, or from the newest COMPLETE
     checkpoint with a warning; with none left it refuses. Only finite weights are ever written.
   * The final files are a pure function of the checkpoint at --steps: a relaunch writes those a kill left
-    missing, and a relaunch of a finished run says so and writes nothing, exit 0 (final_files.py).
+    missing, and a relaunch of a finished run says so and writes nothing, exit 0 (run/final_files.py).
   * Under torchrun a worker dies with its launcher: `kill -9` of torchrun leaves no worker training.
 
 Memory per GPU, measured for one distillation step (benchmarks/bench_memory.py): README.
@@ -129,19 +129,19 @@ import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import cli
+from run import cli
 import embed
-import export
-import final_files
-import lora
-import monitor
-import options
-import parallel
+from sd3 import export
+from run import final_files
+from sd3 import lora
+from run import monitor
+from run import options
+from run import parallel
 import samplers
-from batches import StepSampler, WithNoise
+from run.batches import StepSampler, WithNoise
 from mmdit import load_mmdit, load_mmdit_blend
-from options import FULL, build_parser, check_args, fill_defaults, lora_spec
-from training_state import (LATEST, _trim_log, check_resume, complete_checkpoints, last_good, load_checkpoint,
+from run.options import FULL, build_parser, check_args, fill_defaults, lora_spec
+from run.training_state import (LATEST, _trim_log, check_resume, complete_checkpoints, last_good, load_checkpoint,
                             non_finite, remove_temporaries, replica_checksums, resume_point,
                             save_checkpoint)
 
@@ -347,7 +347,7 @@ def main_full(args):
     for (name, _, _), sub in zip(FULL, runs):
         students[name] = main(sub)  # with --resume, a finished student says so and is reused
     import toy
-    import toy_report
+    from evaluation import toy_report
 
     world = toy.build_world(progress=False)
     toy_report.report(world, [dict(path=students[name], teacher=sampler) for name, _, sampler in FULL], out_dir=out,
@@ -422,7 +422,7 @@ def start_point(args):
     teacher; refuses a run that would overwrite checkpoints without --resume, and a resume that
     cannot continue (check_resume). Then removes the temporary files of a killed run, and says so.
     A checkpoint at --steps: final_files.Finished (after one line) when every final file is there
-    and intact; else (folder, state), from which _main writes the missing ones (final_files.py)."""
+    and intact; else (folder, state), from which _main writes the missing ones (run/final_files.py)."""
     root = os.path.join(args.out, "checkpoints")
     if not args.resume and (os.path.exists(os.path.join(root, LATEST)) or complete_checkpoints(root)):
         raise ValueError(f"{args.out} already holds checkpoints ({root}): pass --resume to continue that run, "
@@ -470,7 +470,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
     # the EMA of a LoRA student shares its frozen weights too
     shared = {id(t): t for t in (*student.parameters(), *student.buffers()) if not t.requires_grad} if base else {}
     ema = frozen(copy.deepcopy(student, shared)) if args.ema is not None else None
-    # --fsdp: the student and its EMA sharded in place across the ranks (parallel.py); AdamW is built over the shards
+    # --fsdp: the student and its EMA sharded in place across the ranks (run/parallel.py); AdamW is built over the shards
     fsdp = parallel.FullShard(student, ema, device, [m for m in (teacher, weak, main) if m is not None]
                               if args.fsdp_teachers else ()) if args.fsdp else None
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
@@ -584,7 +584,7 @@ def _main(args, dataset, resume, micro, distributed, rank, world_size, device):
         log.close()
     del batches
 
-    # the final files, beside the checkpoints: a pure function of the checkpoint at --steps (final_files.py);
+    # the final files, beside the checkpoints: a pure function of the checkpoint at --steps (run/final_files.py);
     # FSDP: the student and EMA gathered whole on rank 0 first (every rank takes part)
     if fsdp:
         student, ema = fsdp.gather_modules()

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text embedder
 
-import cli
+from run import cli
 from mmdit import Embedder, load_mmdit, timestep_embedding  # psi lives with the network that consumes it
 
 __all__ = ["timestep_embedding", "guidance_tensor", "timestep_term", "sd3_conditioning", "teefusion_text_term",

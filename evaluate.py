@@ -1,6 +1,6 @@
 """
 The paper's evaluation protocols (TeEFusion Tables 1-4, Fig. 4-5) on top of the scorers of
-metrics.py and fid.py: score a folder of images against its prompts, FID statistics of a folder,
+evaluation/metrics.py and evaluation/fid.py: score a folder of images against its prompts, FID statistics of a folder,
 the speed table, the w-sweep, tables (Markdown + JSON) and figures (PNG).
 
     protocol          what it runs                                               output
@@ -20,7 +20,7 @@ The building blocks take a generate function or folders of images, so that a pro
 generates with SD3 only has to write the images: `score_folder(scorer, folder, prompts)`,
 `folder_statistics(inception, folder)`, `w_sweep(generate, metrics, prompts, methods, ws)`,
 `write_table(rows, stem)`. Scorers come from `metrics.load_scorer(metric, ...)`; every metric's
-formula and preprocessing is in metrics.py's docstring, FID's resize conventions in fid.py's.
+formula and preprocessing is in evaluation/metrics.py's docstring, FID's resize conventions in evaluation/fid.py's.
 Prompt sets from local files: plain lists, the HPS v2 benchmark (4 styles), DPG-Bench, COCO captions.
 The toy world reports its own adherence and agreement scores in toy.py.
 
@@ -32,7 +32,7 @@ ABSENT (not built; nothing here pretends to compute them):
 
 Bad input (a missing folder or file, an empty prompt file, as many prompts as images or not, a
 metric without its weights) is refused with one `error:` line and exit status 2 before any model
-loads (cli.py).
+loads (run/cli.py).
 
     python evaluate.py convert-hps /weights/HPS_v2.1_compressed.pt --tokenizer /weights/clip-vit-large-patch14 \
         --out /weights/hps-v2.1
@@ -73,16 +73,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import checkpoint
-import cli
-import fid
+from sd3 import checkpoint
+from run import cli
+from evaluation import fid
 import generate
-import lora
-import metrics
-import ranks
+from sd3 import lora
+from evaluation import metrics
+from run import ranks
 import samplers
 from generate import load_prompts, write_text  # prompt files live with the generator
-from plots import image_grid, line_plot
+from evaluation.plots import image_grid, line_plot
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -369,7 +369,7 @@ def table_plans(args):
         for w in [None] if method == "euler" else ws:
             ns = argparse.Namespace(**{**vars(args), **({} if method == "w2sd" else W2SD_ONLY)})
             ns.method, ns.student, ns.w = method, student, w
-            if student is not None and lora.is_adapter_file(student):  # a LoRA student over --model (lora.py)
+            if student is not None and lora.is_adapter_file(student):  # a LoRA student over --model (sd3/lora.py)
                 ns.student, ns.lora = None, student
             ns.w_rounding = args.w_rounding if method == "student" else "float32"
             sub = f"w{w:g}" if args.w_sweep and w is not None else ""
@@ -629,7 +629,7 @@ def build_parser():
     p.add_argument("--images", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--resize", default="pytorch-fid", choices=fid.RESIZE,
-                   help="resize to 299 as pytorch-fid (default) or as the TensorFlow graph (fid.py docstring)")
+                   help="resize to 299 as pytorch-fid (default) or as the TensorFlow graph (evaluation/fid.py docstring)")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--device", default=device)
     p = sub.add_parser("speed", help="NFE and wall time per image of every sampler, ratios to the student")

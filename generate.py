@@ -14,7 +14,7 @@ Methods (samplers.py). --w is the paper's w everywhere (Eq. 2: (1 + w) v(c) - w 
 guidance_scale is g = 1 + w. The authors' released TeEFusion pipeline is the exception: its
 `guidance_scale` IS the paper's w (fed to psi directly), so `--method student --w 5` matches its
 guidance_scale=5, and `--w-rounding model` forms 1000 w in the model dtype as it does (bf16: 4992), where training formed it in
-float32 (`python toy_study.py rounding --student FILE` measures what that changes).
+float32 (`python -m evaluation.toy_study rounding --student FILE` measures what that changes).
 
     euler      the unguided teacher (diffusers' guidance_scale 1: the conditional model alone); no --w
     cfg        Euler + CFG (Eq. 2)
@@ -54,7 +54,7 @@ Output: OUT/images/PPPPP-KK.png (prompt P, image K, seed + K) with the prompt, n
 w, steps, seed, height, width, NFE, model file name, seconds per image (sampling + decoding) in its PNG text metadata;
 OUT/index.jsonl holds the same records with each PNG's size ("bytes"). Relaunching the same command
 finishes the job: images already there are skipped if made with the same settings (else: an error), and
-trusted when a record lists them with their size (image_folder.py: a truncated or empty PNG is made
+trusted when a record lists them with their size (run/image_folder.py: a truncated or empty PNG is made
 again); a finished run relaunched writes nothing. --toy: the toy world of toy.py (its cached teacher,
 W2SD pair and text encoders; images are its 16 x 16 latents, saved 8x larger with nearest neighbour).
 
@@ -83,16 +83,16 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-import cli
+from run import cli
 import embed
-import image_folder
-import lora
+from run import image_folder
+from sd3 import lora
 import mmdit
-import ranks
+from run import ranks
 import samplers
-import vae
-from checkpoint import atomic_write  # the project's one atomic-write mechanism
-from plots import image_grid
+from sd3 import vae
+from sd3.checkpoint import atomic_write  # the project's one atomic-write mechanism
+from evaluation.plots import image_grid
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CLIP_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -482,7 +482,7 @@ def scan(plan):
     """The images of the plan already made: ({job: record with its PNG's size}, [(job, why) of files that
     are there but truncated, empty or unreadable: made again]). Trusted: a record of index.jsonl or of a
     rank file whose file has the recorded size; else the PNG's own record, once it decoded to the last
-    pixel (image_folder.py). Refuses an image made with other settings."""
+    pixel (run/image_folder.py). Refuses an image made with other settings."""
     known = image_folder.recorded(plan.args.out)
     done, broken = {}, []
     for job in plan.jobs:

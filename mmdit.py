@@ -17,7 +17,7 @@ and F = y_embedder. TeEFusion (Eq. 7, embed.py) changes only this vector, which 
 Parameter names are the keys of Stability's checkpoints (without their
 `model.diffusion_model.` prefix), so a Stability file loads without renaming; diffusers
 files go through one small mapping with two scale/shift swaps. The file formats (safetensors
-only, both layouts, sharded folders, the diffusers export, atomic writes) are checkpoint.py's;
+only, both layouts, sharded folders, the diffusers export, atomic writes) are sd3/checkpoint.py's;
 this file builds the network from what they hold.
 
     model = load_mmdit("sd3_medium.safetensors", device="cuda", dtype=torch.bfloat16)
@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import checkpoint  # the file formats: safetensors, Stability / diffusers names, atomic writes
-from checkpoint import STABILITY_PREFIX, CheckpointError  # noqa: F401  (part of this module's interface)
+from sd3 import checkpoint  # the file formats: safetensors, Stability / diffusers names, atomic writes
+from sd3.checkpoint import STABILITY_PREFIX, CheckpointError  # noqa: F401  (part of this module's interface)
 
 
 # -----------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def compile_mmdit(model, **options):
 
 
 # -----------------------------------------------------------------------------
-# Loading and saving (the file formats themselves are checkpoint.py's)
+# Loading and saving (the file formats themselves are sd3/checkpoint.py's)
 
 
 def infer_config(shapes, num_heads=None):
@@ -599,7 +599,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import cli
+    from run import cli
 
     parser = cli.parser("Inspect an MMDiT checkpoint: print the config inferred from its tensors.")
     parser.add_argument("path", help="Stability .safetensors file, diffusers transformer folder or pipeline folder")

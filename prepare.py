@@ -35,7 +35,7 @@ is resized (bicubic) to cover it and centre-cropped. For every image between 9:1
 R >= 128 the bucket's aspect ratio is within a factor 1.14 of the image's (tests/test_prepare.py),
 so the crop removes at most 12% of one side (a square crop of a 16:9 image removes 44%); a wider
 image goes to the widest bucket and loses more. distill.py draws every global batch from one
-bucket (batches.py). index.json gains "buckets" ([{"size": [H, W], "latent_shape", "num_samples"}],
+bucket (run/batches.py). index.json gains "buckets" ([{"size": [H, W], "latent_shape", "num_samples"}],
 one per bucket of R, in that order) and, per shard, "buckets": the bucket number of each of its
 samples; its "latent_shape" is then null and "bytes_per_sample" the mean over the samples. A folder
 written with --buckets square (or before buckets) has neither, and reads as one bucket.
@@ -78,11 +78,11 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import checkpoint
-import cli
-from checkpoint import atomic_write
-from vae import from_uint8, image_size, load_image, load_vae, weights_file
-from vae import read_config as read_vae_config
+from sd3 import checkpoint
+from run import cli
+from sd3.checkpoint import atomic_write
+from sd3.vae import from_uint8, image_size, load_image, load_vae, weights_file
+from sd3.vae import read_config as read_vae_config
 
 SHARD_FORMAT = "teefusion-shard/1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

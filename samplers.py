@@ -596,7 +596,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import cli
+    from run import cli
 
     parser = cli.parser("Print the SD3 flow schedule.")
     parser.add_argument("--steps", type=int, default=28)

@@ -30,11 +30,11 @@ hard enough that the paper's claims can show or fail to show in it:
                all three are exact (1) on the world's own renders (tested)
 
 distill.py with no --teacher calls `build_world` and `world.dataset("train")`, distills a student,
-then toy_report.py prints the paper's tables with 95% confidence intervals and draws its figures:
+then evaluation/toy_report.py prints the paper's tables with 95% confidence intervals and draws its figures:
 
     python distill.py                  # teacher (cached in cache/toy) + student + report
     python toy.py                      # the world alone: build (or reuse) the teacher
-    python toy_report.py --split dev   # the teacher samplers' scores on the DEV prompts
+    python -m evaluation.toy_report --split dev   # the teacher samplers' scores on the DEV prompts
     python distill.py --full --out runs/full   # every student of Tables 3 and 4
 
 Shape legend: B batch, C channels, H W pixels, L tokens, Dc token width, Dy pooled width.
@@ -53,9 +53,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import cli
+from run import cli
 import embed
-from checkpoint import CheckpointError, atomic_json, atomic_write
+from sd3.checkpoint import CheckpointError, atomic_json, atomic_write
 from mmdit import MMDiT, MMDiTConfig, load_mmdit, read_config, save_mmdit
 
 # -----------------------------------------------------------------------------
@@ -549,7 +549,7 @@ def main(args):
     info = os.path.join(world.cache_dir, "world.json")
     print(f"toy world in {world.cache_dir}: teacher {world.teacher_path}, W2SD's weak model {world.weak_path}, "
           f"text encoders and {info}; {len(TRAIN_PROMPTS)} training prompts, {len(DEV_PROMPTS)} DEV and "
-          f"{len(TEST_PROMPTS)} TEST prompts held out. Scores: python toy_report.py --split dev")
+          f"{len(TEST_PROMPTS)} TEST prompts held out. Scores: python -m evaluation.toy_report --split dev")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
-import checkpoint  # noqa: E402
-import cli  # noqa: E402
+from sd3 import checkpoint  # noqa: E402
+from run import cli  # noqa: E402
 import mmdit  # noqa: E402
 
 

@@ -94,14 +94,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
-import cli  # noqa: E402
-import checkpoint  # noqa: E402
+from run import cli  # noqa: E402
+from sd3 import checkpoint  # noqa: E402
 import distill  # noqa: E402
 import embed  # noqa: E402
-import parallel  # noqa: E402
-import lora  # noqa: E402
+from run import parallel  # noqa: E402
+from sd3 import lora  # noqa: E402
 import mmdit  # noqa: E402
-import options  # noqa: E402
+from run import options  # noqa: E402
 import samplers  # noqa: E402
 
 GB = 1e9

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
-import checkpoint  # noqa: E402
-import cli  # noqa: E402
+from sd3 import checkpoint  # noqa: E402
+from run import cli  # noqa: E402
 import mmdit  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
-import cli  # noqa: E402
+from run import cli  # noqa: E402
 import embed  # noqa: E402
 import mmdit  # noqa: E402
 import samplers  # noqa: E402

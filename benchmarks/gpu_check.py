@@ -21,7 +21,7 @@ Rows of the table (docs/MULTI_GPU.md says what each column means):
     sampling  one image, 50 steps: the student (one forward per step, 50 NFE) and its W2SD + CFG
               teacher (296 NFE), wall seconds, and their ratio
 
-Every part takes a device and sizes, so that tests/test_gpu_check.py runs each on the CPU at tiny
+Every part takes a device and sizes, so that tests/run/test_gpu_check.py runs each on the CPU at tiny
 sizes (the table prints, the FLOP count equals torch's FLOP counter, the memory probe measures);
 only main refuses to run without CUDA.
 """
@@ -42,13 +42,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_memory  # noqa: E402
-import checkpoint  # noqa: E402
-import cli  # noqa: E402
+from sd3 import checkpoint  # noqa: E402
+from run import cli  # noqa: E402
 import distill  # noqa: E402
 import embed  # noqa: E402
-import lora  # noqa: E402
+from sd3 import lora  # noqa: E402
 import mmdit  # noqa: E402
-import options  # noqa: E402
+from run import options  # noqa: E402
 import samplers  # noqa: E402
 
 GB = 1e9
@@ -341,7 +341,7 @@ def table(rows):
 def main(args):
     if not torch.cuda.is_available():
         raise ValueError("gpu_check.py measures a CUDA GPU and torch sees none here (torch "
-                         f"{torch.__version__}); its parts run on a CPU at tiny sizes in tests/test_gpu_check.py")
+                         f"{torch.__version__}); its parts run on a CPU at tiny sizes in tests/run/test_gpu_check.py")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ValueError(f"--peak-tflops {args.peak_tflops}: give the device's dense bf16 peak, > 0")
     try:

@@ -20,10 +20,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the flat top-level modules
-import cli  # noqa: E402
+from run import cli  # noqa: E402
 import generate  # noqa: E402
 import mmdit  # noqa: E402
-import vae  # noqa: E402
+from sd3 import vae  # noqa: E402
 
 GB = 1e9
 

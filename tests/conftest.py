@@ -1,15 +1,15 @@
 """
 Fixtures shared by more than one test file: one CPU thread per test file, the tiny SD3-shaped VAE
-config (tests/test_vae.py, tests/test_prepare.py), a tiny random CLIP with a word-level
-tokenizer (tests/test_metrics.py, tests/test_evaluate.py), and a tiny random SD3 pipeline folder
-(tests/test_generate.py, tests/test_monitor.py, tests/test_export.py).
+config (tests/sd3/test_vae.py, tests/test_prepare.py), a tiny random CLIP with a word-level
+tokenizer (tests/evaluation/test_metrics.py, tests/test_evaluate.py), and a tiny random SD3 pipeline folder
+(tests/test_generate.py, tests/run/test_monitor.py, tests/sd3/test_export.py).
 """
 
 import pytest
 import torch
 import transformers
 
-from vae import VAEConfig
+from sd3.vae import VAEConfig
 
 WORDS = ["a", "red", "blue", "cat", "dog", "on", "the", "grass", "photo", "of"]
 

@@ -29,13 +29,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import batches
-import cli
+from run import batches
+from run import cli
 import distill
 import embed
-import options
+from run import options
 import samplers
-import training_state
+from run import training_state
 from mmdit import CONFIGS, MMDiT, load_mmdit, save_mmdit
 from prepare import ShardDataset
 
@@ -727,7 +727,7 @@ def test_cli_refuses_a_resume_that_cannot_continue(refusals, case):
 
 def test_cli_relaunch_of_a_finished_run_exits_0_and_writes_nothing(world, finished, tmp_path):
     """The same command line again, once the run finished (a scheduler's retry): one line saying so and
-    where the files are, exit 0, --out unchanged (tests/test_relaunch.py: kills at the final writes)."""
+    where the files are, exit 0, --out unchanged (tests/run/test_relaunch.py: kills at the final writes)."""
     out = copy_of(finished, tmp_path)
     before = listing(out)
     r = distill_cli(*tiny_argv(world, out, "--steps", "3", "--ckpt-every", "1", "--keep", "3", "--resume"))

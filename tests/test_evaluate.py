@@ -1,4 +1,4 @@
-"""evaluate.py: the protocols on top of metrics.py and fid.py: the speed table's NFE, tables and
+"""evaluate.py: the protocols on top of evaluation/metrics.py and evaluation/fid.py: the speed table's NFE, tables and
 figures, prompt files, scoring a folder, the w-sweep, and the command line (one `error:` line and
 exit status 2 for bad input, before any model loads).
 
@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 import evaluate
-import plots
-import fid
-import metrics
+from evaluation import plots
+from evaluation import fid
+from evaluation import metrics
 import mmdit
-import vae
+from sd3 import vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from safetensors.torch import save_file
 
-import cli
+from run import cli
 import embed
 import evaluate
 import oracles  # tests/oracles.py
@@ -33,7 +33,7 @@ import generate
 import mmdit
 import samplers
 import toy
-import vae
+from sd3 import vae
 
 import diffusers  # test oracle (requirements-test.txt)
 

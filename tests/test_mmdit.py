@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import checkpoint
+from sd3 import checkpoint
 import mmdit
 from mmdit import CONFIGS, MMDiT, CheckpointError, load_mmdit, save_mmdit
 
@@ -423,7 +423,7 @@ def test_blend_of_two_checkpoints_streams_tensor_by_tensor(tmp_path, monkeypatch
 
 
 def test_command_line_prints_the_config_or_one_error_line(tmp_path):
-    """python mmdit.py CHECKPOINT: the inferred config, or one `error:` line and exit 2 (cli.py)."""
+    """python mmdit.py CHECKPOINT: the inferred config, or one `error:` line and exit 2 (run/cli.py)."""
     import subprocess
     import sys
 

@@ -20,10 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
-import batches
+from run import batches
 import prepare as prepare_module
 from prepare import ShardDataset, find_samples, prepare
-from vae import VAE, from_pil, load_image
+from sd3.vae import VAE, from_pil, load_image
 
 R = 32  # resolution: latents (16, 4, 4)
 GOOD = {  # name -> (size, mode)
@@ -420,7 +420,7 @@ def test_distill_trains_on_bucketed_shards(tmp_path, vae):
     """distill.py on aspect-bucketed shards (a tiny MMDiT that takes the tiny VAE's 16 channels and the
     fake text encoder's widths): every global batch stacks one size (a mixed one could not be collated)."""
     import distill
-    import options
+    from run import options
     from mmdit import MMDiT, MMDiTConfig, save_mmdit
     folder = tmp_path / "images"
     folder.mkdir()
