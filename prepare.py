@@ -528,6 +528,9 @@ def sample_shapes(folder, index):
     none has any, or if that header cannot be read: ShardDataset names the shard when it reads it).
     Reads no tensor."""
     shapes = dict(latents=index.get("latent_shape"), context=index.get("context_shape"), y=index.get("y_shape"))
+    buckets = index.get("buckets")
+    if shapes["latents"] is None and isinstance(buckets, list) and buckets and isinstance(buckets[0], dict):
+        shapes["latents"] = buckets[0].get("latent_shape")  # aspect buckets: the first bucket's (C, h, w)
     if not all(isinstance(v, list) for v in shapes.values()):
         first = next((s["file"] for s in index["shards"] if s["num_samples"] > 0), None)
         if first is None:
@@ -535,7 +538,11 @@ def sample_shapes(folder, index):
         path = os.path.join(folder, first)
         try:
             with safe_open(path, framework="pt") as f:
-                shapes = {name: f.get_slice(name).get_shape()[1:] for name in shapes if name in f.keys()}
+                keys = list(f.keys())
+                # the latents of a bucketed shard are latents_HxW, one tensor per bucket present
+                names = dict(latents=next((k for k in keys if k == "latents" or k.startswith("latents_")), None),
+                             context="context" if "context" in keys else None, y="y" if "y" in keys else None)
+                shapes = {name: f.get_slice(key).get_shape()[1:] for name, key in names.items() if key is not None}
         except Exception:  # safetensors' own SafetensorError, OSError: the dataset reports it, where it is read
             return None
     expected = dict(latents=3, context=2, y=1)
