@@ -23,7 +23,7 @@ float32 (`python -m evaluation.toy_study rounding --student FILE` measures what 
                (Eq. 4), or with main = base + 0.8 delta (--w2sd-main). The pair: --strong/--weak, or as
                the W2SD release, --w2sd-finetuned F: delta = F - base, strong / weak = base +- 1.5 delta
     student    a student written by distill.py (--student; its method from the file's metadata,
-               embed.load_student): ONE forward per step with z of Eq. 7. Or --lora PATH: an adapter
+               student_file.load_student): ONE forward per step with z of Eq. 7. Or --lora PATH: an adapter
                (distill.py --lora, diffusers' SD3 LoRA format) over --model's MMDiT (the toy teacher with
                --toy), merged in float32 as it loads (lora.load_student)
 
@@ -32,7 +32,7 @@ of the reflection samplers; for the student it is y_null of Eq. 7 (its pooled ve
 trained with the empty string as y_null only (Algorithm 1, as the release does): a negative prompt at
 generation puts it where it was never trained, and what it does there is untested.
 
-Noise, as DESIGN.md fixes it: image k of a prompt starts from torch.randn(1, 16, H/8, W/8,
+Noise (docs/DESIGN.md, "The sampling schedule"): image k of a prompt starts from torch.randn(1, 16, H/8, W/8,
 generator=torch.Generator("cpu").manual_seed(seed + k)) in float32, moved to the device. That is what
 diffusers' StableDiffusion3Pipeline draws with generator=torch.Generator("cpu").manual_seed(seed + k), so
 a seed gives the same image in both (tests/test_generate.py: within 1e-4 at a tiny size), and the same
@@ -93,11 +93,12 @@ import samplers
 from sd3 import vae
 from sd3.checkpoint import atomic_write  # the project's one atomic-write mechanism
 from evaluation.plots import image_grid
+from sd3 import student_file, text_encoders
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CLIP_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
-DEFAULT_W = 5.0  # the released student's inference setting (SPEC.md section 5)
+DEFAULT_W = 5.0  # the w of the authors' released inference example
 TOY_VIEW = 8  # toy images are saved this many times larger (nearest neighbour)
 SHEET = (8, 8)  # the contact sheet: at most this many prompts x images per prompt
 ENCODE_CHUNK = 16  # prompts through the text encoders at once
@@ -437,7 +438,7 @@ def check(args, world=None):
     size, text_encoders, vae_path = _check_models(a, toy_world)
     if a.lora and a.student_method not in (None, *lora.METHODS):
         raise ValueError(f"--student-method {a.student_method}: a LoRA student is one of {', '.join(lora.METHODS)}")
-    student_method = embed.student_files(a.student or a.lora, a.student_method)[0] if a.method == "student" else None
+    student_method = student_file.student_files(a.student or a.lora, a.student_method)[0] if a.method == "student" else None
     if a.lora and student_method not in lora.METHODS:
         raise ValueError(f"--lora {a.lora}: a LoRA student is one of {', '.join(lora.METHODS)}, not {student_method!r}")
     if a.w_rounding == "model" and student_method != "teefusion":
@@ -547,7 +548,7 @@ def encode(plan, indices):
         encoders = plan.world.encoders
     else:
         context_dim = mmdit.read_config(a.model).context_dim
-        encoders = embed.TextEncoders.from_pretrained(plan.text_encoders, plan.device, plan.dtype, use_t5=not a.no_t5,
+        encoders = text_encoders.TextEncoders.from_pretrained(plan.text_encoders, plan.device, plan.dtype, use_t5=not a.no_t5,
                                                       context_dim=context_dim)
     # the prompts go through the encoders in fixed chunks of the prompt list (prompts c*16 to c*16 + 15), so
     # that a prompt's embedding does not depend on which prompts a rank, or a resumed run, still needs
@@ -584,7 +585,7 @@ def load_models(plan):
         m["fusion"] = embed.make_fusion(plan.student_method, m["model"].config, **w_dtype).to(dev).eval()
     elif a.method == "student":
         w_dtype = dt if a.w_rounding == "model" else None
-        m["model"], m["fusion"] = embed.load_student(a.student, plan.student_method, dev, dt, w_dtype=w_dtype)
+        m["model"], m["fusion"] = student_file.load_student(a.student, plan.student_method, dev, dt, w_dtype=w_dtype)
     elif a.method == "w2sd" and a.w2sd_finetuned:
         m["model"], m["weak"] = blend(a.strong_scale), blend(a.weak_scale)
         m["main"] = blend(a.main_scale) if a.w2sd_main else None

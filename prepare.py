@@ -326,7 +326,7 @@ def prepare(samples, out, vae, resolution, root=".", text_encoder=None, shard_si
     "square" (every image to resolution x resolution; shards as written before buckets).
     vae: a vae.VAE. text_encoder: None (latents and captions only) or an object with
     encode(prompts) -> (context (B, L, Dc), y (B, Dy)) and encode_null() -> (context (1, L, Dc),
-    y (1, Dy)), e.g. embed.TextEncoders. This process handles shards rank, rank + world_size, ...
+    y (1, Dy)), e.g. text_encoders.TextEncoders. This process handles shards rank, rank + world_size, ...
     and skips shards already on disk. Returns {"built": [...], "reused": [...], "index": the
     index dict, or None while other processes' shards are missing}.
     """
@@ -692,9 +692,9 @@ def main(args):
     text_encoder = None
     if args.text_encoders:
         try:
-            from embed import TextEncoders  # imported here: prepare.py works (latents only) without embed.py
+            from sd3.text_encoders import TextEncoders  # imported here: prepare.py works (latents only) without embed.py
         except ImportError as e:
-            raise ImportError(f"--text-encoders needs embed.TextEncoders (embed.py): {e}") from e
+            raise ImportError(f"--text-encoders needs text_encoders.TextEncoders (embed.py): {e}") from e
         text_encoder = TextEncoders.from_pretrained(args.text_encoders, device=device, dtype=precision,
                                                     use_t5=not args.no_t5)
     sources = dict(vae=os.path.abspath(args.vae), use_t5=not args.no_t5,
@@ -728,7 +728,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="output folder for the shards and index.json")
     parser.add_argument("--vae", required=True,
                         help="Stability single file, VAE .safetensors, or diffusers vae/ folder")
-    parser.add_argument("--text-encoders", help="folder for embed.TextEncoders.from_pretrained; "
+    parser.add_argument("--text-encoders", help="folder for text_encoders.TextEncoders.from_pretrained; "
                                                 "without it the shards hold latents and captions only")
     parser.add_argument("--no-t5", action="store_true", help="encode without T5 (passed to TextEncoders)")
     parser.add_argument("--resolution", type=int, default=1024, help="R, a multiple of 16: the images' area is about "

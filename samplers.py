@@ -224,24 +224,22 @@ def guided(net, cond, null, w, counter=None, min_w=0.0, name="w"):
 
 def student(model, context, y, y_null, w, counter=None, fusion=None, context_null=None):
     """The TeEFusion student: ONE forward per call on the conditional tokens, with the guidance
-    w fused into the conditioning vector z (Eq. 7, embed.teefusion_conditioning); the null
-    prompt enters only through its pooled vector y_null. 1 NFE per call.
+    w fused into the conditioning vector z (Eq. 7, embed.teefusion_conditioning, through
+    fusion.conditioning); the null prompt enters only through its pooled vector y_null. 1 NFE per call.
 
-    Everything in z but G(psi(t)) is computed ONCE here, not per step (embed.Fusion.prepare):
-    F(y) + G(psi(w)) * F(y - y_null) / 256 for Eq. 7, the DICE enhancer's tokens, ...
     fusion: another student input from embed.FUSIONS (the Table 3 ablations "gonly" and
-    "distillcfg", or the DICE baseline, which also reads context_null), or embed.TeEFusion(w_dtype)
-    to form 1000 w as a bf16 pipeline does; still one forward.
+    "distillcfg", or the DICE baseline, whose tokens also read context_null: computed once here), or
+    embed.TeEFusion(w_dtype) to form 1000 w as a bf16 pipeline does; still one forward.
     """
     check_w(w)
     fusion = embed.TeEFusion() if fusion is None else fusion
     forward = _counted(model, counter)
     y_null = y_null.expand_as(y)  # (B, Dy)
-    context_s, y_s, text = fusion.prepare(model, context, y, context_null, y_null, w)  # text (B, D)
+    context_s = fusion.student_context(model, context, context_null)  # (B, L, Dc)
 
     def v(x, t):
-        z = embed.timestep_term(model, t, x.shape[0]) + text  # Eq. 7 (or the fusion's z), (B, D)
-        return forward(x, t, context_s, y_s, vec=z)
+        z = fusion.conditioning(model, t, y, y_null, w)  # Eq. 7 (or the ablation's z), (B, D)
+        return forward(x, t, context_s, y, vec=z)
 
     return v
 
@@ -249,24 +247,26 @@ def student(model, context, y, y_null, w, counter=None, fusion=None, context_nul
 def student_steps(model, context, y, y_null, w, times, counter=None, fusion=None, context_null=None):
     """`student` for a known schedule: one velocity function per step, times (N,) the flow time of
     each. z (Eq. 7) depends on t, the prompt and w only, never on x, so the conditioning of EVERY
-    step is computed here at once: G(psi(t)) for the N times, then every adaLN output of the
-    network (MMDiT.adaln), N * B rows through each layer in one matrix product instead of N
-    matrix-vector products (at B = 1 those read the whole adaLN weights at every step). Each step
-    is then one forward that only runs the blocks. Same NFE as `student`; memory: N * B * (12
-    depth + 2) * D floats (SD3-medium, 50 steps: 89 MB per image)."""
+    step is computed here at once: fusion.conditioning on the N * B rows (t repeated per image, y,
+    y_null and w per step), then every adaLN output of the network (MMDiT.adaln), N * B rows through
+    each layer in one matrix product instead of N matrix-vector products (at B = 1 those read the
+    whole adaLN weights at every step). Each step is then one forward that only runs the blocks.
+    Same NFE as `student`; memory: N * B * (12 depth + 2) * D floats (SD3-medium, 50 steps: 89 MB
+    per image)."""
     check_w(w)
     fusion = embed.TeEFusion() if fusion is None else fusion
     forward = _counted(model, counter)
-    y_null = y_null.expand_as(y)  # (B, Dy)
-    context_s, y_s, text = fusion.prepare(model, context, y, context_null, y_null, w)  # text (B, D)
     N, B = len(times), y.shape[0]
-    times = torch.as_tensor(times, dtype=torch.float32, device=text.device)
-    z = embed.timestep_term(model, times.repeat_interleave(B)) + text.repeat(N, 1)  # Eq. 7 for every step, (N*B, D)
+    y_null = y_null.expand_as(y)  # (B, Dy)
+    context_s = fusion.student_context(model, context, context_null)  # (B, L, Dc)
+    times = torch.as_tensor(times, dtype=torch.float32, device=y.device)
+    w_rows = embed.guidance_tensor(w, B, y.device).repeat(N)  # (N*B,)
+    z = fusion.conditioning(model, times.repeat_interleave(B), y.repeat(N, 1), y_null.repeat(N, 1), w_rows)  # (N*B, D)
     adaln = [m.view(N, B, -1) for m in model.adaln(z)]  # each (N, B, n_mods * D)
 
     def step(i):
         mods = [m[i] for m in adaln]  # each (B, n_mods * D)
-        return lambda x, t: forward(x, t, context_s, y_s, adaln=mods)
+        return lambda x, t: forward(x, t, context_s, y, adaln=mods)
 
     return [step(i) for i in range(N)]
 

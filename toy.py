@@ -2,7 +2,7 @@
 The toy world: a tiny text-to-image task that runs the whole TeEFusion paper on a laptop CPU.
 
 SD3 cannot run on most readers' machines. This file builds a world small enough to train in
-minutes that goes through the SAME code as SD3 (DESIGN.md, "Two worlds, one code path"), and
+minutes that goes through the SAME code as SD3 (docs/DESIGN.md, "The toy world's adaptations"), and
 hard enough that the paper's claims can show or fail to show in it:
 
     images     8x16 RGB pictures of TWO coloured shapes on black, one in each 8x8 cell, used
@@ -15,7 +15,7 @@ hard enough that the paper's claims can show or fail to show in it:
                training: only these combinations do not.
                20% of training captions describe another picture (web-like caption noise,
                CAPTION_NOISE): the reason guidance matters, as on real data
-    text       embed.TextEncoders (SD3's class) over two tiny random CLIPTextModelWithProjection
+    text       text_encoders.TextEncoders (SD3's class) over two tiny random CLIPTextModelWithProjection
                models with a word-level tokenizer made on the spot (no downloads, no T5)
     teacher    mmdit.MMDiT at a tiny size, flow matching with caption dropout to the null prompt
                (the encoded empty string) so classifier-free guidance applies; an early
@@ -54,9 +54,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from run import cli
-import embed
 from sd3.checkpoint import CheckpointError, atomic_json, atomic_write
 from mmdit import MMDiT, MMDiTConfig, load_mmdit, read_config, save_mmdit
+from sd3 import text_encoders
 
 # -----------------------------------------------------------------------------
 # The world: what can be drawn and said
@@ -270,7 +270,7 @@ def make_encoders(state=None, device="cpu"):
     if state is not None:
         for name, m in (("clip_l.", clip_l), ("clip_g.", clip_g)):
             m.load_state_dict({k[len(name):]: v for k, v in state.items() if k.startswith(name)})
-    return embed.TextEncoders(clip_l, word_tokenizer("</s>", TOKENS), clip_g, word_tokenizer("!", TOKENS),
+    return text_encoders.TextEncoders(clip_l, word_tokenizer("</s>", TOKENS), clip_g, word_tokenizer("!", TOKENS),
                               max_t5_tokens=0, context_dim=sum(CLIP_WIDTHS), device=device)
 
 

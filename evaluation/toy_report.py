@@ -49,7 +49,6 @@ from tqdm import tqdm
 
 from sd3 import checkpoint
 from run import cli
-import embed
 from sd3 import lora
 from evaluation import plots
 from run import relaunch
@@ -57,6 +56,7 @@ import samplers
 import toy
 from sd3 import vae
 from sd3.checkpoint import atomic_json, atomic_write
+from sd3 import student_file
 
 TEACHER_ROWS = (("unguided (Euler)", "euler"), ("Euler + CFG", "cfg"), ("Z-Sampling + CFG", "zsampling"),
                 ("W2SD + CFG", "w2sd"))
@@ -164,8 +164,8 @@ def load_students(specs, device="cpu"):
     with model, fusion, method, teacher, label."""
     out = []
     for spec in specs:
-        model, fusion = embed.load_student(spec["path"], device=device)
-        method, _ = embed.student_files(spec["path"])
+        model, fusion = student_file.load_student(spec["path"], device=device)
+        method, _ = student_file.student_files(spec["path"])
         teacher = spec.get("teacher") or _metadata(spec["path"]).get("teefusion_teacher")
         if teacher is None:
             raise ValueError(f"{spec['path']}: which teacher was it distilled from? (pass teacher=; distill.py "
@@ -519,7 +519,7 @@ def check_student(path, teacher=None, flag="--student"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path}: no such file")
     toy.check_network(path, flag)
-    method, _ = embed.student_files(path)
+    method, _ = student_file.student_files(path)
     teacher = teacher or _metadata(path).get("teefusion_teacher")
     if teacher is None:
         raise ValueError(f"{flag} {path}: which teacher was it distilled from? (give --teacher; distill.py records it "

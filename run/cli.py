@@ -1,5 +1,5 @@
 """
-The command-line contract every script of this project keeps (DESIGN.md, "Contracts"):
+The command-line contract every script of this project keeps (docs/RELIABILITY.md has what each command checks):
 
     bad input (a wrong file, a missing key, an argument that cannot work)
         -> ONE line `error: <what is wrong, naming it>` on stderr, exit status 2

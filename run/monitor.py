@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 import samplers
 from evaluation.plots import image_grid
+from sd3 import text_encoders
 
 GRID_PROMPTS = 4  # rows of a grid when no --sample-prompts FILE is given
 GRID_W = 5.0  # the released student's w: the teacher's column and the student's first one
@@ -315,13 +316,12 @@ class Monitor:
         """--sample-prompts through the text encoders (toy world: its own; SD3: loaded, used, freed)."""
         if self.world is not None:
             return self.world.encoders.encode(prompts)
-        import embed
 
         context_null = dataset.null()[0]  # (1, L, Dc): the data's token count and width
         sources = _index_sources(self.args.data)
         use_t5 = bool(sources.get("use_t5", True))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        encoders = embed.TextEncoders.from_pretrained(text_encoders_source(self.args), self.device, dtype, use_t5=use_t5,
+        encoders = text_encoders.TextEncoders.from_pretrained(text_encoders_source(self.args), self.device, dtype, use_t5=use_t5,
                                                       max_t5_tokens=context_null.shape[1] - 77,
                                                       context_dim=context_null.shape[2])
         context, y = encoders.encode(prompts)  # (P, L, Dc), (P, Dy)

@@ -2,8 +2,8 @@
 Checkpoint files: how the SD3 MMDiT's tensors are stored, read and written, and how every file
 of this project is written without ever leaving half of one.
 
-The network itself is mmdit.py; this file knows only names, shapes and bytes (SPEC.md section 1,
-"Checkpoint formats"):
+The network itself is mmdit.py; this file knows only names, shapes and bytes (docs/DESIGN.md,
+"The SD3 / SD3.5 MMDiT" and "Files"), in two layouts:
 
     Stability   one file, keys under `model.diffusion_model.` (or without it), the parameter
                 names of mmdit.py; the same file may hold the VAE and text encoders, never read

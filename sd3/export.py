@@ -46,6 +46,7 @@ import time
 
 from run import cli
 from sd3.checkpoint import atomic_write
+from sd3 import student_file
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "vae",
               "scheduler")  # the released pipeline's modules besides the transformer
@@ -374,9 +375,8 @@ def _json(obj, path):
 
 def stored_info(path):
     """run_info stored in a student file's metadata (distill.py writes it), or a minimal one."""
-    import embed
 
-    method, _ = embed.student_files(path)
+    method, _ = student_file.student_files(path)
     info = {"method": method}
     if os.path.isfile(path):
         from safetensors import safe_open

@@ -470,7 +470,7 @@ def save_adapter(model, base, path, metadata=None, dtype=torch.float32):
 
 def merge_files(base_path, lora_path, out_path, dtype=torch.float32, of=None):
     """A full student in Stability's layout from a base checkpoint and an adapter file, with the
-    adapter's metadata (the method, teacher and step that embed.load_student and generate.py read);
+    adapter's metadata (the method, teacher and step that student_file.load_student and generate.py read);
     of: `merge_inputs`, recorded under teefusion_merge_of (a relaunch finds the merge done). Only a student
     whose every weight is finite in `dtype` is written."""
     base = load_mmdit(base_path, dtype=torch.float32)

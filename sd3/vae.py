@@ -4,7 +4,7 @@ The Stable Diffusion 3 VAE (an AutoencoderKL with 16 latent channels), written b
 It maps images (B, 3, H, W) in [-1, 1] to latents (B, 16, H/8, W/8) and back. TeEFusion's
 training data x0 are its latents (prepare.py) and every sampled latent becomes a picture
 through its decoder (evaluate.py). SD3 shifts and scales the latents so that the MMDiT sees
-roughly zero mean and unit variance (SPEC.md section 3):
+roughly zero mean and unit variance (docs/DESIGN.md, "The VAE"):
 
     encode:  z = (posterior mean or sample - 0.0609) * 1.5305
     decode:  x = decoder(z / 1.5305 + 0.0609)            image = clamp((x + 1) / 2, 0, 1)
@@ -269,7 +269,7 @@ class VAE(nn.Module):
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
             z = mean + std * eps.to(mean.device)
-        return (z - cfg.shift_factor) * cfg.scaling_factor  # SPEC.md section 3
+        return (z - cfg.shift_factor) * cfg.scaling_factor  # docs/DESIGN.md, "The VAE"
 
     @torch.no_grad()
     def decode(self, latents, chunk_size=4):
@@ -279,7 +279,7 @@ class VAE(nn.Module):
         cfg = self.config
         if latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
             raise ValueError(f"VAE.decode expects latents (B, {cfg.latent_channels}, h, w), got {tuple(latents.shape)}")
-        z = latents.float() / cfg.scaling_factor + cfg.shift_factor  # SPEC.md section 3
+        z = latents.float() / cfg.scaling_factor + cfg.shift_factor  # docs/DESIGN.md, "The VAE"
         return torch.cat([
             self.decoder(chunk.to(self.device, self.dtype)).float().to(latents.device)
             for chunk in z.split(chunk_size)

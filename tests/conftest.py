@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from sd3.vae import VAEConfig
+from sd3 import text_encoders
 
 WORDS = ["a", "red", "blue", "cat", "dog", "on", "the", "grass", "photo", "of"]
 
@@ -104,15 +105,14 @@ SD3_CAPTIONS = ["a red cat on the left", "the big blue dog", "a small green squa
 @pytest.fixture(scope="session")
 def sd3_data(sd3_pipeline, tmp_path_factory):
     """Training shards for sd3_pipeline in prepare.py's layout (one shard, index.json, null.safetensors): 8
-    captions encoded by the pipeline's own text encoders (embed.TextEncoders), random 64 x 64 px latents
+    captions encoded by the pipeline's own text encoders (text_encoders.TextEncoders), random 64 x 64 px latents
     (16 x 8 x 8), the null prompt the encoded empty string."""
     import json
 
     from safetensors.torch import save_file
 
-    import embed
     _, folder = sd3_pipeline
-    encoders = embed.TextEncoders.from_pretrained(folder, context_dim=48)
+    encoders = text_encoders.TextEncoders.from_pretrained(folder, context_dim=48)
     context, y = encoders.encode(SD3_CAPTIONS)  # (N, L, Dc), (N, Dy)
     context_null, y_null = encoders.encode_null()  # (1, L, Dc), (1, Dy)
     latents = torch.randn(len(SD3_CAPTIONS), 16, 8, 8, generator=torch.Generator().manual_seed(0))  # (N, 16, 8, 8)

@@ -15,6 +15,7 @@ from mmdit import CONFIGS, MMDiT
 
 import diffusers  # test oracle (requirements-test.txt)
 import transformers  # test oracle (requirements-test.txt)
+from sd3 import student_file, text_encoders
 
 
 def randomize_(module, seed=0):
@@ -150,24 +151,29 @@ def test_ablations(model):
 
 @pytest.mark.parametrize("scale", [None, 0.25])
 def test_every_fusion_against_the_paper_by_hand(model, scale):
-    """Each student input's z, as training makes it (forward) and as a sampler makes it (prepare once, then
-    G(psi(t)) per step), against z written from the paper's text on the raw weights (tests/oracles.py:
-    psi from diffusers' Timesteps, G and F by hand), at the released scale and at another one."""
+    """Each student input's z, as training makes it (forward) and as the all-steps sampler makes it
+    (conditioning on the N * B rows of every step at once), against z written from the paper's text on the
+    raw weights (tests/oracles.py: psi from diffusers' Timesteps, G and F by hand), at the released scale
+    and at another one."""
     B = 2
     t, context, y, null_ctx, y_null = torch.rand(B), torch.randn(B, 5, 32), torch.randn(B, 24), torch.randn(1, 5, 32), \
         torch.randn(1, 24)
     w = torch.tensor([3.0, 9.0])
+    times = torch.tensor([0.9, 0.5, 0.1])  # (N,)
     with torch.no_grad():
         for name in embed.FUSIONS:
             torch.manual_seed(0)
             fusion = embed.make_fusion(name, model.config, scale if name in embed.SCALED else None)
             ctx, yy, vec = fusion(model, t, context, y, null_ctx, y_null, w)
-            ctx_p, yy_p, text = fusion.prepare(model, context, y, null_ctx, y_null, w)
             mlp = fusion.guidance_in.mlp if name == "distillcfg" else None
             expected = oracles.conditioning(model, name, t, y, y_null, w, scale, guidance_mlp=mlp)
             assert (vec - expected).abs().max() <= 1e-5, name
-            assert (embed.timestep_term(model, t) + text - expected).abs().max() <= 1e-5, name
-            assert torch.equal(ctx, ctx_p) and torch.equal(yy, yy_p) and torch.equal(yy, y), name
+            rows = fusion.conditioning(model, times.repeat_interleave(B), y.repeat(3, 1), y_null.expand_as(y).repeat(3, 1),
+                                       w.repeat(3)).view(3, B, -1)  # (N, B, D)
+            for i, ti in enumerate(times):
+                step = oracles.conditioning(model, name, ti.expand(B), y, y_null, w, scale, guidance_mlp=mlp)
+                assert (rows[i] - step).abs().max() <= 1e-5, (name, i)
+            assert torch.equal(ctx, fusion.student_context(model, context, null_ctx)) and torch.equal(yy, y), name
             if name != "dice":  # DICE's tokens: test_dice_enhancer
                 assert torch.equal(ctx, context), name
     with pytest.raises(ValueError, match="has no Eq. 7 scale"):
@@ -300,7 +306,7 @@ def test_prompt_encoding_matches_diffusers(encoders, tmp_path, use_t5):
     for name, part in encoders.items():
         part.save_pretrained(tmp_path / name)
     # without T5, the context width is the MMDiT's (48 here), which T5 would otherwise give
-    ours = embed.TextEncoders.from_pretrained(str(tmp_path), use_t5=use_t5, max_t5_tokens=256, context_dim=48)
+    ours = text_encoders.TextEncoders.from_pretrained(str(tmp_path), use_t5=use_t5, max_t5_tokens=256, context_dim=48)
     pipe = reference_pipeline(encoders, use_t5)
     prompts = ["a red cat on the left", "the big blue square right of a small green circle"]
     negatives = ["photo", "dog"]
@@ -322,7 +328,7 @@ def test_prompt_encoding_matches_diffusers(encoders, tmp_path, use_t5):
 
 def test_prompt_encoding_errors_and_truncation(encoders, tmp_path):
     parts = {k: v for k, v in encoders.items()}
-    ours = embed.TextEncoders(parts["text_encoder"], parts["tokenizer"], parts["text_encoder_2"],
+    ours = text_encoders.TextEncoders(parts["text_encoder"], parts["tokenizer"], parts["text_encoder_2"],
                               parts["tokenizer_2"], parts["text_encoder_3"], parts["tokenizer_3"], max_t5_tokens=8)
     with pytest.raises(ValueError, match="at least one prompt"):
         ours.encode([])
@@ -330,7 +336,7 @@ def test_prompt_encoding_errors_and_truncation(encoders, tmp_path):
         context, _ = ours.encode(["a red cat on the left of a big blue dog"])
     assert context.shape == (1, 77 + 8, 48)
     with pytest.raises(FileNotFoundError, match="missing text-encoder folders"):
-        embed.TextEncoders.from_pretrained(str(tmp_path))
+        text_encoders.TextEncoders.from_pretrained(str(tmp_path))
 
 
 def test_a_student_file_keeps_its_eq7_scale(model, tmp_path):
@@ -344,11 +350,11 @@ def test_a_student_file_keeps_its_eq7_scale(model, tmp_path):
              "u.safetensors": ({"teefusion_method": "gonly"}, None)}
     for name, (meta, scale) in cases.items():
         path = mmdit.save_mmdit(model, str(tmp_path / name), metadata=meta)
-        loaded, fusion = embed.load_student(path)
+        loaded, fusion = student_file.load_student(path)
         with torch.no_grad():
             _, _, vec = fusion(loaded, t, None, y, None, y_null, w)
             expected = oracles.conditioning(model, meta["teefusion_method"], t, y, y_null, w, scale)
         assert (vec - expected).abs().max() <= 1e-5, name
     mmdit.save_mmdit_diffusers(model, str(tmp_path / "export"), extra_config={"txt_align_guidance": True})
-    loaded, fusion = embed.load_student(str(tmp_path / "export"))
+    loaded, fusion = student_file.load_student(str(tmp_path / "export"))
     assert fusion.scale == embed.RELEASED_SCALE == 1 / 256

@@ -36,6 +36,7 @@ import toy
 from sd3 import vae
 
 import diffusers  # test oracle (requirements-test.txt)
+from sd3 import student_file, text_encoders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cat on the left", "the big blue square right of a small green circle"]
@@ -204,14 +205,14 @@ def test_student_equals_the_released_student_on_diffusers(pipeline, tmp_path):
         print(f"\nstudent ({method}) vs the released student on diffusers: {np.abs(png - ref).max()} uint8 levels "
               f"(w = 9 instead of 3 moves it by {np.abs(other_w - ref).max()})")
         assert np.abs(png - ref).max() <= 1 and np.abs(other_w - ref).max() > 10  # w is seen
-    model2, fusion2 = embed.load_student(str(run_dir / "student.safetensors"))  # the method from the metadata
+    model2, fusion2 = student_file.load_student(str(run_dir / "student.safetensors"))  # the method from the metadata
     assert isinstance(fusion2, embed.DistillCFG) and torch.equal(fusion2.guidance_in.mlp[0].weight,
                                                                  fusion.guidance_in.mlp[0].weight)
     with pytest.raises(ValueError, match="trained as 'distillcfg'"):
-        embed.student_files(str(run_dir / "student.safetensors"), "teefusion")
+        student_file.student_files(str(run_dir / "student.safetensors"), "teefusion")
     os.remove(run_dir / "fusion.safetensors")
     with pytest.raises(FileNotFoundError, match="fusion.safetensors"):
-        embed.load_student(str(run_dir / "student.safetensors"))
+        student_file.load_student(str(run_dir / "student.safetensors"))
 
 
 def test_resume_metadata_index_and_sheet(pipeline, tmp_path):
@@ -325,7 +326,7 @@ def test_bad_input_one_error_line_exit_2(bad_runs, case, monkeypatch, capsys):
 
     # in this process, with every loader replaced by one that fails: the same error, nothing loaded
     for owner, name in ((mmdit, "load_mmdit"), (mmdit, "load_mmdit_blend"), (vae, "load_vae"),
-                        (embed.TextEncoders, "from_pretrained"), (embed, "load_student"), (toy, "build_world")):
+                        (text_encoders.TextEncoders, "from_pretrained"), (student_file, "load_student"), (toy, "build_world")):
         monkeypatch.setattr(owner, name, heavy)
     with pytest.raises(SystemExit) as e:
         cli.run(generate.main, generate.build_parser(), argvs[case])

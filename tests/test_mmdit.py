@@ -14,7 +14,6 @@ from sd3 import checkpoint
 import mmdit
 from mmdit import CONFIGS, MMDiT, CheckpointError, load_mmdit, save_mmdit
 
-import diffusers  # test oracle (requirements-test.txt)
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
 VARIANTS = ["tiny-sd3", "tiny-sd3.5-medium", "tiny-sd3.5-large"]

@@ -24,6 +24,7 @@ from run import batches
 import prepare as prepare_module
 from prepare import ShardDataset, find_samples, prepare
 from sd3.vae import VAE, from_pil, load_image
+from sd3 import text_encoders
 
 R = 32  # resolution: latents (16, 4, 4)
 GOOD = {  # name -> (size, mode)
@@ -34,7 +35,7 @@ BAD = ("b_corrupt.jpg", "d_truncated.png")  # sorted order puts one bad image in
 
 
 class FakeTextEncoder:
-    """embed.TextEncoders' interface at toy sizes (L=5, Dc=8, Dy=6): a deterministic function of
+    """text_encoders.TextEncoders' interface at toy sizes (L=5, Dc=8, Dy=6): a deterministic function of
     each caption alone, so the stored embeddings can be checked exactly."""
 
     def encode(self, prompts):
@@ -231,12 +232,11 @@ def test_caption_files_and_input_errors(images, tmp_path, vae):
 
 
 def test_interface_of_embed_text_encoders():
-    """prepare.py duck-types embed.TextEncoders; this checks the real class has that interface
+    """prepare.py duck-types text_encoders.TextEncoders; this checks the real class has that interface
     (its numerics are tested in tests/test_embed.py)."""
-    import embed
 
     for name in ("from_pretrained", "encode", "encode_null"):
-        assert callable(getattr(embed.TextEncoders, name, None)), name
+        assert callable(getattr(text_encoders.TextEncoders, name, None)), name
 
 
 def test_command_line(images, tmp_path, vae):

@@ -15,7 +15,7 @@ import samplers
 from mmdit import CONFIGS, MMDiT
 from samplers import (
     NFECounter, check_w, conditional, euler, flow_sigmas, guidance_scale_to_w, guided, reflection_step,
-    sample, teacher_target, w2sd, w_to_guidance_scale, zsampling,
+    sample, teacher_target, w_to_guidance_scale, zsampling,
 )
 
 
@@ -319,7 +319,7 @@ def test_ablation_students_through_a_fusion_module():
             # enhanced ones (pinned by hand in tests/test_embed.py::test_dice_enhancer)
             mlp = fusion.guidance_in.mlp if name == "distillcfg" else None
             z = oracles.conditioning(model, name, t, y, y_null, w, guidance_mlp=mlp)
-            tokens = fusion.prepare(model, context, y, context_null, y_null, w)[0] if name == "dice" else context
+            tokens = fusion.student_context(model, context, context_null) if name == "dice" else context
             torch.testing.assert_close(out, model(noise, t, tokens, y, vec=z), rtol=0, atol=1e-5, msg=name)
         assert counter.per_sample(2) == 1, name
         _, nfe = sample("student", model, noise, context, y, context_null, y_null, w=w, steps=3, fusion=fusion)
@@ -638,18 +638,21 @@ def test_refused_arguments():
         guided(model, (context, y), (context_null[:, :2], y_null), 3.0)
 
 
-def test_student_prepares_what_does_not_depend_on_t_once():
-    """Eq. 7's t-independent part (and any fusion's) is computed once per sample() call; each step
-    only adds G(psi(t)): N network calls, one prepare."""
+def test_student_computes_the_tokens_once_and_z_of_every_step_in_one_call():
+    """sample("student") reads the student's tokens once (DICE's enhancer runs once, not per step) and
+    computes z of all N steps in ONE call of the fusion's conditioning (Eq. 7's one code path), on N * B
+    rows: N network calls, one conditioning."""
     model = tiny_mmdit(0)
     noise, context, y, context_null, y_null = mmdit_inputs(B=2)
     for name in ("teefusion", "dice"):
         fusion = embed.make_fusion(name, model.config)
-        calls = []
-        prepare = fusion.prepare
-        fusion.prepare = lambda *a, _p=prepare: calls.append(1) or _p(*a)
+        calls = {"student_context": [], "conditioning": []}
+        for method in calls:
+            original = getattr(fusion, method)
+            setattr(fusion, method, lambda *a, _o=original, _c=calls[method]: _c.append(a) or _o(*a))
         x0, nfe = sample("student", model, noise, context, y, context_null, y_null, w=4.0, steps=5, fusion=fusion)
-        assert len(calls) == 1 and nfe == 5, name
+        assert len(calls["student_context"]) == 1 and nfe == 5, name
+        assert len(calls["conditioning"]) == 1 and calls["conditioning"][0][2].shape == (5 * 2, y.shape[1]), name
     x_default, _ = sample("student", model, noise, context, y, y_null=y_null, w=4.0, steps=5)
     x_fusion, _ = sample("student", model, noise, context, y, y_null=y_null, w=4.0, steps=5,
                          fusion=embed.TeEFusion())

@@ -18,6 +18,7 @@ import samplers
 import toy
 from evaluation import toy_report
 from mmdit import load_mmdit, save_mmdit
+from sd3 import student_file
 
 
 @pytest.fixture(autouse=True)
@@ -119,13 +120,13 @@ def test_report_on_a_tiny_world(world, tmp_path, capsys):
         x = noise.clone()
         with torch.no_grad():
             if student_path:
-                model, _ = embed.load_student(student_path)
+                model, _ = student_file.load_student(student_path)
                 mlp = load_file_fusion(student_path)
             for i in range(2):
                 s, s_next = sigmas[i].item(), sigmas[i + 1].item()
                 h = s_next - s
                 if student_path:  # one forward on z (Eq. 7 or the ablation's), from the raw weights
-                    z = oracles.conditioning(model, embed.student_files(student_path)[0], s, y, y_null, w,
+                    z = oracles.conditioning(model, student_file.student_files(student_path)[0], s, y, y_null, w,
                                              guidance_mlp=mlp)
                     x = x + h * model(x, torch.full((len(x),), s), context, y, vec=z)
                 elif kind == "w2sd" and i == 0:  # Eq. 3 (the weak model inverts at t), Eq. 4 (the strong one moves)

@@ -27,19 +27,19 @@ from safetensors.torch import save_file
 
 from sd3 import checkpoint
 from run import cli
-import embed
 from evaluation import fid
 from sd3 import lora
 from evaluation import metrics
 import mmdit
 import toy
 from sd3 import vae
+from sd3 import student_file, text_encoders
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY_PROMPT = "a red plus left of a blue square"
 # the work a refusal must come before: replaced, in the "before" cases, by a function that fails
 HEAVY = [(mmdit, "load_mmdit"), (mmdit, "load_mmdit_blend"), (vae, "load_vae"), (vae, "load_image"),
-         (embed.TextEncoders, "from_pretrained"), (embed, "load_student"), (toy, "build_world"),
+         (text_encoders.TextEncoders, "from_pretrained"), (student_file, "load_student"), (toy, "build_world"),
          (toy, "train_teacher"), (metrics, "load_scorer"), (fid, "load_inception"), (lora, "load_student"),
          (lora, "load_mmdit"), (toy, "load_mmdit"), (subprocess, "run")]
 

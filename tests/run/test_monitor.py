@@ -28,7 +28,6 @@ from safetensors.torch import load_file
 
 from run import cli
 import distill
-import embed
 import generate
 import mmdit
 from run import monitor
@@ -37,6 +36,7 @@ import prepare
 import toy
 from sd3 import vae
 from test_distill import torchrun_distill  # distill.py under torchrun, 2 gloo ranks
+from sd3 import student_file, text_encoders
 
 RES, STEPS = 64, 4  # the shards' 64 x 64 px images; the grid's (and the student's) sampler steps
 LABEL, GAP, TITLE = 110, 2, 20  # plots.image_grid: the row-label margin, the gutter, the column-title band
@@ -162,7 +162,7 @@ def test_toy_grid_and_tensorboard_through_a_fake_writer(tmp_path, monkeypatch):
     context, y = world.encoders.encode([rows[1]])  # the second row
     context_null, y_null = world.encoders.encode_null()
     noise = torch.randn(1, 3, toy.H, toy.W, generator=torch.Generator("cpu").manual_seed(0))
-    model, fusion = embed.load_student(str(out / "student.safetensors"))
+    model, fusion = student_file.load_student(str(out / "student.safetensors"))
     x0, _ = monitor.samplers.sample("student", model, noise, context, y, context_null, y_null, w=5.0, steps=20,
                                     fusion=fusion)
     ref = vae.to_uint8(x0)[0].numpy().repeat(8, 0).repeat(8, 1).astype(np.int16)  # nearest x8
@@ -201,7 +201,7 @@ def test_refusals_before_anything_heavy(sd3_data, tmp_path, monkeypatch, capsys,
         raise AssertionError("something heavy loaded before the input was checked")
 
     for owner, name in ((distill, "load_network"), (prepare, "ShardDataset"), (vae, "load_vae"),
-                        (embed.TextEncoders, "from_pretrained")):
+                        (text_encoders.TextEncoders, "from_pretrained")):
         monkeypatch.setattr(owner, name, heavy)
     with pytest.raises(SystemExit) as e:
         cli.run(distill.main, options.build_parser(), argv)

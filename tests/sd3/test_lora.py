@@ -37,6 +37,7 @@ import toy
 from mmdit import CONFIGS, MMDiT, load_mmdit, save_mmdit_diffusers
 from test_distill import (REPO, assert_adam_close, distill_cli, first_batch, make_shards, make_teacher, one_error,
                           read_log, torchrun_distill)
+from sd3 import student_file
 
 CFG = CONFIGS["tiny-sd3"]
 EVERY = ["qkv", "proj", "fc1", "fc2", "adaln", "context_embedder", "final"]  # every target but G and F
@@ -391,7 +392,7 @@ def test_merge_command_and_generate_with_the_adapter(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "sd3.lora", "merge", "--base", world.teacher_path, "--lora", adapter, "--out",
                         merged], cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
-    model, fusion = embed.load_student(merged)  # the method from the metadata
+    model, fusion = student_file.load_student(merged)  # the method from the metadata
     with safe_open(merged, "pt") as f:
         meta = f.metadata()
     assert meta["teefusion_teacher"] == "w2sd" and json.loads(meta[lora.METADATA])["rank"] == 2

@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 from sd3 import vae as vae_module
 from sd3.vae import VAEConfig, from_pil, from_uint8, load_image, load_vae, resize_center_crop, to_pil, to_uint8
 
-import diffusers  # test oracle (requirements-test.txt)
 from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
@@ -64,7 +63,7 @@ def test_diffusers_folder_matches_diffusers(reference, tiny_vae_config):
     z = torch.randn(2, 16, 6, 5)  # non-square: catches a transposed attention reshape
     x = torch.rand(2, 3, 48, 40) * 2 - 1
     with torch.no_grad():
-        x_ref = ref.decode(z / SCALE + SHIFT).sample  # SPEC.md section 3, decode side
+        x_ref = ref.decode(z / SCALE + SHIFT).sample  # un-normalised, then decoded (docs/DESIGN.md, "The VAE")
         posterior = ref.encode(x).latent_dist
         mean_ref = (posterior.mean - SHIFT) * SCALE
         sample_ref = (posterior.sample(generator=torch.Generator().manual_seed(7)) - SHIFT) * SCALE
