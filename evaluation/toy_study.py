@@ -343,6 +343,11 @@ def rounding_main(args):
     return text
 
 
+def _numbers(point):
+    """A scored point's measured numbers (not its training loss, which sums the log's last steps)."""
+    return {k: v for k, v in point.items() if k not in ("loss", "config")}
+
+
 def figure_main(args):
     """The runs of several studies (their study.json, --load, repeatable) in one table and one set of curves
     under --out: e.g. the budget curves of two scales beside the CFG-teacher floor."""
@@ -357,9 +362,12 @@ def figure_main(args):
             if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
                 raise cli.InputError(f"--load {path}: not a study.json (no \"results\" mapping)")
             for name, points in data["results"].items():
-                if name in results and results[name] != points:
-                    raise cli.InputError(f"--load {path}: run {name} is also in an earlier --load, with other points")
-                results[name] = points
+                mine = results.setdefault(name, {})
+                for steps, point in points.items():  # a run in two studies: the union of its budgets
+                    if steps in mine and _numbers(mine[steps]) != _numbers(point):
+                        raise cli.InputError(f"--load {path}: run {name} at {steps} steps is also in an earlier "
+                                             "--load, with other numbers")
+                    mine[steps] = point
     os.makedirs(args.out, exist_ok=True)
     text = format_points(results) + "\n" + "".join(f"figure: {p}\n" for p in curves(results, args.out))
     print(text.rstrip())
