@@ -120,7 +120,7 @@ def test_the_hook_kills_at_the_chosen_write_and_the_old_file_survives(tmp_path):
     """TEEFUSION_KILL_AT_WRITE="2:a.json": killed at the second write of a.json (the writes of b.json do not
     count), before the rename: a.json holds the first write, its temporary is left, and removing the
     temporaries of a.json (owned) leaves b.json's alone."""
-    code = ("import sys, checkpoint\n"
+    code = ("import sys\nfrom sd3 import checkpoint\n"
             "for i in range(3):\n"
             "    checkpoint.atomic_json({'i': i}, sys.argv[1] + '/b.json')\n"
             "    checkpoint.atomic_json({'i': i}, sys.argv[1] + '/a.json')\n")
@@ -250,7 +250,7 @@ def test_distill_in_the_toy_world_killed_in_its_report(tiny_world, tmp_path, mon
     monkeypatch.setattr(toy_report, "report", functools.partial(report, steps=2, n_seeds=1, split="dev"))
     argv = ["--steps", "3", "--ckpt-every", "3", "--global-batch", "8", "--no-progress", "--resume"]
     distill.main(options.parse_args([*argv, "--out", str(tmp_path / "whole")]))
-    stub = ("import functools, runpy, sys, toy, toy_report\n"
+    stub = ("import functools, runpy, sys, toy\nfrom evaluation import toy_report\n"
             f"settings = toy.TrainSettings(steps={TINY.steps}, batch_size={TINY.batch_size}, weak_step={TINY.weak_step})\n"
             "build = toy.build_world\n"
             f"toy.build_world = lambda cache_dir=None, **kw: build({world.cache_dir!r}, progress=False, settings=settings)\n"
