@@ -46,17 +46,18 @@ run/options.py.
 Choices Algorithm 1 leaves open, and what this file does:
   * The teacher step. The target is the velocity of ONE teacher step from t (samplers.teacher_target),
     the step the student's sampler takes from t: N = --teacher-steps (50 for SD3, the released
-    student's count; 20 in the toy world) on SD3's shifted schedule (samplers.schedule_step), with no
-    reflection where the sampler takes a plain step (its last one). For cfg the step length does not
-    matter (the target is the Eq. 2 velocity at t).
+    student's count; 20 in the toy world) on SD3's shifted schedule (samplers.schedule_step; at 50 steps
+    the step is ~0.007 near t = 1 and ~0.05 at low t), with no reflection where the sampler takes a plain
+    step (its last one). For cfg the step length does not matter (the target is the Eq. 2 velocity at t).
   * The reflection: the Z-Sampling authors' flow-matching settings (--preset flow), or their SDXL ones
     (--preset sdxl). W2SD: the strong model denoises at w, the weak one inverts at w = 0, and (Eq. 4) the
     strong model moves after the reflection (--w2sd-final main: a third model moves, as the W2SD release).
   * "Student initialised from the teacher": from the network whose velocity ends the teacher step (for
     W2SD the strong model), so the untrained student already takes the teacher step minus its guidance
     and reflection corrections.
-  * Cost of the target per sample, in teacher forwards: cfg 2, zsampling 6, w2sd 6, plus the student's
-    forward and backward (about 3 forwards' worth): a W2SD + CFG step costs about 1.8x a cfg step.
+  * Cost of the target per sample, in teacher forwards: cfg 2, zsampling 6, w2sd 6 (3 models held in
+    memory for w2sd with a main model, 2 otherwise), plus the student's forward and backward (about 3
+    forwards' worth): a W2SD + CFG step costs about 9 / 5 = 1.8x a cfg step.
   * t: uniform on (0, 1] (t = 0 has no step to take), or SD3's logit-normal (--t-sampling).
   * Eq. 7's 1/256 as released (embed.teefusion_conditioning); psi(1000 w) formed in float32.
   * Baselines as their papers train them: DICE trains its enhancer alone, MMDiT frozen, at ONE guidance
