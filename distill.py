@@ -184,7 +184,8 @@ def distill(run, args):
     # Algorithm 1: student initialised from the teacher (for W2SD the model that moves after the reflection)
     teacher, weak, main = run.load_teachers()  # frozen
     model = run.load_student_start()  # fp32 master weights, or --lora adapters on the frozen start network
-    fusion = embed.make_fusion(args.method, model.config, args.fused_scale).to(run.device)  # new modules: --seed
+    # its inputs: Eq. 7 (no new parameters), or an ablation's / DICE's new modules, drawn after --seed's reseed
+    fusion = embed.make_fusion(args.method, model.config, args.fused_scale).to(run.device)
     if not fusion.trains_model:  # DICE: the diffusion model stays frozen, only the enhancer learns
         frozen(model)
     student = Student(model, fusion).train()

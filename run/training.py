@@ -9,11 +9,13 @@ networks and data, and writes what the run leaves behind.
             return run.finished
         teacher, weak, main = run.load_teachers()       # frozen (W2SD: strong, weak and main models)
         model = run.load_student_start()                # the student's MMDiT: an fp32 copy, or LoRA adapters
-        ...                                             # distill.py builds the Student and AdamW
+        student = Student(model, fusion)                # (distill.py)
         ema = run.make_ema(student); run.shard(student, ema)           # --ema; --fsdp
+        optimizer = AdamW(trainable(student)[1], ...)   # (distill.py)
         start = run.resume(student, ema, optimizer)     # the step to start from, its checkpoint loaded
         forward = run.data_parallel(student); null = run.null_prompt()
         batches = run.micro_batches(start, draw)        # run/batches.py's stream, on the device
+        run.start_monitor(start, student, ema, null)    # sample grids, TensorBoard
         for step in run.steps(start):                   # a progress bar on rank 0
             ...                                         # Algorithm 1 (distill.py)
             loss = run.global_batch_loss(loss, step)    # all-reduced; a non-finite one stops the run
