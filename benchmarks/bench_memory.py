@@ -250,7 +250,7 @@ def measure(point, threads, optimizer_kind):
         optimizer.zero_grad(set_to_none=True)
         # the measured step
         with record_function("phase:forward"):
-            loss = distill.distill_loss(student, teacher, batch, null, args, weak, None)
+            loss, _ = distill.distill_loss(student, teacher, batch, null, args, weak, None)
         with record_function("phase:backward"):
             loss.backward()
         grads = nbytes(p.grad for p in params)

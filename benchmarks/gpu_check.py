@@ -245,7 +245,7 @@ def distillation_step_peak(device, cfg, side, text, lora_rank=None):
                     null=tuple(n.to(device) for n in null))
 
     def step(s):
-        loss = distill.distill_loss(s["student"], s["teacher"], s["batch"], s["null"], args, s["weak"], None)
+        loss, _ = distill.distill_loss(s["student"], s["teacher"], s["batch"], s["null"], args, s["weak"], None)
         loss.backward()
         s["optimizer"].step()
         s["optimizer"].zero_grad(set_to_none=True)

@@ -1,1 +1,1 @@
-"""The run machinery: command lines and error lines, distill.py's options, checkpoints and resume, final files, data batches, multi-GPU, monitoring."""
+"""The run machinery: the run around Algorithm 1 (training.Run), command lines and error lines, distill.py's options, checkpoints and resume, final files, data batches, multi-GPU, monitoring."""

@@ -5,12 +5,12 @@ draws, such that the step does not depend on the number of processes or on a res
 The global batch of optimizer step s is the stream positions
 p = s * B_global + j, j < B_global; position p is sample perm_e[p mod N] of the dataset, where
 perm_e is a permutation seeded by (seed, epoch e = p // N), and its t, w and eps come from a
-generator seeded by (seed, p). Rank r, accumulation round a, takes the micro-batch
-j = a * (world * B_micro) + r * B_micro + [0, B_micro). So the samples and the noise of a step
-do not depend on how the global batch is split: one process and N processes compute the same
-step, and a resume (also on another number of GPUs) continues the exact same stream. The step
-number is the whole random state. (DistributedSampler pads each epoch to a multiple of the
-world size, which would break this, so StepSampler does its job.)
+generator seeded by (seed, p) (distill.draw_t_w_eps, which distill.py hands to WithNoise). Rank r,
+accumulation round a, takes the micro-batch j = a * (world * B_micro) + r * B_micro + [0, B_micro).
+So the samples and the noise of a step do not depend on how the global batch is split: one process
+and N processes compute the same step, and a resume (also on another number of GPUs) continues the
+exact same stream. The step number is the whole random state. (DistributedSampler pads each epoch
+to a multiple of the world size, which would break this, so StepSampler does its job.)
 
 Buckets (prepare.py's aspect-ratio buckets: latents of different sizes cannot share a batch): the
 global batch of step s comes from ONE bucket b(s), drawn with probability N_b / N from a generator
@@ -22,7 +22,8 @@ properties above hold; with one bucket (square data, the toy world) c = s and q 
 exactly the one above.
 
     sampler = StepSampler(len(dataset), seed, start_step, steps, global_batch, micro, rank, world_size)
-    loader = DataLoader(WithNoise(dataset, seed, "uniform", 2.0, 14.0), batch_size=micro, sampler=sampler)
+    draw = functools.partial(distill.draw_t_w_eps, seed, t_sampling="uniform", w_min=2.0, w_max=14.0)
+    loader = DataLoader(WithNoise(dataset, draw), batch_size=micro, sampler=sampler)
     # each item: the dataset's {"latents", "context", "y", ...} plus "p", "t", "w", "eps"
 
 Tested in tests/test_distill.py (the stream of one process = that of two ranks; resume continues it)
@@ -36,21 +37,6 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 BUCKET_STREAM = 0x6275636B  # the bucket draws' own stream: np.random.default_rng((seed, BUCKET_STREAM, step))
-
-
-def draw(seed, p, shape, t_sampling, w_min, w_max):
-    """Algorithm 1's random draws for stream position p: t, w (scalars) and eps (shape)."""
-    g = torch.Generator().manual_seed(seed * 2**32 + p)
-    # Algorithm 1: t ~ U[0, 1] (here (0, 1]: t = 0 has no step to take), or SD3's logit-normal
-    if t_sampling == "uniform":
-        t = 1 - torch.rand((), generator=g)
-    else:
-        t = torch.sigmoid(torch.randn((), generator=g)).clamp(1e-5, 1.0)  # logit-normal(0, 1)
-    # Algorithm 1: w ~ U[w_min, w_max]
-    w = w_min + (w_max - w_min) * torch.rand((), generator=g)
-    # Algorithm 1: eps ~ N(0, I)
-    eps = torch.randn(shape, generator=g)  # (C, H, W)
-    return t, w, eps
 
 
 class StepSampler(Sampler):
@@ -103,10 +89,10 @@ class StepSampler(Sampler):
 
 
 class WithNoise(Dataset):
-    """dataset[i] plus stream position p and its draws t, w, eps."""
+    """dataset[i] plus stream position p and its draws t, w, eps = draw(p, shape of the latents)."""
 
-    def __init__(self, dataset, seed, t_sampling, w_min, w_max):
-        self.dataset, self.seed, self.t_sampling, self.w_min, self.w_max = dataset, seed, t_sampling, w_min, w_max
+    def __init__(self, dataset, draw):
+        self.dataset, self.draw = dataset, draw
 
     def __len__(self):
         return len(self.dataset)
@@ -114,5 +100,5 @@ class WithNoise(Dataset):
     def __getitem__(self, ip):
         i, p = ip
         item = dict(self.dataset[i])
-        t, w, eps = draw(self.seed, p, item["latents"].shape, self.t_sampling, self.w_min, self.w_max)
+        t, w, eps = self.draw(p, item["latents"].shape)
         return {**item, "p": p, "t": t, "w": w, "eps": eps}

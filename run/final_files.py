@@ -17,7 +17,7 @@ The final files are a pure function of the checkpoint at --steps (run/training_s
                                            its state.json), each part's files with size and SHA-256,
                                            rewritten after each part
 
-A relaunch with --resume whose checkpoint is at --steps (distill.start_point):
+A relaunch with --resume whose checkpoint is at --steps (training.start_point):
   * every part of `parts` recorded in final.json for that checkpoint, its files intact: one line says
     the run is finished and where its files are, nothing is written, exit status 0 (`Finished`);
   * else the run is loaded from that checkpoint (no step is trained) and `write` writes the parts that

@@ -1,6 +1,7 @@
 """
 Watching a distillation run while it trains: sample grids, the gradient norm, and an optional
-TensorBoard log. distill.py calls `Monitor` once per step; nothing here changes what it trains.
+TensorBoard log. run/training.py calls `Monitor` once per step of distill.py; nothing here changes what it
+trains.
 
     python distill.py --sample-every 250 --out runs/toy      # toy world: runs/toy/samples/step-NNNNNNN.png
     torchrun --nproc_per_node=8 distill.py --teacher T --data D ... --sample-prompts prompts.txt \\

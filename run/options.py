@@ -314,7 +314,7 @@ def check_args(args, world_size=1):
             pass
     samplers.check_tau(samplers.reflection_settings(args.preset, args.w_inv, args.tau, args.teacher_sampler)[1],
                        args.teacher_steps)
-    # Algorithm 1's draws for stream position p use seed * 2**32 + p (run/batches.py), p < steps x global batch
+    # Algorithm 1's draws for stream position p use seed * 2**32 + p (distill.draw_t_w_eps), p < steps x global batch
     cli.check_seed(args.seed, "--seed", args.seed * 2**32 + args.steps * args.global_batch - 1,
                    "the draws of the last sample use seed * 2**32 + steps x global batch - 1")
     cli.check_device(args.device)

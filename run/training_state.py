@@ -1,6 +1,6 @@
 """
 A distillation run on disk: its checkpoints, how a relaunch finds where to resume, and what is
-never written. distill.py (Algorithm 1's loop) calls these; they hold no training logic.
+never written. run/training.py (the run around Algorithm 1's loop) calls these; they hold no training logic.
 
     DIR/checkpoints/step-0000500/student.safetensors   the MMDiT, Stability layout (save_mmdit)
                                  adapter.safetensors   instead, for a LoRA student (--lora): its trained

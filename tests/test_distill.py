@@ -135,7 +135,7 @@ def test_one_step_equals_mse_against_the_cfg_target_and_adamw(world, tmp_path):
     x_t, ts, ws, cs, ys = [], [], [], [], []
     for p in range(4):
         item = data[sampler.index(p)]
-        t, w, eps = batches.draw(0, p, item["latents"].shape, "uniform", 2.0, 6.0)
+        t, w, eps = distill.draw_t_w_eps(0, p, item["latents"].shape, "uniform", 2.0, 6.0)
         x_t.append((1 - t) * item["latents"] + t * eps)  # Algorithm 1
         ts.append(t), ws.append(w), cs.append(item["context"]), ys.append(item["y"])
     x_t, t, w = torch.stack(x_t), torch.stack(ts), torch.stack(ws)  # (4, C, H, W), (4,), (4,)
@@ -176,7 +176,7 @@ def first_batch(world, B, w_min, w_max):
     rows = []
     for p in range(B):
         item = data[sampler.index(p)]
-        t, w, eps = batches.draw(0, p, item["latents"].shape, "uniform", w_min, w_max)
+        t, w, eps = distill.draw_t_w_eps(0, p, item["latents"].shape, "uniform", w_min, w_max)
         rows.append((item["latents"], eps, t, w, item["context"], item["y"]))
     x0, eps, t, w, context, y = (torch.stack(c) for c in zip(*rows))
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps  # Algorithm 1
@@ -449,11 +449,11 @@ def test_export_diffusers_and_draws(world, tmp_path):
 
     # P(0.25 < t < 0.75): 0.5 for uniform, P(|N(0, 1)| < ln 3) = 0.728 for logit-normal
     for sampling, middle in (("uniform", 0.5), ("logit-normal", 0.728)):
-        t, w = (torch.stack(v) for v in zip(*[batches.draw(3, p, (1,), sampling, 2.0, 14.0)[:2] for p in range(2000)]))
+        t, w = (torch.stack(v) for v in zip(*[distill.draw_t_w_eps(3, p, (1,), sampling, 2.0, 14.0)[:2] for p in range(2000)]))
         assert (t > 0).all() and (t <= 1).all() and (w >= 2).all() and (w <= 14).all()
         assert abs(t.mean() - 0.5) < 0.03 and abs(w.mean() - 8) < 0.3
         assert abs(((t > 0.25) & (t < 0.75)).float().mean() - middle) < 0.04
-    a, b = batches.draw(5, 17, (2, 3), "uniform", 0.0, 1.0), batches.draw(5, 17, (2, 3), "uniform", 0.0, 1.0)
+    a, b = distill.draw_t_w_eps(5, 17, (2, 3), "uniform", 0.0, 1.0), distill.draw_t_w_eps(5, 17, (2, 3), "uniform", 0.0, 1.0)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 

@@ -32,6 +32,7 @@ import generate
 import mmdit
 from run import monitor
 from run import options
+from run import training
 import prepare
 import toy
 from sd3 import vae
@@ -200,7 +201,7 @@ def test_refusals_before_anything_heavy(sd3_data, tmp_path, monkeypatch, capsys,
     def heavy(*a, **k):
         raise AssertionError("something heavy loaded before the input was checked")
 
-    for owner, name in ((distill, "load_network"), (prepare, "ShardDataset"), (vae, "load_vae"),
+    for owner, name in ((training, "load_network"), (prepare, "ShardDataset"), (vae, "load_vae"),
                         (text_encoders.TextEncoders, "from_pretrained")):
         monkeypatch.setattr(owner, name, heavy)
     with pytest.raises(SystemExit) as e:
