@@ -29,7 +29,7 @@ prints the toy Table 4 with 95% confidence intervals and draws the figures into 
   and, from the W2SD + CFG teacher, the ablations gonly and distillcfg and the DICE baseline, each
   into its own --out/NAME with the same budget (--steps etc. apply to all), then one report (Table 4
   with every student, Table 3, Fig. 5a, 5b) into --out. With --resume, finished students are reused.
-  It refuses --teacher (real SD3), --method and --teacher-sampler. Runtimes and results: README.
+  It refuses --teacher (real SD3), --method and --teacher-sampler. Runtimes and results: docs/RESULTS.md.
 
 Real scale (SD3-medium, shards from prepare.py, 8 GPUs per node, the paper's settings: a W2SD + CFG
 teacher, here with the W2SD release's pair built from a fine-tune of SD3-medium):
@@ -59,7 +59,8 @@ Choices Algorithm 1 leaves open, and what this file does:
     memory for w2sd with a main model, 2 otherwise), plus the student's forward and backward (about 3
     forwards' worth): a W2SD + CFG step costs about 9 / 5 = 1.8x a cfg step.
   * t: uniform on (0, 1] (t = 0 has no step to take), or SD3's logit-normal (--t-sampling).
-  * Eq. 7's 1/256 as released (embed.teefusion_conditioning); psi(1000 w) formed in float32.
+  * Eq. 7's 1/256 as released (embed.teefusion_conditioning; 1/4 in the toy world, --fused-scale);
+    psi(1000 w) formed in float32.
   * Baselines as their papers train them: DICE trains its enhancer alone, MMDiT frozen, at ONE guidance
     (w = 4) with lr 2e-4; DistillCFG's guidance MLP starts from the default initialisation.
   * A student distilled from a reflection teacher at w follows a stronger guidance than CFG at w (to

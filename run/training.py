@@ -529,10 +529,10 @@ def describe_source(source):
 
 
 def student_metadata(args, step):
-    """What a student file records of its run (embed.load_student and toy_report read it)."""
+    """What a student file records of its run (sd3/student_file.py and toy_report read it)."""
     meta = {"teefusion_method": args.method, "teefusion_teacher": args.teacher_sampler, "step": str(step),
             export.RUN_METADATA: json.dumps(export.run_info(args, step))}  # what the model card says
-    if args.fused_scale is not None:  # Eq. 7's factor, which embed.load_student applies again
+    if args.fused_scale is not None:  # Eq. 7's factor, which student_file.load_student applies again
         meta[embed.SCALE_METADATA] = repr(args.fused_scale)
     if getattr(args, "lora", None) is not None:
         meta[lora.METADATA] = json.dumps(lora_spec(args))
