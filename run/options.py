@@ -146,7 +146,12 @@ def build_parser():
     p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept on disk (the newest)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest if there is one (or "
                                                          "the newest complete checkpoint, with a warning)")
-    p.add_argument("--export-diffusers", action="store_true")
+    p.add_argument("--export-diffusers", action="store_true",
+                   help="also write DIR/diffusers/transformer for the authors' released TeEFusion pipeline "
+                   "(txt_align_guidance: Eq. 7 at 1/256). That pipeline forms 1000 w in the transformer's dtype "
+                   "(bf16: psi(4992) at w = 5, psi(7488) at 7.5) where training formed it in float32; on the toy "
+                   "student that moves an image about a ninth as far as w -> w + 1 does at w = 5, a third at 7.5 "
+                   "(docs/SAMPLERS.md; generate.py --w-rounding model reproduces it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4 on CUDA, 0 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
