@@ -277,6 +277,19 @@ def _load_mmdit_tensors(model, path):
     model.load_state_dict(sd, strict=True)
 
 
+# The settings that define a run's draws (seed, batch, w range, t sampling), its target (the teacher's
+# sampler and schedule) and its optimizer: resuming with another value would silently train a mixture.
+# Free to change on resume: --steps (upwards), --micro-batch, the world size, --ckpt-every, --keep, the
+# devices and dtypes, the file paths, the monitoring flags.
+RUN_SETTINGS = ("seed", "global_batch", "w_min", "w_max", "t_sampling", "lr", "weight_decay", "clip_grad", "ema",
+                "teacher_sampler", "target", "teacher_steps", "teacher_step", "shift", "preset", "w_inv", "tau",
+                "w_weak", "w_strong", "strong_scale", "weak_scale", "main_scale", "w2sd_final")
+
+
+def _shown(value):
+    return "(not given)" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def check_resume(folder, state, args):
     """Refuse, before anything heavy, a resume that cannot continue this run from `folder`."""
     trained = state.get("args", {})
@@ -284,6 +297,11 @@ def check_resume(folder, state, args):
         if trained.get(flag) != getattr(args, flag, None):
             raise ValueError(f"{folder} was trained with --{flag.replace('_', '-')} {trained.get(flag)}, not "
                              f"{getattr(args, flag, None)}")
+    for flag in RUN_SETTINGS:  # what Algorithm 1 draws and learns from: a resumed run keeps it (checkpoints of
+        if flag in trained and trained[flag] != getattr(args, flag, None):  # earlier versions may lack a key)
+            raise ValueError(f"{folder} was trained with --{flag.replace('_', '-')} {_shown(trained[flag])}, not "
+                             f"{_shown(getattr(args, flag, None))}: a resumed run keeps the settings it started with "
+                             "(give the same, or another --out for a new run)")
     ema = "ema-" + ("adapter" if getattr(args, "lora", None) is not None else "student") + ".safetensors"
     if args.ema is not None and not os.path.exists(os.path.join(folder, ema)):
         raise ValueError(f"{folder} has no EMA weights: it was trained without --ema")

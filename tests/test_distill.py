@@ -672,7 +672,11 @@ RESUME = {
     "missing-folder": ["latest points at", "step-0000003, which does not exist"],
     "corrupt-state": ["step-0000003, which has a corrupt state.json"],
     "non-finite-weights": ["step-0000003 holds non-finite weights", "student"],
+    "changed-seed": ["trained with --seed 0, not 1", "keeps the settings"],
+    "changed-lr": ["trained with --lr", "not 0.5", "keeps the settings"],
+    "changed-teacher-steps": ["trained with --teacher-steps", "not 7", "keeps the settings"],
 }
+CHANGED = {"changed-seed": ["--seed", "1"], "changed-lr": ["--lr", "0.5"], "changed-teacher-steps": ["--teacher-steps", "7"]}
 
 
 def bad_resume(world, finished, tmp, case):
@@ -688,7 +692,7 @@ def bad_resume(world, finished, tmp, case):
     if case == "non-finite-weights":
         poison_file(out / "checkpoints" / "step-0000003" / "student.safetensors")
     resume = [] if case == "no-resume" else ["--resume"]
-    return tiny_argv(world, out, "--steps", steps, "--ckpt-every", "1", *resume), out, RESUME[case]
+    return tiny_argv(world, out, "--steps", steps, "--ckpt-every", "1", *resume, *CHANGED.get(case, [])), out, RESUME[case]
 
 
 @pytest.fixture(scope="module")
