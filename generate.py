@@ -106,7 +106,8 @@ SD3_TOKENS = 77 + 256  # text tokens per prompt: CLIP's 77, then T5's 256 (zeros
 RECORD_BYTES = 1000  # memory of one image's record (a dict of about 25 fields), a lower bound
 # the fields of a PNG's record that must match for an existing image to count as done
 SETTINGS = ("prompt", "negative_prompt", "method", "w", "steps", "seed", "model", "student", "student_method",
-            "height", "width", "dtype", "preset", "w_rounding", "no_t5", "w2sd", "lora")
+            "height", "width", "dtype", "preset", "w_rounding", "no_t5", "w2sd", "lora", "weights")
+WEIGHTS = ("model", "student", "lora", "strong", "weak", "w2sd_finetuned", "vae")  # their fingerprints: "weights"
 
 
 # -----------------------------------------------------------------------------
@@ -346,6 +347,15 @@ def _name(path):
     return os.path.basename(os.path.normpath(path)) if path else None
 
 
+def _fingerprints(a):
+    """The identity of every weights file given (checkpoint.fingerprint), so that a relaunch into the
+    same --out with another file of the same name (a later student.safetensors) is refused, not mixed."""
+    from sd3.checkpoint import fingerprint
+
+    found = {f: fingerprint(getattr(a, f)) for f in WEIGHTS if getattr(a, f, None)}
+    return ",".join(f"{f}:{v}" for f, v in found.items()) or None
+
+
 def _check_method(a, toy_world):
     """The method's own flags; returns the w the images are made at (None for euler)."""
     if a.method == "euler" and a.w is not None:
@@ -456,7 +466,8 @@ def check(args, world=None):
                   student_method=student_method, height=size[0], width=size[1], dtype=str(dtype).split(".")[-1],
                   preset=a.preset if a.method in ("zsampling", "w2sd") else None,
                   w_rounding=a.w_rounding if a.method == "student" else None, no_t5=a.no_t5,
-                  w2sd=_w2sd_description(a) if a.method == "w2sd" else None, lora=_name(a.lora))
+                  w2sd=_w2sd_description(a) if a.method == "w2sd" else None, lora=_name(a.lora),
+                  weights=_fingerprints(a))
     jobs = [(i, k) for i in range(len(prompts)) for k in range(a.n_per_prompt)]
     plan = Plan(a, prompts, jobs, {}, size, device, dtype, record, text_encoders, vae_path, student_method, world)
     if ranks.from_environment()[0] == 0:  # under torchrun rank 0 looks, and tells the others (run)
@@ -492,12 +503,19 @@ def scan(plan):
             continue
         old = known.get(new["file"])
         if old is None or not image_folder.trusted(plan.args.out, old):
-            old, why = image_folder.read_image(path)
+            view = TOY_VIEW if plan.record["model"] == "toy world" else 1  # toy images are saved enlarged
+            old, why = image_folder.read_image(path, (plan.size[1] * view, plan.size[0] * view))
             if old is None:
                 broken.append((job, why))
                 continue
             old["bytes"] = os.path.getsize(path)
         bad = [k for k in SETTINGS if old.get(k) != new.get(k)]
+        if bad == ["weights"]:
+            was, now = (dict(p.split(":") for p in (r.get("weights") or "").split(",") if p) for r in (old, new))
+            flags = [f"--{f.replace('_', '-')}" for f in WEIGHTS if was.get(f) != now.get(f)]
+            raise FileExistsError(f"{path} was made by other weights of the same name ({', '.join(flags)} "
+                                  f"{'differ' if len(flags) > 1 else 'differs'} from the file that made it): give "
+                                  "another --out for these weights")
         if bad:
             raise FileExistsError(f"{path} was made with {bad[0]}={old.get(bad[0])!r}, not {new.get(bad[0])!r}: "
                                   "give another --out for other settings")
@@ -666,7 +684,7 @@ def _run(plan, progress, group):
                   + (", ..." if len(removed) > 10 else ""))
         if plan.broken:
             names = ", ".join(os.path.basename(image_path(plan, job)) for job, _ in plan.broken[:10])
-            print(f"{len(plan.broken)} image(s) in {os.path.join(a.out, 'images')} are truncated or unreadable "
+            print(f"{len(plan.broken)} image(s) in {os.path.join(a.out, 'images')} are truncated, unreadable or resized "
                   f"({plan.broken[0][1]}), made again: {names}" + (", ..." if len(plan.broken) > 10 else ""))
         made = [plan.done[job] for job in plan.jobs if job in plan.done]
         finished = len(made) == len(plan.jobs) and image_folder.finished(a.out, made)

@@ -88,15 +88,19 @@ def trusted(out, record):
     return isinstance(record.get("bytes"), int) and os.path.isfile(path) and os.path.getsize(path) == record["bytes"]
 
 
-def read_image(path):
+def read_image(path, size=None):
     """(generate.py's record of a PNG, None), after decoding every pixel; or (None, why) for a file that is
-    truncated, empty or not an image. Refuses a whole image without generate.py's record (not ours)."""
+    truncated, empty, not an image, or (size: (width, height) in pixels) of another size, e.g. resized
+    by an image viewer. Refuses a whole image without generate.py's record (not ours)."""
     try:
         with Image.open(path) as im:
             text = im.info.get("teefusion")
             im.load()  # every pixel: a truncated file fails here ("image file is truncated")
+            found = im.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return None, f"{type(e).__name__}: {e}"
+    if size is not None and tuple(found) != tuple(size):
+        return None, f"{found[0]}x{found[1]} pixels, not the run's {size[0]}x{size[1]}"
     if text is None:
         raise ValueError(f"{path}: a PNG without generate.py's metadata; use another --out")
     return json.loads(text), None

@@ -266,6 +266,13 @@ def test_toy_world_through_the_same_command(tmp_path, monkeypatch):
                             steps=6)
     ref = vae.to_uint8(x0)[0].numpy().repeat(generate.TOY_VIEW, 0).repeat(generate.TOY_VIEW, 1)  # nearest x8
     assert np.abs(png.astype(int) - ref.astype(int)).max() <= 1
+    other = mmdit.load_mmdit(student)  # a later student under the same name, relaunched into the same --out
+    with torch.no_grad():
+        other.final_layer.linear.bias.add_(0.01)
+    mmdit.save_mmdit(other, student, {"teefusion_method": "teefusion"})
+    with pytest.raises(FileExistsError, match="00000-00.png was made by other weights of the same name .--student "
+                                              "differs"):
+        generate.main(args)
     w2sd = generate.generate([prompt], str(tmp_path / "w2sd"), world=world, method="w2sd", steps=3, progress=False)
     assert w2sd[0]["nfe"] == 6 * 2 + 2 and "toy world" in w2sd[0]["w2sd"]
 

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -324,8 +324,8 @@ def test_generate_killed_mid_png_and_mid_sheet_finishes(pipeline, tmp_path):  # 
 
 
 def test_generate_remakes_truncated_and_empty_pngs_and_a_finished_run_writes_nothing(pipeline, tmp_path, capsys):  # noqa: F811
-    """A PNG cut in half and a 0-byte PNG in OUT/images (both recorded in index.jsonl with their whole size)
-    are made again, never `image file is truncated`; the same without index.jsonl (each file then decoded
+    """A PNG cut in half, a 0-byte PNG and a PNG resized with its metadata kept in OUT/images (each recorded
+    in index.jsonl with its whole size) are made again, never `image file is truncated`; the same without index.jsonl (each file then decoded
     to its last pixel); a finished run relaunched changes nothing."""
     _, folder = pipeline
     out = tmp_path / "out"
@@ -344,12 +344,18 @@ def test_generate_remakes_truncated_and_empty_pngs_and_a_finished_run_writes_not
         cut = (out / "images" / "00000-01.png").read_bytes()
         (out / "images" / "00000-01.png").write_bytes(cut[:len(cut) // 2])
         (out / "images" / "00001-00.png").write_bytes(b"")
+        with Image.open(out / "images" / "00001-01.png") as im:  # resized by a viewer, its metadata kept
+            info = PngImagePlugin.PngInfo()
+            for k, v in im.info.items():
+                if isinstance(v, str):
+                    info.add_text(k, v)
+            im.resize((im.width // 2, im.height // 2)).save(out / "images" / "00001-01.png", pnginfo=info)
         if not index:
             os.remove(out / "index.jsonl")
         cli.run(generate.main, generate.build_parser(), [str(a) for a in argv])
         printed = capsys.readouterr().out
-        assert "2 image(s)" in printed and "truncated or unreadable" in printed and "00001-00.png" in printed
-        assert "2 images made, 2 already there" in printed
+        assert "3 image(s)" in printed and "truncated, unreadable or resized" in printed and "00001-00.png" in printed
+        assert "00001-01.png" in printed and "3 images made, 1 already there" in printed
         same_images(out, ref)
         with Image.open(out / "images" / "00000-01.png") as im:
             im.load()
