@@ -394,7 +394,8 @@ def _table4_owned(name):
 def cmd_table4(args):
     cli.at_least(args.grid_prompts, 1, "--grid-prompts", why="prompts (columns) in OUT/grid.png")
     scorers = score_specs(args.score or [])
-    cli.not_an_input([("--out", os.path.join(args.out, n)) for n in TABLE4_OUTPUTS], [("--prompts", args.prompts)])
+    cli.not_an_input([("--out", os.path.join(args.out, n)) for n in TABLE4_OUTPUTS], [("--prompts", args.prompts)]
+                     + [(f"--score {m}", p) for m, spec in scorers.items() for p in spec.values()])
     plans = table_plans(args)
     with ranks.Ranks(plans[0][2].device) as group:  # under torchrun: the job's processes; else this one
         lock = cli.FolderLock(args.out, "--out").acquire() if group.rank == 0 else None
@@ -473,7 +474,8 @@ def cmd_score(args):
     metrics.check_weights(args.metric, clip=args.clip, aesthetic=args.aesthetic, imagereward=args.imagereward)
     if args.out:
         cli.output_file(args.out, "--out", suffixes=(".json",), inputs=[("--prompts", args.prompts)]
-                        + [("--images", p) for p in paths])
+                        + [("--images", p) for p in paths]
+                        + [(f"--{f}", getattr(args, f)) for f in ("clip", "aesthetic", "imagereward")])
         remove_temporaries_of(args.out)
     scorer = metrics.load_scorer(args.metric, clip=args.clip, aesthetic=args.aesthetic,
                                  imagereward=args.imagereward, device=args.device)

@@ -107,7 +107,7 @@ RECORD_BYTES = 1000  # memory of one image's record (a dict of about 25 fields),
 # the fields of a PNG's record that must match for an existing image to count as done
 SETTINGS = ("prompt", "negative_prompt", "method", "w", "steps", "seed", "model", "student", "student_method",
             "height", "width", "dtype", "preset", "w_rounding", "no_t5", "w2sd", "lora", "weights")
-WEIGHTS = ("model", "student", "lora", "strong", "weak", "w2sd_finetuned", "vae")  # their fingerprints: "weights"
+WEIGHTS = ("model", "student", "lora", "strong", "weak", "w2sd_finetuned", "vae", "text_encoders")  # their fingerprints: "weights"
 
 
 # -----------------------------------------------------------------------------
@@ -458,7 +458,10 @@ def check(args, world=None):
     device = ranks.device_for(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # torchrun: LOCAL_RANK
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     inputs = [("--prompts", a.prompts)] + [("--" + f.replace("_", "-"), getattr(a, f)) for f in
-                                           ("model", "student", "lora", "strong", "weak", "w2sd_finetuned", "vae")]
+                                           ("model", "student", "lora", "strong", "weak", "w2sd_finetuned", "vae",
+                                            "text_encoders")]
+    if toy_world:
+        inputs.append(("--toy-cache", a.toy_cache))
     cli.not_an_input([("--out", os.path.join(a.out, name)) for name in ("index.jsonl", "contact.png")], inputs)
     _check_writable(a.out)
     record = dict(negative_prompt=a.negative_prompt, method=a.method, w=w, steps=a.steps,

@@ -516,7 +516,7 @@ def check_memory(nbytes, what, flags, device="cpu"):
     return nbytes
 
 
-def _same_file(a, b):
+def same_file(a, b):
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -526,12 +526,22 @@ def _same_file(a, b):
 def not_an_input(outputs, inputs):
     """Refuse an output that is one of the command's inputs, by any name (a symbolic or hard link, a
     relative path): outputs and inputs are (flag, path) pairs, the paths of the files (or folders)
-    the command writes and reads. Outputs never replace inputs."""
+    the command writes and reads. Outputs never replace inputs, nor go inside an input folder (a model's
+    folder: `--out clip/config.json` would replace the CLIP model's config)."""
     for out_flag, out in outputs:
         for in_flag, path in inputs:
-            if out and path and os.path.exists(path) and _same_file(out, path):
+            if out and path and os.path.exists(path) and same_file(out, path):
                 raise InputError(f"{out_flag} {out} is {in_flag} {path}, an input of this command: writing it would "
                                  f"replace what it reads; choose another {out_flag.split()[-1]}")
+            if out and path and os.path.isdir(path) and inside(out, path):
+                raise InputError(f"{out_flag} {out} is inside {in_flag} {path}, an input folder of this command: "
+                                 f"writing there could replace what it reads; choose another {out_flag.split()[-1]}")
+
+
+def inside(path, folder):
+    """Is path (existing or not) strictly inside folder, by real paths (links resolved)?"""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def output_file(path, flag="--out", suffixes=None, inputs=(), create=False):

@@ -388,7 +388,32 @@ def stored_info(path):
     return info
 
 
+def check_export_folder(out, inputs):
+    """--out before any work: not one of the inputs nor a folder holding one ((flag, path) pairs), and new,
+    empty, or an earlier export (its transformer/config.json has txt_align_guidance): an export never
+    replaces a run's files (its README.md card, its student) nor anything else already there."""
+    for flag, path in inputs:
+        if path and os.path.exists(path) and (cli.same_file(out, path) or cli.inside(path, out)):
+            raise cli.InputError(f"--out {out} holds {flag} {path}: the export would write over what it reads; give "
+                                 "another --out")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    config = os.path.join(out, "transformer", "config.json")
+    try:
+        earlier = json.load(open(config, encoding="utf-8")).get("txt_align_guidance") is True
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        names = sorted(os.listdir(out))
+        raise cli.InputError(f"--out {out} already holds files that are no export of this command "
+                             f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): an export writes "
+                             "transformer/, README.md and the pipeline's parts there; give a new or empty folder")
+
+
 def main(args):
+    if args.card and (args.student or args.out or args.components):
+        raise ValueError("--card PATH prints a student file's card and exports nothing: give it alone, or drop it "
+                         "to export (--student, --out, --components)")
     if args.card:
         if not os.path.exists(args.card):
             raise FileNotFoundError(f"--card {args.card}: no such file")
@@ -407,6 +432,7 @@ def main(args):
     if info["method"] != "teefusion":
         raise ValueError(f"--student {args.student} is a {info['method']} student: the txt_align_guidance format holds "
                          "TeEFusion students only (use generate.py with the student file)")
+    check_export_folder(args.out, [("--student", args.student), ("--components", args.components)])
     cli.output_folder(args.out, "--out")
     import mmdit
 

@@ -197,6 +197,10 @@ CASES = [
                           "{r}/two.txt", "--out", "{r}/two.txt"], 2, ["--out", ".json"], True),
     ("1", "distill.py", ["--teacher", "{r}/run/student.safetensors", "--data", "{r}/data", "--teacher-sampler", "cfg",
                          "--out", "{r}/run"], 2, ["--out", "student.safetensors", "is --teacher"], True),
+    ("1", "evaluate.py", ["score", "--metric", "clip", "--clip", "{r}/clip", "--images", "{r}/imgs", "--prompts",
+                          "{r}/two.txt", "--out", "{r}/clip/config.json"], 2, ["--out", "inside --clip"], True),
+    ("1", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--toy-cache", "{r}/clip", "--out", "{r}/clip/g"], 2,
+     ["--out", "inside --toy-cache"], True),
     # 2. no silent wrong result
     ("2", "evaluate.py", ["fid", "{r}/nan.npz", "{r}/ok.npz"], 2, ["nan.npz", "non-finite"], True),
     ("2", "sd3.lora", ["merge", "--base", "{r}/nan.safetensors", "--lora", "{r}/lora.safetensors", "--out",

@@ -17,6 +17,7 @@ as the card tells a user to do) and give generate.py's image.
 """
 
 import os
+import shutil
 import shlex
 import sys
 import textwrap
@@ -222,13 +223,26 @@ def test_export_command_and_a_lora_run_card(sd3_pipeline, sd3_data, tmp_path, ca
     assert "components hard-linked" in capsys.readouterr().out
     assert os.path.isfile(tmp_path / "pipe" / "model_index.json")
     assert "rank 2" in (tmp_path / "pipe" / "README.md").read_text()
-    # refusals: the teacher's own folder as --out; a missing student; one line, exit 2
-    for bad, named in (([*export_argv[:-2], "--out", teacher], "--out"), (["--student", str(tmp_path / "none"),
-                                                                          "--out", str(tmp_path / "x")], "--student")):
+    before = {n: (tmp_path / "pipe" / n).stat().st_mtime_ns for n in ("README.md", "model_index.json")}
+    cli.run(export.main, export.build_parser(), export_argv)  # over its own earlier export: written again
+    assert all((tmp_path / "pipe" / n).stat().st_mtime_ns >= t for n, t in before.items())
+    capsys.readouterr()
+    run_files = sorted(os.listdir(out))
+    # refusals: the teacher's own folder as --out; a missing student; the run's folder (its card and student
+    # would be replaced); a folder holding the student; --card with an export's flags; one line, exit 2
+    pipe = str(tmp_path / "pipe")
+    for bad, named in (([*export_argv[:-2], "--out", teacher], "--out"),
+                       (["--student", str(tmp_path / "none"), "--out", str(tmp_path / "x")], "--student"),
+                       (["--student", str(shutil.copy(flags["--out"], tmp_path / "s.safetensors")), "--out", str(out)],
+                        "no export of this command"),
+                       (["--student", os.path.join(pipe, "transformer"), "--out", pipe], "holds --student"),
+                       (["--card", flags["--out"], "--student", flags["--out"], "--out", str(tmp_path / "y")],
+                        "--card PATH prints")):
         with pytest.raises(SystemExit) as e:
             cli.run(export.main, export.build_parser(), bad)
         err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0]
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    assert sorted(os.listdir(out)) == run_files and not os.path.exists(tmp_path / "y")
 
 
 def test_toy_run_card(tmp_path, monkeypatch):
