@@ -543,8 +543,14 @@ def sample_shapes(folder, index):
                 names = dict(latents=next((k for k in keys if k == "latents" or k.startswith("latents_")), None),
                              context="context" if "context" in keys else None, y="y" if "y" in keys else None)
                 shapes = {name: f.get_slice(key).get_shape()[1:] for name, key in names.items() if key is not None}
+                dtypes = {key: f.get_slice(key).get_dtype() for key in names.values() if key is not None}
         except Exception:  # safetensors' own SafetensorError, OSError: the dataset reports it, where it is read
             return None
+        bad = {k: d for k, d in dtypes.items() if d not in checkpoint.FLOAT_DTYPES}
+        if bad:
+            k, d = next(iter(bad.items()))
+            raise ValueError(f"{path}: its {k} are {d}, not floating point: shards hold float latents and text "
+                             "embeddings (write them again with prepare.py)")
     expected = dict(latents=3, context=2, y=1)
     if any(len(shapes.get(k) or ()) != n for k, n in expected.items()):
         raise ValueError(f"{folder}: its samples are {shapes}; expected latents (C, h, w), context (L, Dc) and y "

@@ -297,6 +297,19 @@ def fingerprint(path):
     return h.hexdigest()[:16]
 
 
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64", "F8_E4M3", "F8_E5M2")  # safetensors' names of floating-point types
+
+
+def check_floats(f, keys, path, what="weights"):
+    """Every tensor of `keys` in the open safetensors file `f` is floating point, from the header alone:
+    an integer (quantized) or boolean file is refused by name (loaded, it would be cast silently)."""
+    for k in keys:
+        dtype = f.get_slice(k).get_dtype()
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {k} is {dtype}, not floating point: {what} are read as float32, "
+                                  "bfloat16 or float16 (a quantized file? convert it to floating point first)")
+
+
 def resolve_files(path):
     """A file, a diffusers transformer folder, or a pipeline folder with transformer/ ->
     (list of safetensors files, config dict or None)."""
@@ -371,6 +384,9 @@ def read_layout(path, stack):
         raise CheckpointError(f"{path}: no MMDiT tensors found (neither Stability 'joint_blocks.*' / "
                               f"'{STABILITY_PREFIX}*' nor diffusers 'transformer_blocks.*'); "
                               f"first keys: {listing(where, 8)}")
+    for names, _ in sources.values():  # the MMDiT's own tensors (a single file's text encoders hold integer ids)
+        for k in names:
+            check_floats(where[k], [k], files[0] if len(files) == 1 else path, "MMDiT weights")
     return where, sources, shapes, num_heads
 
 

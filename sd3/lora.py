@@ -349,6 +349,7 @@ def _open_adapter(path, stack):
                 "not a LoRA adapter (no lora_A / lora_B keys)")
         raise CheckpointError(f"{path}: {kind}; expected diffusers' SD3 format, {PREFIX}<module>.lora_A.weight / "
                               f".lora_B.weight (first keys: {checkpoint.listing(keys, 3)})")
+    checkpoint.check_floats(f, keys, path, "LoRA weights")
     prefix = PREFIX if any(k.startswith(PREFIX) for k in keys) else ""
     others = [k for k in keys if not k.startswith(prefix)]
     if others:

@@ -491,6 +491,7 @@ def read_config(path):
             keys = list(f.keys())
             prefix = _vae_prefix(keys, file)
             shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
+            checkpoint.check_floats(f, [k for k in keys if k.startswith(prefix)], file, "VAE weights")
     except SafetensorError as e:
         raise _unreadable(file, e) from e
     shapes = _stability_names(shapes)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sd3 import checkpoint
@@ -78,6 +79,11 @@ def root(tmp_path_factory, tiny_vae_config):
             m.lora_B.normal_(0, 0.01)
     lora.save_adapter(student, base, str(r / "lora.safetensors"), {"teefusion_method": "teefusion"})
     mmdit.save_mmdit(tiny_mmdit(fill=float("nan")), str(r / "nan.safetensors"))
+    # integer (quantized) files: loaded, they would be cast to float silently
+    checkpoint.save_stability({k: v.to(torch.int8) for k, v in base.state_dict().items()}, str(r / "int8.safetensors"),
+                              checkpoint.metadata_with(dataclasses.asdict(base.config), None))
+    with safe_open(str(r / "lora.safetensors"), framework="pt") as f:
+        save_file({k: f.get_tensor(k).to(torch.int8) for k in f.keys()}, str(r / "lora-int8.safetensors"), f.metadata())
     # a checkpoint whose config reads well off its first tensors but one of whose shapes is wrong
     state = {k: v.clone() for k, v in base.state_dict().items()}
     state["joint_blocks.1.x_block.mlp.fc2.weight"] = torch.zeros(64, 7)
@@ -89,6 +95,7 @@ def root(tmp_path_factory, tiny_vae_config):
     torch.manual_seed(0)
     tiny_vae = vae.VAE(tiny_vae_config)
     save_file({k: v.contiguous() for k, v in tiny_vae.state_dict().items()}, str(r / "vae.safetensors"))
+    save_file({k: v.to(torch.uint8).contiguous() for k, v in tiny_vae.state_dict().items()}, str(r / "vae-u8.safetensors"))
     # prompts: strings only, JSON, UTF-8
     (r / "prompts.json").write_text(json.dumps(["a cat", None, {"x": 1}]))
     (r / "broken.json").write_text('["a cat", ]')
@@ -216,6 +223,13 @@ CASES = [
     ("2", "toy.py", ["--cache-dir", "{r}/garbage-cache"], 2, ["garbage-cache/teacher.safetensors", "delete"], True),
     ("2", "mmdit.py", ["{r}/wrong.safetensors"], 2, ["wrong.safetensors", "shapes", "fc2.weight"], True),
     ("2", "mmdit.py", ["{r}/nan.safetensors"], 2, ["nan.safetensors", "non-finite"], True),
+    ("2", "mmdit.py", ["{r}/int8.safetensors"], 2, ["int8.safetensors", "is I8, not floating point"], True),
+    ("2", "sd3.lora", ["merge", "--base", "{r}/base.safetensors", "--lora", "{r}/lora-int8.safetensors", "--out",
+                      "{r}/out/merged.safetensors"], 2, ["lora-int8.safetensors", "I8, not floating point"], True),
+    ("2", "sd3.lora", ["merge", "--base", "{r}/int8.safetensors", "--lora", "{r}/lora.safetensors", "--out",
+                      "{r}/out/merged.safetensors"], 2, ["int8.safetensors", "I8, not floating point"], True),
+    ("2", "sd3.vae", ["--vae", "{r}/vae-u8.safetensors", "--image", "{r}/imgs/000.png", "--out", "{r}/out/rt.png",
+                     "--size", "16"], 2, ["vae-u8.safetensors", "U8, not floating point"], True),
     # 3. upper bounds from the model and from memory, before allocating
     ("3", "prepare.py", ["--images", "{r}/captioned", "--vae", "{r}/vae.safetensors", "--out", "{r}/out/p",
                          "--resolution", "100000"], 2, ["--resolution or --batch-size", "needs at least", "TB"], True),
