@@ -229,11 +229,13 @@ def distill(run, args):
             with torch.no_grad():
                 for p_ema, p in zip(ema_params, params):
                     p_ema.lerp_(p, 1 - args.ema)
+        # before a grid or a checkpoint: only finite weights, with a finite velocity on the last batch
+        run.check_weights(step + 1, student, ema, (noised(batch), batch["t"], batch["context"], batch["y"], *null,
+                                                   batch["w"]))
         run.record(step + 1, loss_value, optimizer.param_groups[0]["lr"], time.perf_counter() - t0,
                    teacher_s, student_s, norm)  # log.jsonl, sample grids (rank 0)
-        if run.checkpoint_due(step + 1):  # only finite weights, with a finite velocity on the last batch
-            probe = (noised(batch), batch["t"], batch["context"], batch["y"], *null, batch["w"])
-            run.save_checkpoint(step + 1, student, ema, optimizer, probe)
+        if run.checkpoint_due(step + 1):
+            run.save_checkpoint(step + 1, student, ema, optimizer)
     return run.finish(student, ema)  # the final files (run/final_files.py)
 
 

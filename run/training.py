@@ -19,9 +19,10 @@ networks and data, and writes what the run leaves behind.
         for step in run.steps(start):                   # a progress bar on rank 0
             ...                                         # Algorithm 1 (distill.py)
             loss = run.global_batch_loss(loss, step)    # all-reduced; a non-finite one stops the run
+            run.check_weights(step + 1, student, ema, probe)  # finite, before a grid or a checkpoint
             run.record(step + 1, ...)                   # log.jsonl, sample grids, TensorBoard
             if run.checkpoint_due(step + 1):
-                run.save_checkpoint(step + 1, student, ema, optimizer, probe)
+                run.save_checkpoint(step + 1, student, ema, optimizer)
         return run.finish(student, ema)                 # the final files (run/final_files.py)
 
 The pieces it puts together, one module each: run/options.py (the flags and their checks), run/cli.py
@@ -350,20 +351,26 @@ class Run:
         self._log.flush()
         self._bar.set_postfix(loss=f"{loss:.4f}", sps=f"{samples_per_s:.1f}")
 
+    def check_weights(self, done, student, ema, probe):
+        """Every rank, before step `done`'s log line, sample grid and checkpoint, when a grid or a checkpoint
+        is due: the weights must be finite (weights_problem), else NonFinite and nothing is written for the
+        step (no log line, no grid of a broken student, no checkpoint)."""
+        if not (self.checkpoint_due(done) or (self._watch is not None and self._watch.due(done))):
+            return
+        problem = weights_problem(student, ema, probe, student_bf16(self.args), self.distributed)
+        if problem:
+            raise NonFinite(f"after step {done} {problem}: training stopped, nothing was written for step {done}; "
+                            f"{last_good(self.args.out, self.rank)}; lower --lr, or check the data and the teacher")
+
     def checkpoint_due(self, done):
         """Every --ckpt-every steps, and at the last step."""
         return done % self.args.ckpt_every == 0 or done == self.args.steps
 
-    def save_checkpoint(self, done, student, ema, optimizer, probe):
+    def save_checkpoint(self, done, student, ema, optimizer):
         """The checkpoint of step `done` (run/training_state.py), on rank 0, then a barrier. Only finite
-        weights are written: every tensor of the student and its EMA, and their velocities on probe (the
-        inputs of the step's last micro-batch: x_t, t, context, y, context_null, y_null, w), must be finite,
-        else NonFinite (on every rank) and nothing is written."""
+        weights are written: check_weights ran before this step's log line (every tensor of the student and
+        its EMA, and their velocities on the step's last micro-batch, finite)."""
         args = self.args
-        problem = weights_problem(student, ema, probe, student_bf16(args), self.distributed)
-        if problem:
-            raise NonFinite(f"after step {done} {problem}: training stopped, nothing was written for step {done}; "
-                            f"{last_good(args.out, self.rank)}; lower --lr, or check the data and the teacher")
         names, params = trainable(student)
         # FSDP: the shards gathered whole on rank 0, into the files a DDP run writes (no replicas to compare)
         saved = self.fsdp.gather(optimizer) if self.fsdp else (student, ema, optimizer)

@@ -800,6 +800,7 @@ def test_cli_stops_on_non_finite_weights_and_writes_nothing_of_them(world, tmp_p
     one_error(r, 1, "after step 1 the student's weights give a non-finite output", "nothing was written for step 1",
               "no checkpoint with finite weights was written yet")
     assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "student.safetensors")
+    assert not os.path.exists(out / "log.jsonl") and not os.path.exists(out / "samples")  # no line, no grid of it
     assert_sound(out)
 
 
