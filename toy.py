@@ -42,6 +42,7 @@ Shape legend: B batch, C channels, H W pixels, L tokens, Dc token width, Dy pool
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -516,15 +517,23 @@ def _build_world(cache_dir, device, progress, settings):
     enc_path = os.path.join(cache_dir, "text_encoders.safetensors")
     key = settings.key()
     files = [info_path] + [os.path.join(cache_dir, f) for f in CACHE_FILES]
+    again = f"delete {cache_dir} to train the teacher again"
+    odd = next((f for f in files if os.path.exists(f) and not os.path.isfile(f)), None)
+    if odd is not None:  # a folder (or a FIFO) where the cache keeps a file: never trained over
+        raise cli.InputError(f"{odd} is not a file: not a toy-world cache ({again})")
     if all(os.path.isfile(f) for f in files):
         info = cli.read_json(info_path)
-        if not isinstance(info, dict):
-            raise cli.InputError(f"{info_path}: not a toy-world record (a JSON object): delete {cache_dir} to train "
-                                 "the teacher again")
-        if info.get("key") == key:
+        if not isinstance(info, dict) or not isinstance(info.get("key"), str):
+            raise cli.InputError(f"{info_path}: not a toy-world record (a JSON object with the world's \"key\"): "
+                                 f"{again}")
+        if info.get("key") == key:  # (another key: a world of other settings, trained again in its place)
             _check_cache(cache_dir, info)
             with cli.reading(info_path):
                 seconds, final, losses = info["train_seconds"], info["final_loss"], info["losses"]
+            numbers = [seconds, final, *(losses if isinstance(losses, list) else [None])]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+                raise cli.InputError(f"{info_path}: its train_seconds, final_loss and losses are not all finite "
+                                     f"numbers: {again}")
             if progress:
                 print(f"toy world: reusing the teacher in {cache_dir} (trained in {seconds:.0f} s, final loss "
                       f"{final:.4f})")

@@ -145,15 +145,20 @@ def root(tmp_path_factory, tiny_vae_config):
     (r / "run" / "student.safetensors").write_bytes((r / "base.safetensors").read_bytes())
     # toy-world caches whose key matches the world's: one with a garbage teacher, one with a broken world.json
     key = toy.TrainSettings().key()
-    for name, teacher, info in (("garbage-cache", b"\x00" * 4096, json.dumps({"key": key, "train_seconds": 1.0,
-                                                                              "final_loss": 0.1, "losses": [0.1]})),
-                                ("broken-cache", None, '{"key": ')):
+    good = {"key": key, "train_seconds": 1.0, "final_loss": 0.1, "losses": [0.1]}
+    for name, teacher, info in (("garbage-cache", b"\x00" * 4096, json.dumps(good)),
+                                ("broken-cache", None, '{"key": '),
+                                ("keyless-cache", None, json.dumps(dict(good, key=None))),  # would be trained over
+                                ("nan-cache", None, json.dumps(dict(good, final_loss=float("nan")))),
+                                ("folder-cache", "folder", json.dumps(good))):
         cache = r / name
         cache.mkdir()
         save_file(toy.encoder_state(toy.make_encoders()), str(cache / "text_encoders.safetensors"))
         mmdit.save_mmdit(mmdit.MMDiT(toy.TEACHER_CONFIG), str(cache / "weak.safetensors"))
         if teacher is None:
             mmdit.save_mmdit(mmdit.MMDiT(toy.TEACHER_CONFIG), str(cache / "teacher.safetensors"))
+        elif teacher == "folder":
+            (cache / "teacher.safetensors").mkdir()
         else:
             (cache / "teacher.safetensors").write_bytes(teacher)
         (cache / "world.json").write_text(info)
@@ -221,6 +226,9 @@ CASES = [
      ["--out", ".png"], True),
     ("2", "sd3.lora", ["count", "--rank", "100000000"], 2, ["--rank 100000000", "at most 1536"], True),
     ("2", "toy.py", ["--cache-dir", "{r}/garbage-cache"], 2, ["garbage-cache/teacher.safetensors", "delete"], True),
+    ("2", "toy.py", ["--cache-dir", "{r}/keyless-cache"], 2, ["keyless-cache/world.json", "\"key\"", "delete"], True),
+    ("2", "toy.py", ["--cache-dir", "{r}/nan-cache"], 2, ["nan-cache/world.json", "not all finite", "delete"], True),
+    ("2", "toy.py", ["--cache-dir", "{r}/folder-cache"], 2, ["folder-cache/teacher.safetensors is not a file"], True),
     ("2", "mmdit.py", ["{r}/wrong.safetensors"], 2, ["wrong.safetensors", "shapes", "fc2.weight"], True),
     ("2", "mmdit.py", ["{r}/nan.safetensors"], 2, ["nan.safetensors", "non-finite"], True),
     ("2", "mmdit.py", ["{r}/int8.safetensors"], 2, ["int8.safetensors", "is I8, not floating point"], True),
