@@ -405,7 +405,7 @@ def _check_models(a, toy_world):
     text_encoders, vae_path = _sources(a)
     base = mmdit.read_config(a.model)
     if a.lora:
-        lora.check_adapter(a.lora, base)  # its layers and shapes against --model's MMDiT, from the headers
+        lora.check_adapter(a.lora, base, a.model, "--model")  # its layers, shapes and base, from the headers
     configs = [("--model", base)] + [("--" + f.replace("_", "-"), mmdit.read_config(getattr(a, f)))
                                      for f in ("student", "strong", "weak", "w2sd_finetuned") if getattr(a, f)]
     for flag, cfg in configs[1:]:

@@ -395,12 +395,41 @@ def is_adapter_file(path):
         return any(".lora_A." in k for k in checkpoint.open_safetensors(path, stack).keys())
 
 
-def check_adapter(path, config):
-    """Check a LoRA file against an MMDiT config from its headers alone; returns its metadata."""
+BASE_PROBE = "teefusion_lora_base_probe"  # an adapter's record of the base it was trained over (base_probe)
+PROBE_TENSORS = ("x_embedder.proj.bias", "t_embedder.mlp.0.bias", "final_layer.linear.bias")
+PROBE_VALUES = 8
+
+
+def base_probe(tensor):
+    """The first PROBE_VALUES numbers of each PROBE_TENSORS tensor of a base (tensor: Stability name ->
+    tensor): small, the same in every layout and precision up to rounding, and different between
+    checkpoints. save_adapter records it; check_adapter compares a --base against it."""
+    return [[float(v) for v in tensor(name).flatten()[:PROBE_VALUES].float()] for name in PROBE_TENSORS]
+
+
+def file_probe(path):
+    """base_probe of a checkpoint file or folder, reading only those three tensors."""
+    with ExitStack() as stack:
+        where, sources, _, _ = checkpoint.read_layout(path, stack)
+        return base_probe(lambda name: checkpoint.read_tensor(where, sources, name, path))
+
+
+def check_adapter(path, config, base_path=None, flag="--base"):
+    """Check a LoRA file against an MMDiT config from its headers alone; with base_path, also that the
+    adapter was trained over that checkpoint (its recorded base_probe, within bf16's rounding: a base in
+    another layout or precision passes, another network does not). Returns its metadata."""
     with ExitStack() as stack:
         f, keys, meta, prefix = _open_adapter(path, stack)
         _plan(f, keys, prefix, config, path)
-        return meta
+    if base_path is not None and BASE_PROBE in meta:
+        with cli.reading(path, f"{path} (its {BASE_PROBE} metadata)"):
+            trained = torch.tensor(json.loads(meta[BASE_PROBE]), dtype=torch.float64)
+        given = torch.tensor(file_probe(base_path), dtype=torch.float64)
+        if torch.isfinite(given).all() and (  # (a non-finite base is refused by name as it loads)
+                trained.shape != given.shape or not torch.allclose(given, trained, rtol=1e-2, atol=1e-5)):
+            raise CheckpointError(f"{path} was trained over another base than {flag} {base_path} (their "
+                                  f"{PROBE_TENSORS[0]} differ): give the network the adapter was trained from")
+    return meta
 
 
 def load_adapter(base, path):
@@ -459,7 +488,9 @@ def save_adapter(model, base, path, metadata=None, dtype=torch.float32):
     """lora.safetensors: `diffusers_lora_state` in `dtype` (float32: exactly what was trained; bf16: half
     the size, each number rounded to bf16) with metadata (the settings under teefusion_lora and the
     caller's str -> str pairs), atomically."""
-    meta = {"format": "pt", METADATA: json.dumps(model.lora_settings), **(metadata or {})}
+    state = base.state_dict()
+    meta = {"format": "pt", METADATA: json.dumps(model.lora_settings), BASE_PROBE: json.dumps(base_probe(state.get)),
+            **(metadata or {})}
     tensors = {k: v.to(dtype) for k, v in diffusers_lora_state(model, base).items()}
     checkpoint._atomic_save(tensors, path, meta)
     return path
@@ -565,7 +596,7 @@ def main(args):
         folder = os.path.dirname(files[0])
         inputs = [("--base", f) for f in files] + [("--lora", args.lora)] + \
                  [("--base", os.path.join(folder, n)) for n in ("config.json", INDEX_JSON)]
-        check_adapter(args.lora, read_config(args.base))  # from headers, before the base loads
+        check_adapter(args.lora, read_config(args.base), args.base)  # from headers, before the base loads
         cli.output_file(args.out, "--out", suffixes=(".safetensors",), inputs=inputs)
         # the relaunch rule: a merge already there, of the same inputs, is kept; what a killed one left is removed
         of = merge_inputs(args.base, args.lora, args.dtype)

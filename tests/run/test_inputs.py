@@ -10,6 +10,7 @@ block and cli.run), so a case costs milliseconds, not a Python start and a torch
     python -m pytest -q tests/run/test_inputs.py
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -79,6 +80,9 @@ def root(tmp_path_factory, tiny_vae_config):
             m.lora_B.normal_(0, 0.01)
     lora.save_adapter(student, base, str(r / "lora.safetensors"), {"teefusion_method": "teefusion"})
     mmdit.save_mmdit(tiny_mmdit(fill=float("nan")), str(r / "nan.safetensors"))
+    mmdit.save_mmdit(tiny_mmdit(seed=1), str(r / "other.safetensors"))  # another network of the same shapes
+    checkpoint.save_stability({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()},  # the base in bf16
+                              str(r / "base-bf16.safetensors"), checkpoint.metadata_with(dataclasses.asdict(base.config), None))
     # integer (quantized) files: loaded, they would be cast to float silently
     checkpoint.save_stability({k: v.to(torch.int8) for k, v in base.state_dict().items()}, str(r / "int8.safetensors"),
                               checkpoint.metadata_with(dataclasses.asdict(base.config), None))
@@ -231,6 +235,9 @@ CASES = [
     ("2", "toy.py", ["--cache-dir", "{r}/folder-cache"], 2, ["folder-cache/teacher.safetensors is not a file"], True),
     ("2", "mmdit.py", ["{r}/wrong.safetensors"], 2, ["wrong.safetensors", "shapes", "fc2.weight"], True),
     ("2", "mmdit.py", ["{r}/nan.safetensors"], 2, ["nan.safetensors", "non-finite"], True),
+    ("2", "sd3.lora", ["merge", "--base", "{r}/other.safetensors", "--lora", "{r}/lora.safetensors", "--out",
+                      "{r}/out/merged.safetensors"], 2, ["lora.safetensors was trained over another base than --base",
+                                                         "other.safetensors"], True),
     ("2", "mmdit.py", ["{r}/int8.safetensors"], 2, ["int8.safetensors", "is I8, not floating point"], True),
     ("2", "sd3.lora", ["merge", "--base", "{r}/base.safetensors", "--lora", "{r}/lora-int8.safetensors", "--out",
                       "{r}/out/merged.safetensors"], 2, ["lora-int8.safetensors", "I8, not floating point"], True),
@@ -384,6 +391,16 @@ def test_non_finite_images_name_the_guidance(root, tmp_path, monkeypatch, capsys
     code, err, _ = run_script("generate.py", argv, monkeypatch, capsys)
     assert code == 1 and "w = 1e+30, float32" in err[-1] and "smaller --w" in err[-1] and "--dtype fp32" not in err[-1]
     assert not any(n.endswith(".png") for _, _, names in os.walk(tmp_path / "g") for n in names)
+
+
+def test_lora_merge_over_its_base_in_another_precision(root, tmp_path):
+    """The adapter's record of its base (lora.base_probe) is compared within bf16's rounding: the same
+    base saved in bf16 merges (another network is refused: CASES)."""
+    out = tmp_path / "merged.safetensors"
+    args = argparse.Namespace(command="merge", base=str(root / "base-bf16.safetensors"), lora=str(root / "lora.safetensors"),
+                              out=str(out), dtype="fp32")
+    assert lora.main(args) == str(out)
+    assert out.is_file()
 
 
 def test_lora_merge_leaves_its_base_whole(root, tmp_path):
