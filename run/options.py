@@ -329,23 +329,38 @@ def check_args(args, world_size=1):
     return micro
 
 
+W_MAX = 1000  # the largest guidance trained on: psi(1000 w) <= 1e6 keeps float32 steps below 0.1 (the paper: w in [2, 14])
+SHIFT_RANGE = (0.01, 100)
+
+
 def check_numbers(args):
     """Every number of the command line finite and in its range (NaN and inf are refused by name)."""
     why_w = "Algorithm 1's w ~ U[w_min, w_max], the paper's w: CFG = (1 + w) v_c - w v_null, diffusers' 1 + w"
-    cli.finite(args.w_min, "--w-min", low=0, why=why_w)
-    cli.finite(args.w_max, "--w-max", low=0, why=why_w)
-    cli.finite(args.lr, "--lr", low=0, low_open=True, why="AdamW's learning rate")
-    cli.finite(args.weight_decay, "--weight-decay", low=0, why="AdamW's decoupled weight decay")
+    why_w_max = f"; at most {W_MAX}: the paper trains 2-14, and psi(1000 w) keeps a float32 resolution finer than 0.1 below it"
+    cli.finite(args.w_min, "--w-min", low=0, high=W_MAX, why=why_w + why_w_max)
+    cli.finite(args.w_max, "--w-max", low=0, high=W_MAX, why=why_w + why_w_max)
+    cli.finite(args.lr, "--lr", low=0, high=1, low_open=True,
+               why="AdamW's learning rate: each step moves a weight by about lr, and weights are about 0.01-1")
+    cli.finite(args.weight_decay, "--weight-decay", low=0, high=1 / args.lr,
+               why=f"AdamW's decoupled weight decay: a step multiplies each weight by 1 - lr x decay, which must stay "
+                   f">= 0, so at most 1 / --lr = {1 / args.lr:g}")
     cli.finite(args.clip_grad, "--clip-grad", low=0, why="the largest gradient norm; 0 turns clipping off")
-    cli.finite(args.shift, "--shift", low=0, low_open=True, why="the schedule's time shift s t / (1 + (s - 1) t)")
+    cli.finite(args.shift, "--shift", low=SHIFT_RANGE[0], high=SHIFT_RANGE[1],
+               why=f"the schedule's time shift s t / (1 + (s - 1) t), SD3's 3; beyond [{SHIFT_RANGE[0]:g}, "
+                   f"{SHIFT_RANGE[1]:g}] the shifted times crowd at 0 or 1 and no longer make a schedule")
+    cli.at_least(args.teacher_steps, 1, "--teacher-steps", high=1000,
+                 why="the teacher's schedule N: its times are labelled on SD3's 1000-step scale")
     for flag in ("strong_scale", "weak_scale", "main_scale", "w_inv"):
         if getattr(args, flag) is not None:
             cli.finite(getattr(args, flag), "--" + flag.replace("_", "-"))
     for flag in ("w_weak", "w_strong"):
         if getattr(args, flag) is not None:
-            cli.finite(getattr(args, flag), "--" + flag.replace("_", "-"), low=0, why="a guidance w of Eq. 2")
+            cli.finite(getattr(args, flag), "--" + flag.replace("_", "-"), low=0, high=W_MAX,
+                       why="a guidance w of Eq. 2" + why_w_max)
     if args.workers is not None:
-        cli.at_least(args.workers, 0, "--workers")
+        cpus = os.cpu_count() or 1
+        cli.at_least(args.workers, 0, "--workers", high=4 * cpus,
+                     why=f"DataLoader worker processes; more than 4 per CPU ({cpus} here) only compete for them")
 
 
 def check_networks(args, micro):
@@ -359,6 +374,12 @@ def check_networks(args, micro):
                "lora.safetensors", "lora-ema.safetensors", "log.jsonl"]
     cli.not_an_input([("--out", os.path.join(args.out, name)) for name in outputs], networks)
     if not networks:  # the toy world: its teacher fits its data by construction
+        import toy
+
+        cfg = toy.TEACHER_CONFIG
+        cli.check_memory(micro * 4 * (3 * cfg.in_channels * toy.H * toy.W + toy.TOKENS * cfg.context_dim
+                                      + cfg.pooled_dim), f"a micro-batch of {micro} samples in float32",
+                         "--micro-batch (or --global-batch)")
         if args.lora is not None:
             import toy
             lora.check_rank(lora_spec(args), toy.TEACHER_CONFIG, "--lora")

@@ -793,10 +793,26 @@ def test_cli_removes_temporaries_and_prunes_by_completeness(world, finished, tmp
 
 
 def test_cli_stops_on_non_finite_weights_and_writes_nothing_of_them(world, tmp_path):
-    """lr 1e30: after step 1 the weights are finite (about 1e30) and useless (their forward is inf /
-    NaN). Nothing is written for that step; exit 1, one line naming the step."""
+    """Each AdamW step followed by weights x 1e30 (as an overflowing update would leave them; --lr is bounded
+    by 1): after step 1 the weights are finite (about 1e28) and useless (their forward is inf / NaN).
+    Nothing is written for that step; exit 1, one line naming the step."""
     out = tmp_path / "run"
-    r = distill_cli(*tiny_argv(world, out, "--steps", "3", "--ckpt-every", "1", "--lr", "1e30"))
+    blow = tmp_path / "blow.py"
+    blow.write_text(f"""import runpy, sys, torch
+sys.path.insert(0, {str(REPO)!r})
+step = torch.optim.AdamW.step
+def blown(self, *args, **kwargs):
+    result = step(self, *args, **kwargs)
+    with torch.no_grad():
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.mul_(1e30)
+    return result
+torch.optim.AdamW.step = blown
+runpy.run_path("distill.py", run_name="__main__")
+""")
+    r = subprocess.run([sys.executable, str(blow), *tiny_argv(world, out, "--steps", "3", "--ckpt-every", "1")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     one_error(r, 1, "after step 1 the student's weights give a non-finite output", "nothing was written for step 1",
               "no checkpoint with finite weights was written yet")
     assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "student.safetensors")
