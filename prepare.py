@@ -132,7 +132,11 @@ def find_samples(images=None, captions=None):
     for path in paths:
         txt = os.path.join(images, os.path.splitext(path)[0] + ".txt")
         if os.path.isfile(txt):
-            samples.append((path, cli.read_text(txt, f"caption {txt}").strip()))
+            caption = cli.read_text(txt, f"caption {txt}").strip()
+            if not caption:
+                raise ValueError(f"caption {txt} is empty: every sample needs its text (the empty prompt is the "
+                                 "null condition, which distill.py adds itself)")
+            samples.append((path, caption))
         else:
             uncaptioned.append(path)
     if uncaptioned:
@@ -161,7 +165,15 @@ def _read_captions_file(path):
         if path_col is None or caption_col is None:
             raise ValueError(f"{path} line {n}: need an image path column ({' | '.join(PATH_COLUMNS)}) and a "
                              f"caption column ({' | '.join(CAPTION_COLUMNS)}); got {row!r}")
-        samples.append((str(row[path_col]), str(row[caption_col]).strip()))
+        image, caption = row[path_col], row[caption_col]
+        if not isinstance(image, str) or not isinstance(caption, str):
+            bad, value = ("path", image) if not isinstance(image, str) else ("caption", caption)
+            raise ValueError(f"{path} line {n}: the {bad} is {json.dumps(value)}, not a string: a caption or path is "
+                             "never made up from another value")
+        if not caption.strip():
+            raise ValueError(f"{path} line {n}: the caption of {image} is empty: every sample needs its text (the "
+                             "empty prompt is the null condition, which distill.py adds itself)")
+        samples.append((image, caption.strip()))
     return samples
 
 

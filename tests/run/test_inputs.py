@@ -34,6 +34,7 @@ from sd3 import lora
 from evaluation import metrics
 import mmdit
 import toy
+from run import training  # noqa: F401 - imported here, before any case replaces a loader it imports by name
 from sd3 import vae
 from sd3 import student_file, text_encoders
 
@@ -124,6 +125,8 @@ def root(tmp_path_factory, tiny_vae_config):
     for k in range(2):
         png(r / "captioned" / f"c{k}.png", seed=k)
         (r / "captioned" / f"c{k}.txt").write_text(f"caption {k}")
+    (r / "number-caption.jsonl").write_text(json.dumps({"path": "c0.png", "caption": 5}) + "\n")
+    (r / "empty-caption.jsonl").write_text(json.dumps({"path": "c0.png", "caption": " "}) + "\n")
     (r / "many.jsonl").write_text((json.dumps({"path": "c0.png", "caption": "x"}) + "\n") * 10000)
     (r / "latin1-captions").mkdir()
     png(r / "latin1-captions" / "a.png")
@@ -245,6 +248,12 @@ CASES = [
                       "{r}/out/merged.safetensors"], 2, ["int8.safetensors", "I8, not floating point"], True),
     ("2", "sd3.vae", ["--vae", "{r}/vae-u8.safetensors", "--image", "{r}/imgs/000.png", "--out", "{r}/out/rt.png",
                      "--size", "16"], 2, ["vae-u8.safetensors", "U8, not floating point"], True),
+    ("2", "prepare.py", ["--captions", "{r}/number-caption.jsonl", "--images", "{r}/captioned", "--vae",
+                         "{r}/vae.safetensors", "--out", "{r}/out/p", "--resolution", "16"], 2,
+     ["number-caption.jsonl line 1", "caption is 5, not a string"], True),
+    ("2", "prepare.py", ["--captions", "{r}/empty-caption.jsonl", "--images", "{r}/captioned", "--vae",
+                         "{r}/vae.safetensors", "--out", "{r}/out/p", "--resolution", "16"], 2,
+     ["empty-caption.jsonl line 1", "caption of c0.png is empty"], True),
     # 3. upper bounds from the model and from memory, before allocating
     ("3", "distill.py", ["--out", "{r}/out/d", "--shift", "1e300"], 2, ["--shift 1e+300", "<= 100"], True),
     ("3", "distill.py", ["--out", "{r}/out/d", "--shift", "1e-300"], 2, ["--shift 1e-300", ">= 0.01"], True),
