@@ -145,6 +145,8 @@ def list_images(folder):
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise FileNotFoundError(f"images: no {'/'.join(IMAGE_SUFFIXES)} files in {folder!r}")
+    for n in names:
+        cli.regular_file(os.path.join(folder, n), f"images: {os.path.join(folder, n)}")
     return [os.path.join(folder, n) for n in names]
 
 

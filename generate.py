@@ -119,6 +119,7 @@ def load_prompts(path):
     line with a string "prompt"). Anything else in the file (null, a number, an object where a string
     belongs, a JSON syntax error, text that is not UTF-8) is refused with the file and the entry named:
     a prompt is never made up from a value that is not one."""
+    cli.regular_file(path, f"prompts {path}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts: no file {path!r} (expected .txt one prompt per line, a .json list, "
                                 f"or .jsonl with a 'prompt' field)")

@@ -128,6 +128,8 @@ def find_samples(images=None, captions=None):
     )
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
+    for path in paths:
+        cli.regular_file(os.path.join(images, path), f"--images: {os.path.join(images, path)}")
     samples, uncaptioned = [], []
     for path in paths:
         txt = os.path.join(images, os.path.splitext(path)[0] + ".txt")

@@ -586,14 +586,25 @@ def reading(path, what=None):
         raise InputError(f"{name} is a folder, not a file") from None
 
 
+def regular_file(path, what=None):
+    """Refuse, before it is opened, a path that is there but is neither a regular file nor a folder: a FIFO
+    (its read would wait forever for a writer), a socket or a device (/dev/zero never ends). Returns path."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise InputError(f"{what or path}: not a regular file (a FIFO, socket or device), which cannot be read as "
+                         "one; give the file itself")
+    return path
+
+
 def read_text(path, what=None):
     """The text of a UTF-8 file, errors named (`reading`)."""
+    regular_file(path, what)
     with reading(path, what), open(path, encoding="utf-8") as f:
         return f.read()
 
 
 def read_json(path, what=None):
     """The JSON value of a file, errors named with the file, line and column (`reading`)."""
+    regular_file(path, what)
     with reading(path, what), open(path, encoding="utf-8") as f:
         return json.load(f)
 

@@ -608,6 +608,7 @@ def main(args):
         raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     vae_file = weights_file(args.vae)
     cli.output_file(args.out, "--out", inputs=[("--image", args.image), ("--vae", vae_file)])
+    cli.regular_file(args.image, f"--image {args.image}")
     _read_image(args.image)  # its header: is it an image at all?
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     config = read_config(args.vae)  # from its header: a file that is no VAE is refused before any heavy work

@@ -125,6 +125,10 @@ def root(tmp_path_factory, tiny_vae_config):
     for k in range(2):
         png(r / "captioned" / f"c{k}.png", seed=k)
         (r / "captioned" / f"c{k}.txt").write_text(f"caption {k}")
+    (r / "fifo").mkdir()  # FIFOs where files belong: reading one waits forever for a writer
+    os.mkfifo(r / "fifo" / "image.png")
+    os.mkfifo(r / "fifo" / "prompts.txt")
+    (r / "fifo" / "image.txt").write_text("a caption")
     (r / "number-caption.jsonl").write_text(json.dumps({"path": "c0.png", "caption": 5}) + "\n")
     (r / "empty-caption.jsonl").write_text(json.dumps({"path": "c0.png", "caption": " "}) + "\n")
     (r / "many.jsonl").write_text((json.dumps({"path": "c0.png", "caption": "x"}) + "\n") * 10000)
@@ -179,7 +183,9 @@ def snapshot(folder):
         out.update({os.path.relpath(os.path.join(d, n), folder): None for n in dirs})
         for n in names:
             path = os.path.join(d, n)
-            if not os.path.islink(path):
+            if not os.path.islink(path) and not os.path.isfile(path):  # a FIFO: never opened (it would block)
+                out[os.path.relpath(path, folder)] = "special"
+            elif not os.path.islink(path):
                 with open(path, "rb") as f:
                     out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
     return out
@@ -254,6 +260,12 @@ CASES = [
     ("2", "prepare.py", ["--captions", "{r}/empty-caption.jsonl", "--images", "{r}/captioned", "--vae",
                          "{r}/vae.safetensors", "--out", "{r}/out/p", "--resolution", "16"], 2,
      ["empty-caption.jsonl line 1", "caption of c0.png is empty"], True),
+    ("2", "sd3.vae", ["--vae", "{r}/vae.safetensors", "--image", "{r}/fifo/image.png", "--out", "{r}/out/rt.png",
+                     "--size", "16"], 2, ["--image", "fifo/image.png", "not a regular file"], True),
+    ("2", "prepare.py", ["--images", "{r}/fifo", "--vae", "{r}/vae.safetensors", "--out", "{r}/out/p",
+                         "--resolution", "16"], 2, ["fifo/image.png", "not a regular file"], True),
+    ("2", "generate.py", ["--toy", "--prompts", "{r}/fifo/prompts.txt", "--out", "{r}/out/g"], 2,
+     ["fifo/prompts.txt", "not a regular file"], True),
     # 3. upper bounds from the model and from memory, before allocating
     ("3", "distill.py", ["--out", "{r}/out/d", "--shift", "1e300"], 2, ["--shift 1e+300", "<= 100"], True),
     ("3", "distill.py", ["--out", "{r}/out/d", "--shift", "1e-300"], 2, ["--shift 1e-300", ">= 0.01"], True),
