@@ -74,7 +74,6 @@ import gc
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -336,12 +335,11 @@ def _check_size(size, configs, square):
 
 
 def _check_writable(out):
-    try:
-        os.makedirs(os.path.join(out, "images"), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise PermissionError(f"--out: cannot write to {out!r}: {e.strerror or e}") from None
+    """--out can be written (a probe file in it, or in the folder it would be made in), creating nothing:
+    a refused run leaves no empty folder behind; OUT/images is made when the run starts (_run)."""
+    if os.path.isdir(os.path.join(out, "images")):
+        cli.output_folder(os.path.join(out, "images"), "--out", create=False)
+    cli.output_folder(out, "--out", create=False)
 
 
 def _name(path):
@@ -434,7 +432,7 @@ def check(args, world=None):
         if getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(a, flag)} must be at least 1")
     cli.check_seed(a.seed, "--seed", a.seed + a.n_per_prompt - 1, "image k of a prompt starts from seed + k, and "
-                   f"seed + (--n-per-prompt - 1)")
+                   "seed + (--n-per-prompt - 1)")
     cli.check_memory(8 * (a.steps + 1), f"the schedule of {a.steps} steps (its N + 1 times)", "--steps")
     for flag in ("strong_scale", "weak_scale", "main_scale"):
         cli.finite(getattr(a, flag), "--" + flag.replace("_", "-"), why="W2SD's blend base + s (fine-tune - base)")
@@ -489,8 +487,19 @@ def check(args, world=None):
     else:
         cfg = mmdit.read_config(a.model)
         width = SD3_TOKENS * cfg.context_dim + cfg.pooled_dim
-    cli.check_memory(todo * width * torch.finfo(dtype).bits // 8, f"the text embeddings of {todo} prompts "
-                     f"({torch.finfo(dtype).bits // 8} bytes x {width} numbers each)", "the number of prompts")
+    nbytes = torch.finfo(dtype).bits // 8
+    cli.check_memory(todo * width * nbytes, f"the text embeddings of {todo} prompts "
+                     f"({nbytes} bytes x {width} numbers each)", "the number of prompts")
+    # what lives at once while a batch samples: the records, the batch's decoded images, the embeddings
+    # waiting, and one hidden state of the MMDiT's joint attention (batch x (image + text tokens) x width)
+    cfg = toy.TEACHER_CONFIG if toy_world else mmdit.read_config(a.model)
+    latent = (toy.H, toy.W) if toy_world else (size[0] // 8, size[1] // 8)
+    tokens = latent[0] * latent[1] // cfg.patch_size ** 2 + (toy.TOKENS if toy_world else SD3_TOKENS)
+    together = (len(jobs) * RECORD_BYTES + batch * 3 * side * 4 + todo * width * nbytes
+                + batch * tokens * cfg.hidden_size * nbytes)
+    cli.check_memory(together, f"a batch of {batch} images sampled (one MMDiT hidden state of {tokens} tokens x "
+                     f"{cfg.hidden_size} each) with the records, decoded images and text embeddings of the run",
+                     "--batch (or --n-per-prompt)")
     return plan
 
 
@@ -682,6 +691,7 @@ def _run(plan, progress, group):
     a = plan.args
     state = None
     if group.rank == 0:  # under the lock: what a killed run left, what is done, and whether all of it is
+        os.makedirs(os.path.join(a.out, "images"), exist_ok=True)
         removed = image_folder.remove_temporaries(a.out)
         if removed:
             print(f"removed {len(removed)} temporary file(s) left by a killed run: {', '.join(removed[:10])}"

@@ -115,7 +115,7 @@ def test_eq7_through_the_network_matches_the_released_forward(model, tmp_path):
 
 def test_ablations(model):
     B = 2
-    x, t = torch.randn(B, 4, 8, 8), torch.rand(B)
+    t = torch.rand(B)
     context, y, null_ctx, y_null = torch.randn(B, 5, 32), torch.randn(B, 24), torch.randn(1, 5, 32), torch.randn(1, 24)
     args = (model, t, context, y, null_ctx, y_null, 5.0)
     with torch.no_grad():

@@ -267,6 +267,8 @@ CASES = [
     ("2", "generate.py", ["--toy", "--prompts", "{r}/fifo/prompts.txt", "--out", "{r}/out/g"], 2,
      ["fifo/prompts.txt", "not a regular file"], True),
     # 3. upper bounds from the model and from memory, before allocating
+    ("3", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--n-per-prompt", "1000000", "--batch", "1000000",
+                          "--out", "{r}/out/g"], 2, ["--batch (or --n-per-prompt)", "MMDiT hidden state", "GB"], True),
     ("3", "distill.py", ["--out", "{r}/out/d", "--shift", "1e300"], 2, ["--shift 1e+300", "<= 100"], True),
     ("3", "distill.py", ["--out", "{r}/out/d", "--shift", "1e-300"], 2, ["--shift 1e-300", ">= 0.01"], True),
     ("3", "distill.py", ["--out", "{r}/out/d", "--lr", "1e300"], 2, ["--lr 1e+300", "<= 1"], True),
