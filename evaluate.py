@@ -145,8 +145,14 @@ def list_images(folder):
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise FileNotFoundError(f"images: no {'/'.join(IMAGE_SUFFIXES)} files in {folder!r}")
-    for n in names:
-        cli.regular_file(os.path.join(folder, n), f"images: {os.path.join(folder, n)}")
+    for n in names:  # each file's header, before any scorer loads: an empty or foreign file is named here
+        path = os.path.join(folder, n)
+        cli.regular_file(path, f"images: {path}")
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise cli.InputError(f"images: {path} is not a readable image ({type(e).__name__}: {e})") from None
     return [os.path.join(folder, n) for n in names]
 
 

@@ -462,6 +462,11 @@ def check(args, world=None):
     if toy_world:
         inputs.append(("--toy-cache", a.toy_cache))
     cli.not_an_input([("--out", os.path.join(a.out, name)) for name in ("index.jsonl", "contact.png")], inputs)
+    for name in ("index.jsonl", "contact.png", "images"):  # what the run writes: a file, a folder
+        path = os.path.join(a.out, name)
+        if os.path.lexists(path) and os.path.isdir(path) != (name == "images"):
+            raise cli.InputError(f"--out {a.out}: {path} is {'not ' if name == 'images' else ''}a folder, where the "
+                                 f"run writes {'its images' if name == 'images' else 'its ' + name}; give another --out")
     _check_writable(a.out)
     record = dict(negative_prompt=a.negative_prompt, method=a.method, w=w, steps=a.steps,
                   model="toy world" if toy_world else _name(a.model), student=_name(a.student),

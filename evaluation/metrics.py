@@ -380,6 +380,22 @@ def need_safetensors(path, what, expected):
     if not path.endswith(".safetensors"):
         raise ValueError(f"{what}: {path!r} is not .safetensors; convert the released .pth once with "
                          f"safetensors.torch.save_file(torch.load(pth, weights_only=True), 'out.safetensors')")
+    check_safetensors_header(path, what)
+
+
+def check_safetensors_header(path, what):
+    """The header of a .safetensors file read (nothing else): a truncated file, a renamed pickle or
+    PNG, an integer tensor are refused naming `what` and the file, before any model loads."""
+    from contextlib import ExitStack
+
+    from sd3 import checkpoint
+
+    with ExitStack() as stack:
+        try:
+            f = checkpoint.open_safetensors(path, stack)
+            checkpoint.check_floats(f, f.keys(), path, f"{what}'s weights")
+        except (checkpoint.CheckpointError, OSError) as e:
+            raise cli.InputError(f"{what}: {e}") from None
 
 
 def load_aesthetic(path, device="cpu"):
@@ -496,6 +512,8 @@ def _need_imagereward(path, tokenizer_dir):
     if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
         raise FileNotFoundError(f"ImageReward: tokenizer {tokenizer_dir!r} is not a folder (expected a BERT "
                                 f"tokenizer, e.g. a local copy of bert-base-uncased)")
+    if path.endswith(".safetensors"):
+        check_safetensors_header(path, "ImageReward")
 
 
 def load_image_reward(path, tokenizer_dir, device="cpu", vision_heads=None, text_heads=None):

@@ -321,6 +321,7 @@ def rounding_main(args):
     RMSE between the two, next to the RMSE that a change of w by 1 makes (w -> w + 1, float32 both)."""
     if not os.path.isfile(args.student):
         raise FileNotFoundError(f"--student {args.student}: no such file")
+    toy.check_network(args.student, "--student")  # from its header: a toy-world network, floating point
     world = toy.build_world(args.cache_dir, progress=False)
     lines = [f"bf16 rounding of 1000 w, {args.student}, DEV prompts x {args.seeds} seeds, {args.sample_steps} steps: "
              "per-image RMSE, mean [95% CI]",

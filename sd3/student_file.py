@@ -11,6 +11,7 @@ methods with weights of their own (distillcfg, dice) keep them in a fusion file 
     v = samplers.student(model, context, y, y_null, w=4.0, fusion=fusion)
 """
 
+import math
 import os
 
 import torch
@@ -39,7 +40,15 @@ def trained_as(path):
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     scale = meta.get(SCALE_METADATA)
-    return meta.get("teefusion_method"), None if scale is None else float(scale)
+    if scale is not None:
+        try:
+            scale = float(scale)
+        except ValueError:
+            scale = None
+        if scale is None or not math.isfinite(scale) or scale <= 0:
+            raise cli.InputError(f"{path}: its {SCALE_METADATA} metadata is {meta.get(SCALE_METADATA)!r}, not a "
+                                 "finite number > 0 (Eq. 7's factor of the fused term; the release's is 1/256)")
+    return meta.get("teefusion_method"), scale
 
 
 def student_files(path, method=None):

@@ -129,6 +129,13 @@ def root(tmp_path_factory, tiny_vae_config):
     os.mkfifo(r / "fifo" / "image.png")
     os.mkfifo(r / "fifo" / "prompts.txt")
     (r / "fifo" / "image.txt").write_text("a caption")
+    (r / "zero").mkdir()  # one image, one empty file named .png
+    png(r / "zero" / "a.png")
+    (r / "zero" / "b.png").write_bytes(b"")
+    (r / "png.safetensors").write_bytes((r / "imgs" / "000.png").read_bytes())  # a PNG renamed
+    (r / "gendir" / "index.jsonl").mkdir(parents=True)  # a folder where generate.py writes its index
+    mmdit.save_mmdit(mmdit.MMDiT(toy.TEACHER_CONFIG), str(r / "nan-scale.safetensors"),
+                     {"teefusion_method": "teefusion", "teefusion_scale": "nan"})
     (r / "number-caption.jsonl").write_text(json.dumps({"path": "c0.png", "caption": 5}) + "\n")
     (r / "empty-caption.jsonl").write_text(json.dumps({"path": "c0.png", "caption": " "}) + "\n")
     (r / "many.jsonl").write_text((json.dumps({"path": "c0.png", "caption": "x"}) + "\n") * 10000)
@@ -266,6 +273,16 @@ CASES = [
                          "--resolution", "16"], 2, ["fifo/image.png", "not a regular file"], True),
     ("2", "generate.py", ["--toy", "--prompts", "{r}/fifo/prompts.txt", "--out", "{r}/out/g"], 2,
      ["fifo/prompts.txt", "not a regular file"], True),
+    ("2", "evaluate.py", ["score", "--metric", "clip", "--clip", "{r}/clip", "--images", "{r}/zero", "--prompts",
+                          "{r}/two.txt"], 2, ["zero/b.png is not a readable image"], True),
+    ("2", "evaluate.py", ["score", "--metric", "aesthetic", "--clip", "{r}/clip", "--aesthetic",
+                          "{r}/png.safetensors", "--images", "{r}/imgs"], 2,
+     ["--aesthetic", "png.safetensors", "not a readable safetensors file"], True),
+    ("2", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--out", "{r}/gendir"], 2,
+     ["gendir/index.jsonl is a folder"], True),
+    ("2", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--method", "student", "--student",
+                          "{r}/nan-scale.safetensors", "--out", "{r}/out/g"], 2,
+     ["nan-scale.safetensors", "teefusion_scale metadata is 'nan'"], True),
     # 3. upper bounds from the model and from memory, before allocating
     ("3", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--n-per-prompt", "1000000", "--batch", "1000000",
                           "--out", "{r}/out/g"], 2, ["--batch (or --n-per-prompt)", "MMDiT hidden state", "GB"], True),
