@@ -40,6 +40,7 @@ if __name__ == "__main__" and not __package__:  # run as a file (python evaluati
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json
+import math
 import os
 import time
 from contextlib import ExitStack
@@ -370,6 +371,28 @@ def follows_w(ev, teacher, students, path, k=6, ws=(2.0, 8.0)):
     return numbers
 
 
+LOG_FIELDS = ("step", "loss", "step_s", "teacher_s", "student_s")  # what the report reads of a log line
+
+
+def read_training_log(path):
+    """The records of a distill.py log.jsonl, each a JSON object whose LOG_FIELDS are finite numbers;
+    anything else is refused naming the file and its line (main reads every log before the world is built)."""
+    rows = []
+    for n, line in enumerate(cli.read_text(path, f"the training log {path}").split("\n"), 1):
+        if not line.strip():
+            continue
+        with cli.reading(path, f"the training log {path} line {n}"):
+            row = json.loads(line)
+        bad = next((k for k in LOG_FIELDS if not isinstance(row, dict) or not isinstance(row.get(k), (int, float))
+                    or isinstance(row.get(k), bool) or not math.isfinite(row[k])), None)
+        if bad is not None:
+            raise cli.InputError(f"the training log {path} line {n}: {bad} is "
+                                 f"{json.dumps(row.get(bad)) if isinstance(row, dict) else 'missing'}, not a finite "
+                                 f"number (distill.py writes {', '.join(LOG_FIELDS)} on every line)")
+        rows.append(row)
+    return rows
+
+
 def training_cost(students):
     """Per student, from its log.jsonl: the median seconds per training step, split into the teacher's
     target and the student's forward + backward (distill.py logs both), and the final loss."""
@@ -377,8 +400,9 @@ def training_cost(students):
     for s in students:
         if not os.path.isfile(s["log"]):
             continue
-        with cli.reading(s["log"]), open(s["log"], encoding="utf-8") as f:
-            log = [json.loads(line) for line in f if line.strip()]
+        log = read_training_log(s["log"])
+        if not log:
+            continue
         med = {k: torch.tensor([r[k] for r in log], dtype=torch.float64).median().item()
                for k in ("step_s", "teacher_s", "student_s")}
         rows.append(dict(label=s["label"], steps=len(log), final_loss=sum(r["loss"] for r in log[-50:]) / len(log[-50:]),
@@ -403,8 +427,7 @@ def loss_figure(students, path):
     for s in students:
         if not os.path.isfile(s["log"]):
             continue
-        with cli.reading(s["log"]), open(s["log"], encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_training_log(s["log"])
         losses = [r["loss"] for r in rows]
         n = 50
         if len(rows) < n:
@@ -539,6 +562,9 @@ def main(args):
     cli.check_memory(8 * (args.steps + 1), f"the schedule of {args.steps} steps (its N + 1 times)", "--steps")
     for path in args.student:  # every student is checked before the world is built (or its teacher trained)
         check_student(path, args.teacher)
+        log = os.path.join(os.path.dirname(path), "log.jsonl")  # its training log, read by the cost table and Fig. 5b
+        if os.path.exists(log):
+            read_training_log(log)
     toy.check_cache_dir(args.cache_dir)
     cli.not_an_input([("--out", os.path.join(args.out, name)) for name in OUTPUTS],
                      [("--student", path) for path in args.student])

@@ -136,6 +136,11 @@ def root(tmp_path_factory, tiny_vae_config):
     (r / "gendir" / "index.jsonl").mkdir(parents=True)  # a folder where generate.py writes its index
     mmdit.save_mmdit(mmdit.MMDiT(toy.TEACHER_CONFIG), str(r / "nan-scale.safetensors"),
                      {"teefusion_method": "teefusion", "teefusion_scale": "nan"})
+    (r / "logged").mkdir()  # a toy student whose training log has a line without its loss
+    mmdit.save_mmdit(mmdit.MMDiT(toy.TEACHER_CONFIG), str(r / "logged" / "student.safetensors"),
+                     {"teefusion_method": "teefusion", "teefusion_teacher": "cfg"})
+    line = {"step": 1, "loss": 0.5, "step_s": 0.1, "teacher_s": 0.05, "student_s": 0.05}
+    (r / "logged" / "log.jsonl").write_text(json.dumps(line) + "\n\n" + json.dumps(dict(line, loss=None)) + "\n")
     (r / "number-caption.jsonl").write_text(json.dumps({"path": "c0.png", "caption": 5}) + "\n")
     (r / "empty-caption.jsonl").write_text(json.dumps({"path": "c0.png", "caption": " "}) + "\n")
     (r / "many.jsonl").write_text((json.dumps({"path": "c0.png", "caption": "x"}) + "\n") * 10000)
@@ -309,6 +314,9 @@ CASES = [
     ("3", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--steps", "100000000000", "--out", "{r}/out/g"], 2,
      ["--steps", "schedule of 100000000000 steps"], True),
     # 4. refused before the heavy work
+    ("4", "evaluation.toy_report", ["--student", "{r}/logged/student.safetensors", "--out", "{r}/out/rep",
+                                    "--cache-dir", "{r}/out/no-cache"], 2,
+     ["logged/log.jsonl line 3", "loss is null, not a finite number"], True),
     ("4", "evaluation.toy_report", ["--student", "{r}/x.ckpt", "--cache-dir", "{r}/out/no-cache"], 2,
      ["x.ckpt", "refusing a pickle"], True),
     ("4", "evaluation.toy_report", ["--student", "{r}/base.safetensors", "--cache-dir", "{r}/out/no-cache"], 2,
