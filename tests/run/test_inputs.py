@@ -150,6 +150,7 @@ def root(tmp_path_factory, tiny_vae_config):
     # FID statistics: NaN, a truncated .npz, a torch.save file (a zip of pickles)
     fid.save_statistics(str(r / "ok.npz"), np.zeros(3), np.eye(3))
     fid.save_statistics(str(r / "nan.npz"), np.full(3, np.nan), np.eye(3))
+    fid.save_statistics(str(r / "negative.npz"), np.zeros(3), -np.eye(3))  # no covariance
     whole = (r / "ok.npz").read_bytes()
     (r / "truncated.npz").write_bytes(whole[:len(whole) // 2])
     torch.save({f"layer{k}.weight": torch.zeros(2) for k in range(60)}, str(r / "pickle.npz"))
@@ -240,6 +241,8 @@ CASES = [
      ["--out", "inside --toy-cache"], True),
     # 2. no silent wrong result
     ("2", "evaluate.py", ["fid", "{r}/nan.npz", "{r}/ok.npz"], 2, ["nan.npz", "non-finite"], True),
+    ("2", "evaluate.py", ["fid", "{r}/ok.npz", "{r}/negative.npz"], 2, ["negative.npz", "negative eigenvalue -1"],
+     True),
     ("2", "sd3.lora", ["merge", "--base", "{r}/nan.safetensors", "--lora", "{r}/lora.safetensors", "--out",
                       "{r}/out/merged.safetensors"], 2, ["nan.safetensors", "non-finite"], False),
     ("2", "generate.py", ["--toy", "--prompts", "{r}/prompts.json", "--out", "{r}/out/g"], 2,
