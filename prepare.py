@@ -278,7 +278,7 @@ def check_settings(resolution, shard_size, batch_size, posterior, buckets="aspec
     if buckets not in BUCKETS:
         raise ValueError(f"buckets must be one of {BUCKETS}, got {buckets!r}")
     if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be at least 1")
+        raise ValueError(f"--shard-size {shard_size} and --batch-size {batch_size}: each must be at least 1")
     if posterior not in ("sample", "mean"):
         raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
 

@@ -410,7 +410,7 @@ def at_least(value, low, flag, high=None, why=""):
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
-def check_seed(seed, flag="--seed", largest=None, how=""):
+def check_seed(seed, flag="--seed", largest=None, how="", remedy=None):
     """A seed >= 0 whose largest derived seed (`largest`, e.g. seed + k for image k; default seed
     itself) still fits torch's generator (2**64 - 1), so that a run never fails halfway through."""
     if seed < 0:
@@ -418,7 +418,7 @@ def check_seed(seed, flag="--seed", largest=None, how=""):
     largest = seed if largest is None else largest
     if largest > SEED_MAX:
         raise InputError(f"{flag} {seed}: {how or 'the largest seed it gives'} = {largest} is beyond the largest "
-                         f"seed torch's generator takes (2**64 - 1 = {SEED_MAX}); use a smaller {flag}")
+                         f"seed torch's generator takes (2**64 - 1 = {SEED_MAX}); {remedy or 'use a smaller ' + flag}")
     return seed
 
 

@@ -259,6 +259,7 @@ def check_args(args, world_size=1):
     if args.method == "dice" and args.w_min != args.w_max:
         raise ValueError(f"--method dice is trained at ONE guidance (DICE reproduces CFG at a single scale; its "
                          f"release: w = {embed.DICE_W:g}): give --w-min = --w-max, not {args.w_min:g} and {args.w_max:g}")
+    cli.at_least(args.global_batch, 1, "--global-batch", why="samples per optimizer step, over all ranks")
     if args.micro_batch is not None and args.micro_batch < 1:
         raise ValueError(f"--micro-batch {args.micro_batch}: must be >= 1 (samples per forward per rank)")
     micro = args.micro_batch or args.global_batch // world_size
@@ -317,11 +318,15 @@ def check_args(args, world_size=1):
             args.tau = float(args.tau)
         except ValueError:
             pass
-    samplers.check_tau(samplers.reflection_settings(args.preset, args.w_inv, args.tau, args.teacher_sampler)[1],
-                       args.teacher_steps)
+    try:
+        samplers.check_tau(samplers.reflection_settings(args.preset, args.w_inv, args.tau, args.teacher_sampler)[1],
+                           args.teacher_steps)
+    except ValueError as e:
+        raise cli.InputError(f"--tau {args.tau}: {e}") from None
     # Algorithm 1's draws for stream position p use seed * 2**32 + p (distill.draw_t_w_eps), p < steps x global batch
     cli.check_seed(args.seed, "--seed", args.seed * 2**32 + args.steps * args.global_batch - 1,
-                   "the draws of the last sample use seed * 2**32 + steps x global batch - 1")
+                   "the draws of the last sample use seed * 2**32 + steps x global batch - 1",
+                   "use a smaller --seed, --steps or --global-batch")
     cli.check_device(args.device)
     cli.check_memory(8 * (args.teacher_steps + 1), f"the schedule of {args.teacher_steps} steps (its N + 1 times)",
                      "--teacher-steps")

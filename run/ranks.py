@@ -19,8 +19,26 @@ import torch.distributed as dist
 
 
 def from_environment():
-    """(rank, world size, local rank) that torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK); (0, 1, 0) without it."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    """(rank, world size, local rank) that torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK); (0, 1, 0) without it.
+    A stray or partial setting (RANK without WORLD_SIZE, a rank beyond the world, words) is refused with one
+    line naming the variables, before any work: it would make this process wait for ranks that never come."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    given = {k: os.environ.get(k) for k in names}
+    if given["RANK"] is None and given["WORLD_SIZE"] is None:
+        return 0, 1, 0  # plain python: one process (a stray LOCAL_RANK alone means nothing)
+    if given["RANK"] is None or given["WORLD_SIZE"] is None:
+        set_, unset = ("RANK", "WORLD_SIZE") if given["WORLD_SIZE"] is None else ("WORLD_SIZE", "RANK")
+        raise ValueError(f"{set_}={given[set_]} is set in the environment but {unset} is not: launch with torchrun "
+                         f"(it sets both), or unset {set_} to run one process")
+    try:
+        rank, size, local = int(given["RANK"]), int(given["WORLD_SIZE"]), int(given["LOCAL_RANK"] or 0)
+    except ValueError:
+        raise ValueError(f"RANK={given['RANK']}, WORLD_SIZE={given['WORLD_SIZE']}, LOCAL_RANK={given['LOCAL_RANK']} "
+                         "in the environment: not whole numbers, as torchrun sets them") from None
+    if not 0 <= rank < size or local < 0:
+        raise ValueError(f"RANK={rank} is not a rank of WORLD_SIZE={size} (0 to {size - 1}), or LOCAL_RANK={local} "
+                         "< 0: launch with torchrun, or unset them to run one process")
+    return rank, size, local
 
 
 def device_for(device):

@@ -103,7 +103,7 @@ from tqdm import tqdm
 
 import embed
 from mmdit import load_mmdit, load_mmdit_blend
-from run import cli, final_files, monitor, options, parallel
+from run import cli, final_files, monitor, options, parallel, ranks
 from run.batches import StepSampler, WithNoise
 from run.options import FULL, check_args, fill_defaults, lora_spec
 from run.training_state import (LATEST, _trim_log, check_resume, complete_checkpoints, last_good, load_checkpoint,
@@ -152,7 +152,7 @@ class Run:
         """args: distill.py's options (defaults filled in here); dataset: a Dataset of {"latents",
         "context", "y", ...} items with .null(), or None for --data / the toy world's data."""
         fill_defaults(args)
-        self.micro = check_args(args, int(os.environ.get("WORLD_SIZE", 1)))  # before the process group
+        self.micro = check_args(args, ranks.from_environment()[1])  # before the process group
         if dataset is None and args.teacher is not None:
             from prepare import ShardDataset
 
@@ -428,9 +428,7 @@ def weights_problem(student, ema, probe, bf16, distributed):
 def setup_distributed(args):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world_size, local_rank = ranks.from_environment()  # a partial or stray setting refused
     if args.device is not None:
         device = torch.device(args.device)
     else:

@@ -315,6 +315,7 @@ def resolve_files(path):
     (list of safetensors files, config dict or None)."""
     if os.path.isfile(path):
         return [path], None
+    cli.regular_file(path, f"checkpoint {path}")  # a device (/dev/null) or a FIFO: named as what it is
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(os.path.join(path, "transformer")) and not os.path.exists(os.path.join(path, "config.json")):

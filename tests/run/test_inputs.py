@@ -291,6 +291,12 @@ CASES = [
     ("2", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--method", "student", "--student",
                           "{r}/nan-scale.safetensors", "--out", "{r}/out/g"], 2,
      ["nan-scale.safetensors", "teefusion_scale metadata is 'nan'"], True),
+    ("4", "distill.py", ["--out", "{r}/out/d", "--global-batch", "0"], 2, ["--global-batch 0: must be >= 1"], True),
+    ("4", "distill.py", ["--out", "{r}/out/d", "--tau", "abc"], 2, ["--tau abc", "an offset >= 0"], True),
+    ("4", "distill.py", ["--out", "{r}/out/d", "--steps", "100000000000000000000"], 2,
+     ["--seed 0", "use a smaller --seed, --steps or --global-batch"], True),
+    ("4", "distill.py", ["--teacher", "/dev/null", "--data", "{r}/imgs", "--teacher-sampler", "cfg", "--out",
+                         "{r}/out/d"], 2, ["/dev/null", "not a regular file"], True),
     # 3. upper bounds from the model and from memory, before allocating
     ("3", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--n-per-prompt", "1000000", "--batch", "1000000",
                           "--out", "{r}/out/g"], 2, ["--batch (or --n-per-prompt)", "MMDiT hidden state", "GB"], True),
@@ -452,6 +458,20 @@ def test_non_finite_images_name_the_guidance(root, tmp_path, monkeypatch, capsys
     code, err, _ = run_script("generate.py", argv, monkeypatch, capsys)
     assert code == 1 and "w = 1e+30, float32" in err[-1] and "smaller --w" in err[-1] and "--dtype fp32" not in err[-1]
     assert not any(n.endswith(".png") for _, _, names in os.walk(tmp_path / "g") for n in names)
+
+
+@pytest.mark.parametrize("env", [{"RANK": "1"}, {"WORLD_SIZE": "2"}, {"RANK": "2", "WORLD_SIZE": "2"}])
+def test_a_stray_rank_setting_is_refused(tmp_path, env):
+    """RANK or WORLD_SIZE alone in the environment (a leftover of another job), or a rank beyond the world:
+    one line naming the variables, exit 2, nothing written; it used to wait for ranks or fail in torch."""
+    for script in ("distill.py", "generate.py"):
+        extra = ["--fsdp", "--steps", "1"] if script == "distill.py" else ["--toy", "--prompt", TOY_PROMPT]
+        out = tmp_path / script
+        r = subprocess.run([sys.executable, script, "--out", str(out), *extra], cwd=REPO, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+        assert all(f"{k}=" in lines[0] for k in env) and not out.exists(), lines[0]
 
 
 def test_lora_merge_over_its_base_in_another_precision(root, tmp_path):
