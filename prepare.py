@@ -536,39 +536,65 @@ def read_index(folder):
     return index
 
 
+def _header(path, names):
+    """{name: (shape without the first axis, dtype)} of the tensors of `path` that `names` picks from its
+    keys (a function of the key list -> {name: key}); None if the header cannot be read (the dataset
+    names the file where it reads it)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            return {name: (tuple(f.get_slice(key).get_shape()[1:]), f.get_slice(key).get_dtype())
+                    for name, key in names(keys).items() if key is not None}
+    except Exception:  # safetensors' own SafetensorError, OSError
+        return None
+
+
 def sample_shapes(folder, index):
     """{"latents": (C, h, w), "context": (L, Dc), "y": (Dy,)} of one sample of a prepared folder, from
-    index.json when it records them, else from the header of its first shard with samples (None if
-    none has any, or if that header cannot be read: ShardDataset names the shard when it reads it).
-    Reads no tensor."""
-    shapes = dict(latents=index.get("latent_shape"), context=index.get("context_shape"), y=index.get("y_shape"))
+    the header of its first shard with samples (index.json's record when there is none, or it cannot be
+    read: ShardDataset names the shard when it reads it); None if there is nothing to read. The record of
+    index.json, the first shard and null.safetensors must agree, and hold floating-point numbers: an index
+    of other shards, or a null prompt of other text encoders, is refused naming the files. Reads no tensor."""
+    recorded = dict(latents=index.get("latent_shape"), context=index.get("context_shape"), y=index.get("y_shape"))
     buckets = index.get("buckets")
-    if shapes["latents"] is None and isinstance(buckets, list) and buckets and isinstance(buckets[0], dict):
-        shapes["latents"] = buckets[0].get("latent_shape")  # aspect buckets: the first bucket's (C, h, w)
-    if not all(isinstance(v, list) for v in shapes.values()):
-        first = next((s["file"] for s in index["shards"] if s["num_samples"] > 0), None)
-        if first is None:
-            return None
-        path = os.path.join(folder, first)
-        try:
-            with safe_open(path, framework="pt") as f:
-                keys = list(f.keys())
-                # the latents of a bucketed shard are latents_HxW, one tensor per bucket present
-                names = dict(latents=next((k for k in keys if k == "latents" or k.startswith("latents_")), None),
-                             context="context" if "context" in keys else None, y="y" if "y" in keys else None)
-                shapes = {name: f.get_slice(key).get_shape()[1:] for name, key in names.items() if key is not None}
-                dtypes = {key: f.get_slice(key).get_dtype() for key in names.values() if key is not None}
-        except Exception:  # safetensors' own SafetensorError, OSError: the dataset reports it, where it is read
-            return None
-        bad = {k: d for k, d in dtypes.items() if d not in checkpoint.FLOAT_DTYPES}
+    if recorded["latents"] is None and isinstance(buckets, list) and buckets and isinstance(buckets[0], dict):
+        recorded["latents"] = buckets[0].get("latent_shape")  # aspect buckets: the first bucket's (C, h, w)
+    recorded = {k: tuple(v) for k, v in recorded.items() if isinstance(v, list)}
+    first = next((s["file"] for s in index["shards"] if s["num_samples"] > 0), None)
+    # the latents of a bucketed shard are latents_HxW, one tensor per bucket present
+    found = first and _header(os.path.join(folder, first), lambda keys: dict(
+        latents=next((k for k in keys if k == "latents" or k.startswith("latents_")), None),
+        context="context" if "context" in keys else None, y="y" if "y" in keys else None))
+    shapes = dict(recorded)
+    if found:
+        bad = {k: d for k, (_, d) in found.items() if d not in checkpoint.FLOAT_DTYPES}
         if bad:
             k, d = next(iter(bad.items()))
-            raise ValueError(f"{path}: its {k} are {d}, not floating point: shards hold float latents and text "
-                             "embeddings (write them again with prepare.py)")
+            raise ValueError(f"{os.path.join(folder, first)}: its {k} are {d}, not floating point: shards hold float "
+                             "latents and text embeddings (write them again with prepare.py)")
+        for k, (shape, _) in found.items():
+            # a bucketed index records the first bucket's size; a shard's first latents may be another bucket's
+            same = k not in recorded or (shape[:1] == recorded[k][:1] if k == "latents" and buckets
+                                         else shape == recorded[k])
+            if not same:
+                raise ValueError(f"{os.path.join(folder, 'index.json')} records {k} of shape {list(recorded[k])}, but "
+                                 f"{first} holds {list(shape)}: the index is not of these shards; re-run prepare.py")
+            shapes[k] = shape
+    elif first is None and not recorded:
+        return None
     expected = dict(latents=3, context=2, y=1)
     if any(len(shapes.get(k) or ()) != n for k, n in expected.items()):
+        if first is not None and found is None and len(recorded) < 3:
+            return None  # an unreadable first shard: the data set names it where it reads it
         raise ValueError(f"{folder}: its samples are {shapes}; expected latents (C, h, w), context (L, Dc) and y "
                          "(Dy,): re-run prepare.py with --text-encoders")
+    null = _header(os.path.join(folder, "null.safetensors"), lambda keys: {k: k for k in ("context", "y") if k in keys})
+    if null:
+        for k in ("context", "y"):
+            if k in null and (null[k][0] != shapes[k] or null[k][1] not in checkpoint.FLOAT_DTYPES):
+                raise ValueError(f"{os.path.join(folder, 'null.safetensors')}: the null prompt's {k} is "
+                                 f"{list(null[k][0])} {null[k][1]}, but the samples' is {list(shapes[k])} floating "
+                                 "point: not of the same text encoders; re-run prepare.py")
     return {k: tuple(v) for k, v in shapes.items()}
 
 

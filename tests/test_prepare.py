@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from run import batches
@@ -289,6 +289,27 @@ def test_shard_dataset_checks_the_index_up_front_and_each_shard_when_read(images
     save_file({"latents": torch.zeros(rows + 1, 16, 4, 4)}, str(shard), {"captions": json.dumps(["x"] * (rows + 1))})
     with pytest.raises(ValueError, match=f"{shard} holds .* rows and {rows + 1} captions, but index.json says {rows}"):
         ShardDataset(str(out))[2]
+
+
+def test_sample_shapes_refuse_an_index_or_null_prompt_of_other_files(images, tmp_path, vae):
+    """What distill.py checks --data with (sample_shapes): index.json's recorded shapes, the first shard's
+    header and null.safetensors must agree; an index of other shards or a null prompt of other text
+    encoders is refused naming the files, before any network loads."""
+    from prepare import read_index, sample_shapes
+
+    out = tmp_path / "out"
+    run(images, out, vae, text_encoder=FakeTextEncoder())
+    shapes = sample_shapes(str(out), read_index(str(out)))
+    assert len(shapes["latents"]) == 3 and len(shapes["context"]) == 2 and len(shapes["y"]) == 1
+    index = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps(dict(index, latent_shape=[16, 2, 2])))
+    with pytest.raises(ValueError, match=r"index.json records latents of shape \[16, 2, 2\], but shard-00000"):
+        sample_shapes(str(out), read_index(str(out)))
+    (out / "index.json").write_text(json.dumps(index))
+    null = load_file(str(out / "null.safetensors"))
+    save_file({"context": null["context"][:, :, :3].contiguous(), "y": null["y"]}, str(out / "null.safetensors"))
+    with pytest.raises(ValueError, match="null.safetensors: the null prompt's context is .* not of the same text"):
+        sample_shapes(str(out), read_index(str(out)))
 
 
 @pytest.mark.parametrize("case", ["resolution", "out-is-a-file", "no-vae"])
