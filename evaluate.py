@@ -358,7 +358,7 @@ def table_plans(args):
     """[(label, w, generate.Plan)]: each method of --methods and each --student (NAME=PATH or PATH), at
     each w of --w-sweep (else --w; euler once, without w), into --out/LABEL[/wW], every one checked."""
     ws = [args.w]
-    if args.w_sweep:
+    if args.w_sweep is not None:
         try:
             ws = [float(w) for w in args.w_sweep.split(",")]
         except ValueError:
@@ -368,6 +368,8 @@ def table_plans(args):
     rows = [(m, samplers.canonical(m, samplers.METHODS), None) for m in args.methods.split(",") if m]
     for spec in args.student or []:
         name, _, path = spec.rpartition("=")
+        if not path:
+            raise ValueError(f"--student {spec!r}: no file after '=' (NAME=PATH or PATH)")
         rows.append((name or "student " + os.path.basename(os.path.dirname(os.path.abspath(path))), "student", path))
     labels = [label for label, _, _ in rows]
     if not rows or len(set(labels)) < len(labels):

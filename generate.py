@@ -414,6 +414,10 @@ def _check_models(a, toy_world):
                              f"{base.context_dim}, {base.pooled_dim}")
     size = requested_size(a)
     _check_size(size, configs, square=a.height is None and a.width is None)
+    vae_config = vae.read_config(vae_path)  # from its header: a file that is no VAE is refused before the encoders
+    if vae_config.latent_channels != base.in_channels:
+        raise ValueError(f"--vae {vae_path}: its latents have {vae_config.latent_channels} channels, --model's MMDiT "
+                         f"takes {base.in_channels}: not the VAE of this model")
     return size, text_encoders, vae_path
 
 

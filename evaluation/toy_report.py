@@ -163,9 +163,21 @@ def load_students(specs, device="cpu"):
     """specs: dicts with "path" (a student .safetensors written by distill.py), optional "teacher"
     (its samplers.TEACHERS name, else read from the file's metadata) and "label". Returns dicts
     with model, fusion, method, teacher, label."""
+    described = describe_students(specs)
+    out = []
+    for spec, info in zip(specs, described):
+        model, fusion = student_file.load_student(spec["path"], device=device)
+        out.append(dict(model=model, fusion=fusion, **info, path=spec["path"],
+                        log=os.path.join(os.path.dirname(spec["path"]), "log.jsonl")))
+    return out
+
+
+def describe_students(specs):
+    """From the files' headers alone (main calls it before the world is built): per spec a dict with
+    method, teacher, lora (the adapter settings of a merged LoRA student, or None) and label; two
+    students of one label are refused."""
     out = []
     for spec in specs:
-        model, fusion = student_file.load_student(spec["path"], device=device)
         method, _ = student_file.student_files(spec["path"])
         teacher = spec.get("teacher") or _metadata(spec["path"]).get("teefusion_teacher")
         if teacher is None:
@@ -177,9 +189,7 @@ def load_students(specs, device="cpu"):
             adapters = json.loads(stored) if stored else None
         name = METHOD_NAMES.get(method, method) + (f" LoRA r{adapters['rank']}" if adapters else "")
         label = spec.get("label") or f"{name} <- {TEACHER_NAMES[teacher]}"
-        out.append(dict(model=model, fusion=fusion, method=method, teacher=teacher, label=label, path=spec["path"],
-                        lora=adapters,
-                        log=os.path.join(os.path.dirname(spec["path"]), "log.jsonl")))
+        out.append(dict(method=method, teacher=teacher, label=label, lora=adapters))
     labels = [s["label"] for s in out]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two students share a label in {labels}: give them distinct labels")
@@ -565,6 +575,7 @@ def main(args):
         log = os.path.join(os.path.dirname(path), "log.jsonl")  # its training log, read by the cost table and Fig. 5b
         if os.path.exists(log):
             read_training_log(log)
+    describe_students([dict(path=p, teacher=args.teacher) for p in args.student])  # labels distinct
     toy.check_cache_dir(args.cache_dir)
     cli.not_an_input([("--out", os.path.join(args.out, name)) for name in OUTPUTS],
                      [("--student", path) for path in args.student])

@@ -55,6 +55,7 @@ import torch
 
 from run import cli
 import embed
+import samplers
 from run import options
 from evaluation import plots
 import toy
@@ -383,6 +384,8 @@ def main(args):
     if args.command == "rounding":
         if args.student is None:
             raise ValueError("rounding needs --student FILE (a TeEFusion student written by distill.py)")
+        for w in args.ws:
+            samplers.check_w(w, "--ws")
         return rounding_main(args)
     if args.command == "ratio":
         if (args.teacher is None) != (args.data is None):
