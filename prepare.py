@@ -520,6 +520,11 @@ def read_index(folder):
                        and s["num_samples"] >= 0 for s in shards):
         raise ValueError(f"{path} is not an index written by prepare.py (it needs \"shards\": [{{\"file\", "
                          "\"num_samples\"}, ...] and \"settings\": {\"text\"}); re-run prepare.py")
+    outside = next((s["file"] for s in shards if os.path.isabs(s["file"]) or os.path.basename(s["file"]) != s["file"]
+                    or s["file"] in ("", ".", "..")), None)
+    if outside is not None:
+        raise ValueError(f"{path} names the shard file {outside!r}, which is no file name inside {folder}: prepare.py "
+                         "writes shard-NNNNN.safetensors beside index.json; re-run prepare.py")
     buckets = index.get("buckets")
     if buckets is not None and not (
             isinstance(buckets, list) and all(isinstance(b, dict) and isinstance(b.get("size"), list) for b in buckets)

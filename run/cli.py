@@ -215,6 +215,10 @@ def output_folder(path, flag="--out", create=True):
     refuses a file, creates the folder (and its parents), writes and removes a probe file (the only
     test that also holds for root and for read-only mounts). create=False: nothing is created, the
     probe goes into the nearest folder that exists (the one the folder would be created in). Returns path."""
+    if not path:
+        raise InputError(f"{flag} '': give a folder")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"{flag} {path} is a symbolic link to nothing (or a loop of links), not a folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{flag} {path} is a file, not a folder")
     where = os.path.abspath(path)

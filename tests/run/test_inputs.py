@@ -165,6 +165,10 @@ def root(tmp_path_factory, tiny_vae_config):
         "format": "teefusion-shards/1", "num_samples": 4, "settings": {"text": True},
         "latent_shape": [4, 8, 8], "context_shape": [6, 12], "y_shape": [24],
         "shards": [{"file": "shard-00000.safetensors", "num_samples": 4}]}))
+    (r / "data-outside").mkdir()  # an index naming a shard outside its folder
+    (r / "data-outside" / "index.json").write_text(json.dumps({
+        "format": "teefusion-shards/1", "num_samples": 4, "settings": {"text": True},
+        "shards": [{"file": "../data/shard-00000.safetensors", "num_samples": 4}]}))
     (r / "run").mkdir()
     (r / "run" / "student.safetensors").write_bytes((r / "base.safetensors").read_bytes())
     # toy-world caches whose key matches the world's: one with a garbage teacher, one with a broken world.json
@@ -291,6 +295,10 @@ CASES = [
     ("2", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--method", "student", "--student",
                           "{r}/nan-scale.safetensors", "--out", "{r}/out/g"], 2,
      ["nan-scale.safetensors", "teefusion_scale metadata is 'nan'"], True),
+    ("4", "distill.py", ["--teacher", "{r}/base.safetensors", "--data", "{r}/data-outside", "--teacher-sampler",
+                         "cfg", "--out", "{r}/out/d"], 2, ["index.json names the shard file", "../data/"], True),
+    ("4", "toy.py", ["--cache-dir", ""], 2, ["--cache-dir '': give a folder"], True),
+    ("4", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--out", ""], 2, ["--out '': give a folder"], True),
     ("4", "distill.py", ["--out", "{r}/out/d", "--global-batch", "0"], 2, ["--global-batch 0: must be >= 1"], True),
     ("4", "distill.py", ["--out", "{r}/out/d", "--tau", "abc"], 2, ["--tau abc", "an offset >= 0"], True),
     ("4", "distill.py", ["--out", "{r}/out/d", "--steps", "100000000000000000000"], 2,
