@@ -709,7 +709,9 @@ def main(args):
     precision = DTYPES[args.precision or ("bf16" if device.startswith("cuda") else "fp32")]
     # everything that can be checked is checked before the VAE and the text encoders load
     check_settings(args.resolution, args.shard_size, args.batch_size, args.posterior, args.buckets)
-    cli.at_least(args.workers, 0, "--workers")
+    cpus = os.cpu_count() or 1
+    cli.at_least(args.workers, 0, "--workers", high=4 * cpus,
+                 why=f"image-reading worker processes; more than 4 per CPU ({cpus} here) only compete for them")
     if not os.path.exists(args.vae):
         raise FileNotFoundError(f"--vae {args.vae}: no such file or folder")
     if args.text_encoders and not os.path.isdir(args.text_encoders):
