@@ -535,7 +535,8 @@ def test_evaluate_removes_the_temporaries_of_its_file_and_shares_only_table4(tmp
     cli.run(evaluate.main, evaluate.build_parser(), ["plot-loss", str(log), "--out", str(tmp_path / "loss.png")])
     assert "removed 1 temporary file(s)" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "loss.png", "other.png.tmp-ab12cd34"]
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them, rank 0 of 2
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit) as e:
         cli.run(evaluate.main, evaluate.build_parser(), ["plot-loss", str(log), "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err.strip().splitlines()
