@@ -310,11 +310,15 @@ class FolderLock:
                 os.remove(tmp)
 
     def _read(self, path=None):
+        """The lock file's text; None once it is gone; "" when it cannot be read (a folder, bytes that are
+        no UTF-8, no permission): acquire then names it as a lock file it cannot read."""
         try:
-            with open(path or self.path) as f:
+            with open(path or self.path, encoding="utf-8") as f:
                 return f.read()
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError):
+            return ""
 
     def describe(self, holder):
         return (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}, "

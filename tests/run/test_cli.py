@@ -190,9 +190,17 @@ def test_folder_lock_one_run_per_folder(tmp_path, capsys):
     path.write_text(lock_record(host="another-host"))
     with pytest.raises(cli.InputError, match="in use by another run .*another-host.*delete the lock file"):
         cli.FolderLock(str(folder)).acquire()
-    path.write_text("{")
-    with pytest.raises(cli.InputError, match="lock file it cannot read"):
-        cli.FolderLock(str(folder)).acquire()
+    for broken in ("{", b"\xff\xfe", "folder"):  # bad JSON, no UTF-8, a folder where the lock file belongs
+        if broken == "folder":
+            path.unlink()
+            path.mkdir()
+        elif isinstance(broken, bytes):
+            path.write_bytes(broken)
+        else:
+            path.write_text(broken)
+        with pytest.raises(cli.InputError, match="lock file it cannot read"):
+            cli.FolderLock(str(folder)).acquire()
+    path.rmdir()
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
