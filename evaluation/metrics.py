@@ -289,9 +289,17 @@ def _read_state(path):
     """A state dict from .safetensors, or from a pickle read with weights_only=True (no code runs)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+        check_safetensors_header(path, "the checkpoint")
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle's and torch's many errors on a file that is no torch.save output
+        raise cli.InputError(f"{path}: not a torch checkpoint this command reads ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise cli.InputError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def convert_openclip(checkpoint, tokenizer_dir, out_dir, **kwargs):
