@@ -47,6 +47,7 @@ if __name__ == "__main__" and not __package__:  # run as a file (python evaluati
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json
+import math
 import os
 import time
 from fractions import Fraction
@@ -137,6 +138,11 @@ def parse_config(text):
         lr = float(lr) if lr else None
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"--config {text!r}: the scale and the lr must be numbers (e.g. 0.25 or 1/4, 3e-4)") from None
+    if lr is not None and not (math.isfinite(lr) and 0 < lr <= 1):
+        raise ValueError(f"--config {text!r}: the lr {lr:g} must be a finite number in (0, 1] (AdamW's, as distill.py "
+                         "--lr)")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"--config {text!r}: the scale {scale:g} must be a finite number > 0 (Eq. 7's factor)")
     target = target or "step"
     if target not in ("step", "reflected"):
         raise ValueError(f"--config {text!r}: the target must be step or reflected")

@@ -417,6 +417,9 @@ def main(args):
     if args.card:
         if not os.path.exists(args.card):
             raise FileNotFoundError(f"--card {args.card}: no such file")
+        if os.path.isfile(args.card) and not args.card.endswith(".safetensors"):
+            raise ValueError(f"--card {args.card}: not a student file (a .safetensors written by distill.py, whose "
+                             "metadata the card is made from)")
         print(model_card(stored_info(args.card), {os.path.basename(args.card): "the student"},
                          folder=os.path.dirname(args.card) or "."))
         return None
