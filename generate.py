@@ -397,6 +397,7 @@ def _check_models(a, toy_world):
         for flag in ("student", "strong", "weak", "w2sd_finetuned"):  # each must be a toy-world MMDiT
             if getattr(a, flag):
                 toy.check_network(getattr(a, flag), "--" + flag.replace("_", "-"))
+                mmdit.check_values(getattr(a, flag))  # a toy network is 0.3 M numbers: read before the world
         return (toy.H, toy.W), None, None
     if a.model is None:
         raise ValueError("--model is required (an SD3 checkpoint), or --toy for the toy world")

@@ -134,6 +134,10 @@ def root(tmp_path_factory, tiny_vae_config):
     (r / "zero" / "b.png").write_bytes(b"")
     (r / "png.safetensors").write_bytes((r / "imgs" / "000.png").read_bytes())  # a PNG renamed
     (r / "gendir" / "index.jsonl").mkdir(parents=True)  # a folder where generate.py writes its index
+    nan_toy = mmdit.MMDiT(toy.TEACHER_CONFIG)
+    with torch.no_grad():
+        nan_toy.final_layer.linear.bias.fill_(float("nan"))
+    mmdit.save_mmdit(nan_toy, str(r / "nan-toy.safetensors"), {"teefusion_method": "teefusion"})
     mmdit.save_mmdit(mmdit.MMDiT(toy.TEACHER_CONFIG), str(r / "nan-scale.safetensors"),
                      {"teefusion_method": "teefusion", "teefusion_scale": "nan"})
     (r / "logged").mkdir()  # a toy student whose training log has a line without its loss
@@ -292,6 +296,9 @@ CASES = [
      ["--aesthetic", "png.safetensors", "not a readable safetensors file"], True),
     ("2", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--out", "{r}/gendir"], 2,
      ["gendir/index.jsonl is a folder"], True),
+    ("2", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--method", "student", "--student",
+                          "{r}/nan-toy.safetensors", "--out", "{r}/out/g"], 2,
+     ["nan-toy.safetensors", "final_layer.linear.bias holds non-finite values"], True),
     ("2", "generate.py", ["--toy", "--prompt", TOY_PROMPT, "--method", "student", "--student",
                           "{r}/nan-scale.safetensors", "--out", "{r}/out/g"], 2,
      ["nan-scale.safetensors", "teefusion_scale metadata is 'nan'"], True),
