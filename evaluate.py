@@ -591,11 +591,6 @@ def main(args):
         print(cli.json_text({"fid": fid.frechet_distance(*stats[0], *stats[1])}, "the FID"))
     elif args.command == "convert-hps":
         cli.not_an_input([("--out", args.out)], [("the checkpoint", args.checkpoint), ("--tokenizer", args.tokenizer)])
-        if not os.path.isfile(args.checkpoint):
-            raise FileNotFoundError(f"the checkpoint {args.checkpoint}: no such file (expected e.g. HPS_v2.1_compressed.pt)")
-        if not os.path.isdir(args.tokenizer):
-            raise FileNotFoundError(f"--tokenizer {args.tokenizer}: not a folder (an OpenAI CLIP tokenizer folder, e.g. a "
-                                    "local copy of openai/clip-vit-large-patch14)")
         cli.output_folder(args.out, "--out", create=False)  # writable, before the conversion's work
         print(metrics.convert_openclip(args.checkpoint, args.tokenizer, args.out))
     elif args.command == "fid-stats":

@@ -351,8 +351,7 @@ def _fingerprints(a):
     same --out with another file of the same name (a later student.safetensors) is refused, not mixed."""
     from sd3.checkpoint import fingerprint
 
-    found = {f: fingerprint(getattr(a, f)) for f in WEIGHTS if getattr(a, f, None)}
-    return ",".join(f"{f}:{v}" for f, v in found.items()) or None
+    return {f: fingerprint(getattr(a, f)) for f in WEIGHTS if getattr(a, f, None)} or None
 
 
 def _check_method(a, toy_world):
@@ -492,19 +491,16 @@ def check(args, world=None):
     cli.check_memory(batch * 3 * side * 4, f"a batch of {batch} decoded images", "--batch")
     # the text embeddings of every prompt still to draw wait on the CPU while the MMDiT samples (`encode`)
     todo = len({i for i, k in jobs if (i, k) not in (plan.done or {})})
-    if toy_world:
-        width = toy.TOKENS * toy.TEACHER_CONFIG.context_dim + toy.TEACHER_CONFIG.pooled_dim
-    else:
-        cfg = mmdit.read_config(a.model)
-        width = SD3_TOKENS * cfg.context_dim + cfg.pooled_dim
+    cfg = toy.TEACHER_CONFIG if toy_world else mmdit.read_config(a.model)
+    text_tokens = toy.TOKENS if toy_world else SD3_TOKENS
+    width = text_tokens * cfg.context_dim + cfg.pooled_dim
     nbytes = torch.finfo(dtype).bits // 8
     cli.check_memory(todo * width * nbytes, f"the text embeddings of {todo} prompts "
                      f"({nbytes} bytes x {width} numbers each)", "the number of prompts")
     # what lives at once while a batch samples: the records, the batch's decoded images, the embeddings
     # waiting, and one hidden state of the MMDiT's joint attention (batch x (image + text tokens) x width)
-    cfg = toy.TEACHER_CONFIG if toy_world else mmdit.read_config(a.model)
     latent = (toy.H, toy.W) if toy_world else (size[0] // 8, size[1] // 8)
-    tokens = latent[0] * latent[1] // cfg.patch_size ** 2 + (toy.TOKENS if toy_world else SD3_TOKENS)
+    tokens = latent[0] * latent[1] // cfg.patch_size ** 2 + text_tokens
     together = (len(jobs) * RECORD_BYTES + batch * 3 * side * 4 + todo * width * nbytes
                 + batch * tokens * cfg.hidden_size * nbytes)
     cli.check_memory(together, f"a batch of {batch} images sampled (one MMDiT hidden state of {tokens} tokens x "
@@ -534,7 +530,7 @@ def scan(plan):
             old["bytes"] = os.path.getsize(path)
         bad = [k for k in SETTINGS if old.get(k) != new.get(k)]
         if bad == ["weights"]:
-            was, now = (dict(p.split(":") for p in (r.get("weights") or "").split(",") if p) for r in (old, new))
+            was, now = old.get("weights") or {}, new.get("weights") or {}
             flags = [f"--{f.replace('_', '-')}" for f in WEIGHTS if was.get(f) != now.get(f)]
             raise FileExistsError(f"{path} was made by other weights of the same name ({', '.join(flags)} "
                                   f"{'differ' if len(flags) > 1 else 'differs'} from the file that made it): give "

@@ -128,10 +128,9 @@ def find_samples(images=None, captions=None):
     )
     if not paths:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
-    for path in paths:
-        cli.regular_file(os.path.join(images, path), f"--images: {os.path.join(images, path)}")
     samples, uncaptioned = [], []
     for path in paths:
+        cli.regular_file(os.path.join(images, path), f"--images: {os.path.join(images, path)}")
         txt = os.path.join(images, os.path.splitext(path)[0] + ".txt")
         if os.path.isfile(txt):
             caption = cli.read_text(txt, f"caption {txt}").strip()

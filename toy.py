@@ -460,12 +460,7 @@ def _sha256(path):
 def check_cache_dir(path, flag="--cache-dir"):
     """The toy world's cache folder, before any work: a folder (not a file); one that does not hold a
     complete cache yet must be writable (the teacher will be trained into it)."""
-    if not path:
-        raise cli.InputError(f"{flag} '': give a folder (the toy world's cache, default cache/toy)")
-    if os.path.islink(path) and not os.path.exists(path):
-        raise cli.InputError(f"{flag} {path} is a symbolic link to nothing (or a loop of links), not a folder")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise cli.InputError(f"{flag} {path} is a file, not a folder (the toy world's cache)")
+    cli.folder_path(path, flag, " (the toy world's cache)")
     if not os.path.isfile(os.path.join(path, "world.json")):
         cli.output_folder(path, flag, create=False)
     return path

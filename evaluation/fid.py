@@ -113,10 +113,10 @@ def load_statistics(path):
         raise cli.InputError(f"{what}: mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise cli.InputError(f"{what}: mu or sigma holds non-finite numbers (NaN or inf): no FID can come of it")
-    scale = max(np.abs(sigma).max(), 1e-300)
-    if np.abs(sigma - sigma.T).max() > 1e-6 * scale:
+    scale, asymmetry = max(np.abs(sigma).max(), 1e-300), np.abs(sigma - sigma.T).max()
+    if asymmetry > 1e-6 * scale:
         raise cli.InputError(f"{what}: sigma is not symmetric, so no covariance matrix (largest |S - S^T| "
-                             f"{np.abs(sigma - sigma.T).max():.3g})")
+                             f"{asymmetry:.3g})")
     lowest = np.linalg.eigvalsh((sigma + sigma.T) / 2).min()
     if lowest < -1e-6 * scale:  # a covariance is positive semi-definite (round-off aside)
         raise cli.InputError(f"{what}: sigma has the negative eigenvalue {lowest:.3g}, so it is no covariance matrix")

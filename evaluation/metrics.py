@@ -306,12 +306,12 @@ def convert_openclip(checkpoint, tokenizer_dir, out_dir, **kwargs):
     """An open_clip checkpoint (HPS_v2.1_compressed.pt, open_clip_pytorch_model.bin or .safetensors)
     + an OpenAI CLIP tokenizer folder (open_clip's tokenizer is OpenAI's BPE) -> a transformers
     CLIPModel folder that `load_clip(out_dir, "hps")` reads."""
-    from transformers import AutoTokenizer, CLIPModel
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"open_clip checkpoint: no file {checkpoint!r} (expected e.g. HPS_v2.1_compressed.pt)")
     if not os.path.isdir(tokenizer_dir):
-        raise FileNotFoundError(f"tokenizer: {tokenizer_dir!r} is not a folder (expected an OpenAI CLIP tokenizer "
+        raise FileNotFoundError(f"--tokenizer {tokenizer_dir}: not a folder (expected an OpenAI CLIP tokenizer "
                                 f"folder, e.g. a local copy of openai/clip-vit-large-patch14)")
+    from transformers import AutoTokenizer, CLIPModel
     config, tensors = openclip_to_transformers(_read_state(checkpoint), **kwargs)
     model = CLIPModel(config)
     missing, unexpected = model.load_state_dict(tensors, strict=False)

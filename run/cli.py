@@ -210,17 +210,24 @@ def die_with_launcher(poll_s=0.5):
 # Output folders: writable, and one run per folder
 
 
+def folder_path(path, flag, what=""):
+    """A path given for a folder, before anything looks inside it: not empty, not a link to nothing (or a
+    loop of links), not a file. what: how the command calls the folder, added to each message."""
+    if not path:
+        raise InputError(f"{flag} '': give a folder{what}")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"{flag} {path} is a symbolic link to nothing (or a loop of links), not a folder{what}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a file, not a folder{what}")
+    return path
+
+
 def output_folder(path, flag="--out", create=True):
     """Make sure, before any heavy work, that `path` is a folder this process can write into:
     refuses a file, creates the folder (and its parents), writes and removes a probe file (the only
     test that also holds for root and for read-only mounts). create=False: nothing is created, the
     probe goes into the nearest folder that exists (the one the folder would be created in). Returns path."""
-    if not path:
-        raise InputError(f"{flag} '': give a folder")
-    if os.path.islink(path) and not os.path.exists(path):
-        raise InputError(f"{flag} {path} is a symbolic link to nothing (or a loop of links), not a folder")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"{flag} {path} is a file, not a folder")
+    folder_path(path, flag)
     where = os.path.abspath(path)
     while not create and not os.path.exists(where):
         where = os.path.dirname(where)

@@ -382,11 +382,9 @@ def check_networks(args, micro):
         import toy
 
         cfg = toy.TEACHER_CONFIG
-        cli.check_memory(micro * 4 * (3 * cfg.in_channels * toy.H * toy.W + toy.TOKENS * cfg.context_dim
-                                      + cfg.pooled_dim), f"a micro-batch of {micro} samples in float32",
-                         "--micro-batch (or --global-batch)")
+        check_micro_batch_memory(micro, (cfg.in_channels, toy.H, toy.W), (toy.TOKENS, cfg.context_dim),
+                                 cfg.pooled_dim)
         if args.lora is not None:
-            import toy
             lora.check_rank(lora_spec(args), toy.TEACHER_CONFIG, "--lora")
         return
     configs = [(flag, path, mmdit.read_config(path)) for flag, path in networks]
@@ -427,7 +425,14 @@ def check_data_fits(folder, configs, micro):
             raise ValueError(f"--data {folder}: latents of {h} x {w} do not fit {flag} {path}, whose position table "
                              f"holds {M} x {M} patches of {p} x {p}: at most {M * p} latent pixels per side "
                              f"({M * p * 8} px), a multiple of {p}")
-    cli.check_memory(micro * 4 * (3 * C * h * w + L * Dc + Dy), f"a micro-batch of {micro} samples in float32",
+    check_micro_batch_memory(micro, (C, h, w), (L, Dc), Dy)
+
+
+def check_micro_batch_memory(micro, latent, context, pooled):
+    """A micro-batch's float32 inputs (x0, eps and x_t of `latent` (C, h, w), the context (L, Dc), the
+    pooled text (Dy,)) against the memory there is."""
+    (C, h, w), (L, Dc) = latent, context
+    cli.check_memory(micro * 4 * (3 * C * h * w + L * Dc + pooled), f"a micro-batch of {micro} samples in float32",
                      "--micro-batch (or --global-batch)")
 
 

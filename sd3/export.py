@@ -400,7 +400,8 @@ def check_export_folder(out, inputs):
         return
     config = os.path.join(out, "transformer", "config.json")
     try:
-        earlier = json.load(open(config, encoding="utf-8")).get("txt_align_guidance") is True
+        with open(config, encoding="utf-8") as f:
+            earlier = json.load(f).get("txt_align_guidance") is True
     except (OSError, ValueError, AttributeError):
         earlier = False
     if not earlier:
